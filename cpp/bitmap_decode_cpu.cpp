@@ -1,0 +1,32 @@
+// salr.bitmap_decode on the CPU: BM8x8 -> dense [rows, cols], every group checked first.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "checks.h"
+
+namespace salr {
+namespace {
+
+constexpr const char* kOp = "bitmap_decode";
+
+at::Tensor bitmap_decode_cpu(const at::Tensor& bitmap, const at::Tensor& values,
+                             const at::Tensor& offsets, int64_t rows, int64_t cols) {
+  check_cpu(kOp, "values", values);
+  check_bitmap_weight(kOp, bitmap, values, offsets, rows, cols);
+  check_offsets_ends(kOp, values, offsets);
+  at::Tensor dense = at::empty({rows, cols}, values.options());
+  const kernels::SparseWeightView view = weight_view(bitmap, values, offsets, rows, cols);
+  FirstBadGroup bad;
+  at::parallel_for(0, format::num_bands(rows), 1, [&](int64_t b0, int64_t b1) {
+    bad.note(kernels::decode_bands(view, dense.data_ptr(), b0, b1));
+  });
+  if (bad.index >= 0) fail_inconsistent(kOp, bad.index, cols);
+  return dense;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(salr, CPU, m) { m.impl("bitmap_decode", &bitmap_decode_cpu); }
+
+}  // namespace salr

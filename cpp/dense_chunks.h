@@ -1,0 +1,53 @@
+// Decode a BM8x8 weight a few bands at a time into a reused, cache-sized dense scratch: the
+// large-M paths hand each chunk to ATen's GEMM without ever holding the whole N×K weight.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#include "checks.h"
+
+namespace salr {
+
+// Weights decoded per chunk: ~2 MB in bf16, so the chunk stays in L2/L3 while GEMM reads it.
+constexpr int64_t kDenseChunkElements = int64_t{1} << 20;
+
+// Rows of x (or of dy) from which decode + dense GEMM beats the sparse kernels. Measured with
+// `python bench/bench_gemm.py --crossover` (bench/RESULTS.md): below it the kernels are
+// memory-bound and win by the compression ratio; above it ATen's blocked GEMM wins on FLOPs.
+constexpr int64_t kDenseCrossoverRows = 64;
+
+// Calls fn(band_begin, band_end, row_begin, row_end) for consecutive chunks of whole bands sized
+// so that a dense [rows, cols] chunk holds about kDenseChunkElements.
+template <typename Fn>
+void for_each_band_chunk(int64_t rows, int64_t cols, Fn&& fn) {
+  const int64_t bands = format::num_bands(rows);
+  const int64_t chunk_bands = std::max<int64_t>(1, kDenseChunkElements / std::max<int64_t>(1, 8 * cols));
+  for (int64_t b0 = 0; b0 < bands; b0 += chunk_bands) {
+    const int64_t b1 = std::min(bands, b0 + chunk_bands);
+    fn(b0, b1, 8 * b0, std::min(rows, 8 * b1));
+  }
+}
+
+// Calls fn(row_begin, row_end, dense_rows) for each band chunk, decoded into one reused scratch.
+template <typename Fn>
+void for_each_decoded_chunk(const char* op, const kernels::SparseWeightView& view,
+                            const at::Tensor& values, Fn&& fn) {
+  const int64_t cols = view.cols;
+  at::Tensor scratch;
+  FirstBadGroup bad;
+  for_each_band_chunk(view.rows, cols, [&](int64_t b0, int64_t b1, int64_t r0, int64_t r1) {
+    if (!scratch.defined()) scratch = at::empty({r1 - r0, cols}, values.options());
+    // decode_bands writes a band at its row in the full matrix: shift the base so b0 lands at row 0.
+    char* base = static_cast<char*>(scratch.data_ptr()) - r0 * cols * values.element_size();
+    at::parallel_for(b0, b1, 1, [&](int64_t c0, int64_t c1) {
+      bad.note(kernels::decode_bands(view, base, c0, c1));
+    });
+    if (bad.index >= 0) fail_inconsistent(op, bad.index, cols);
+    fn(r0, r1, scratch.narrow(0, 0, r1 - r0));
+  });
+}
+
+}  // namespace salr

@@ -1,0 +1,64 @@
+// The per-group consistency check every kernel runs before it reads a group's values: it is what
+// makes a malformed bitmap/offsets pair an error instead of an out-of-bounds read. It costs eight
+// popcounts of words the kernel loads anyway.
+#pragma once
+
+#include <cstdint>
+
+#include "../bitmap_format.h"
+#include "kernels.h"
+
+namespace salr::kernels {
+
+struct GroupGeometry {
+  int64_t bands;
+  int64_t tiles;           // tiles per band
+  int64_t groups;          // 64-column groups per band
+  uint64_t pad_cols_mask;  // bits of the last tile column that fall in the column padding
+  uint64_t pad_rows_mask;  // bits of the last band that fall in the row padding
+};
+
+inline GroupGeometry geometry_of(const SparseWeightView& w) {
+  GroupGeometry g{};
+  g.bands = format::num_bands(w.rows);
+  g.tiles = format::tiles_per_band(w.cols);
+  g.groups = format::groups_per_band(w.cols);
+  const int valid_cols = static_cast<int>(w.cols - (g.tiles - 1) * format::kTileEdge);
+  const int valid_rows = static_cast<int>(w.rows - (g.bands - 1) * format::kTileEdge);
+  const uint64_t row_byte = (0xffull << valid_cols) & 0xffull;  // columns >= valid_cols
+  g.pad_cols_mask = 0;
+  for (int r = 0; r < 8; ++r) g.pad_cols_mask |= row_byte << (8 * r);
+  g.pad_rows_mask = valid_rows >= 8 ? 0 : (~0ull << (8 * valid_rows));
+  return g;
+}
+
+inline int64_t group_tile_begin(int64_t group) { return group * format::kTilesPerGroup; }
+
+inline int64_t group_tile_end(const GroupGeometry& g, int64_t group) {
+  const int64_t end = (group + 1) * format::kTilesPerGroup;
+  return end < g.tiles ? end : g.tiles;
+}
+
+// First value index of (band, group) when the group is consistent, else -1.
+inline int64_t checked_group_start(const SparseWeightView& w, const GroupGeometry& g, int64_t band,
+                                   int64_t group) {
+  const int64_t index = band * g.groups + group;
+  const int64_t start = w.offsets[index];
+  const int64_t next = w.offsets[index + 1];
+  const uint64_t* words = w.bitmap + band * g.tiles;
+  const int64_t tile_end = group_tile_end(g, group);
+  int64_t count = 0;
+  uint64_t all_bits = 0;
+  for (int64_t t = group_tile_begin(group); t < tile_end; ++t) {
+    count += format::popcount64(words[t]);
+    all_bits |= words[t];
+  }
+  const bool rows_padded = band == g.bands - 1 && (all_bits & g.pad_rows_mask) != 0;
+  const bool cols_padded = tile_end == g.tiles && (words[g.tiles - 1] & g.pad_cols_mask) != 0;
+  if (start < 0 || start + count != next || next > w.values_count || rows_padded || cols_padded) {
+    return -1;
+  }
+  return start;
+}
+
+}  // namespace salr::kernels

@@ -1,0 +1,362 @@
+// AVX-512 BM8x8 kernels (design.md §1). Built with -mavx512{f,bw,vl,dq,vbmi2} -mfma -mf16c; the
+// bf16 dot product (vdpbf16ps) lives in functions with target("avx512bf16"), used only when cpuid
+// says so, so the rest of the file runs on any VBMI2 part.
+//
+// Forward (gemm): per (band, 64-column group) the kernel checks the group (group_check.h), expands
+// its tiles once into a small L1 buffer (vpexpandw/vexpandps with a memory operand read exactly
+// popcount values), then runs every row of x against the buffer in register blocks. The values are
+// one sequential stream per thread (bands are contiguous), so a software prefetch a few KB ahead
+// of the decode cursor keeps DRAM busy while the bitmap -> popcount -> pointer chain resolves.
+// Compute forms: "dot" keeps bf16 pairs and uses vdpbf16ps (128-bit lane r = tile row r); "fma"
+// converts the tile to fp32 (zmm p = rows 2p | 2p+1) and uses FMA. Both reduce to 8 row sums
+// per band at the end, then add adapter and bias in fp32 and round once (RNE, as numeric.h).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "group_check.h"
+#include "kernels.h"
+#include "numeric.h"
+
+// GCC 12's AVX-512 headers seed results with a self-initialized _mm512_undefined_*(), which
+// -Wmaybe-uninitialized reports at every inlined use; the values are fully overwritten.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace salr::kernels {
+namespace {
+
+constexpr int kRowBlock = 16;             // x rows per decode pass: bounds the x scratch and accs
+constexpr int64_t kPrefetchBytes = 6144;  // values prefetch distance (DRAM latency x bandwidth)
+constexpr int64_t kPrefetchTiles = 96;    // bitmap prefetch distance in words (768 B)
+
+// ---- loads and stores of 8 / 16 elements of any dtype as fp32 ------------------------------
+
+// Why: bias, dy and adapter rows end at arbitrary lengths; masked loads never touch past the end.
+inline __m256 load8(const void* p, DType dt, int n) {
+  const __mmask8 m = static_cast<__mmask8>((1u << n) - 1u);
+  if (dt == DType::kFloat32) return _mm256_maskz_loadu_ps(m, p);
+  const __m128i h = _mm_maskz_loadu_epi16(m, p);
+  if (dt == DType::kFloat16) return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// Why: same as load8 for 16 lanes (x rows, adapter rows).
+inline __m512 load16(const void* p, DType dt, int n) {
+  const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+  if (dt == DType::kFloat32) return _mm512_maskz_loadu_ps(m, p);
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  if (dt == DType::kFloat16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Why: vcvtneps2bf16 flushes denormals; this integer form is numeric.h's float_to_bf16 exactly.
+inline __m128i to_bf16_rne(__m256 v) {
+  const __m256i b = _mm256_castps_si256(v);
+  const __mmask8 nan = _mm256_cmpgt_epu32_mask(_mm256_and_si256(b, _mm256_set1_epi32(0x7fffffff)),
+                                               _mm256_set1_epi32(0x7f800000));
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  r = _mm256_mask_mov_epi32(r, nan, _mm256_or_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(0x40)));
+  return _mm256_cvtepi32_epi16(r);
+}
+
+// Why: one rounding of the fp32 result into the output dtype, n (<= 8) elements.
+inline void store8(void* p, __m256 v, DType dt, int n) {
+  const __mmask8 m = static_cast<__mmask8>((1u << n) - 1u);
+  if (dt == DType::kFloat32) return _mm256_mask_storeu_ps(p, m, v);
+  const __m128i h = dt == DType::kFloat16 ? _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+                                          : to_bf16_rne(v);
+  _mm_mask_storeu_epi16(p, m, h);
+}
+
+// Why: Σ_r t[r]·b[r] for one adapter row, vectorized over the rank.
+inline float adapter_dot(const float* t, const void* brow, int64_t rank, DType dt) {
+  __m512 s = _mm512_setzero_ps();
+  const int es = element_size(dt);
+  for (int64_t r = 0; r < rank; r += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, rank - r));
+    const __m512 tv = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), t + r);
+    s = _mm512_fmadd_ps(tv, load16(static_cast<const char*>(brow) + r * es, dt, n), s);
+  }
+  return _mm512_reduce_add_ps(s);
+}
+
+// ---- tile decode: expand-loads read exactly popcount(mask) values -------------------------
+
+// Why: 16-bit tiles (bf16/fp16) as two zmm, rows 0-3 and 4-7; both pointers come from `p`.
+inline void expand16(const uint16_t* p, uint64_t w, __m512i& lo, __m512i& hi) {
+  const uint32_t m0 = static_cast<uint32_t>(w);
+  lo = _mm512_maskz_expandloadu_epi16(m0, p);
+  hi = _mm512_maskz_expandloadu_epi16(static_cast<uint32_t>(w >> 32), p + _mm_popcnt_u32(m0));
+}
+
+// Why: the fma form wants fp32 rows 2p | 2p+1 in zmm p; 16-bit tiles widen here, once per tile.
+inline void widen16(__m512i lo, __m512i hi, DType dt, __m512* out) {
+  const __m256i h[4] = {_mm512_castsi512_si256(lo), _mm512_extracti64x4_epi64(lo, 1),
+                        _mm512_castsi512_si256(hi), _mm512_extracti64x4_epi64(hi, 1)};
+  for (int q = 0; q < 4; ++q) {
+    out[q] = dt == DType::kFloat16
+                 ? _mm512_cvtph_ps(h[q])
+                 : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h[q]), 16));
+  }
+}
+
+// Why: decodes the nt tiles of one checked group (values start at index v) into buf.
+// kDot: 2 zmm of bf16 per tile; otherwise 4 zmm of fp32 per tile.
+template <bool kDot>
+inline void decode_group(const SparseWeightView& w, int64_t v, const uint64_t* words, int nt,
+                         __m512i* buf) {
+  if (w.dtype == DType::kFloat32) {
+    const float* p = static_cast<const float*>(w.values) + v;
+    for (int t = 0; t < nt; ++t) {
+      const uint64_t b = words[t];
+      __m512* o = reinterpret_cast<__m512*>(buf + 4 * t);
+      o[0] = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(b), p);
+      o[1] = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(b >> 16), p + _mm_popcnt_u32(b & 0xffffu));
+      o[2] = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(b >> 32), p + _mm_popcnt_u32(static_cast<uint32_t>(b)));
+      o[3] = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(b >> 48),
+                                         p + _mm_popcnt_u64(b & 0xffffffffffffull));
+      p += _mm_popcnt_u64(b);
+    }
+    return;
+  }
+  const uint16_t* p = static_cast<const uint16_t*>(w.values) + v;
+#pragma GCC unroll 8
+  for (int t = 0; t < nt; ++t) {
+    const uint64_t b = words[t];
+    __m512i lo, hi;
+    expand16(p, b, lo, hi);
+    p += _mm_popcnt_u64(b);
+    if constexpr (kDot) {
+      buf[2 * t] = lo;
+      buf[2 * t + 1] = hi;
+    } else {
+      widen16(lo, hi, w.dtype, reinterpret_cast<__m512*>(buf + 4 * t));
+    }
+  }
+}
+
+// ---- compute on a decoded group: R rows of x, accumulators loaded/stored per group ---------
+
+// Why: vdpbf16ps needs avx512bf16, which this file may not assume; called once per group.
+// acc[2r] holds rows 0-3 (4 partial sums each) and acc[2r+1] rows 4-7 for x row r.
+template <int R>
+__attribute__((target("avx512bf16"))) void dot_group(const __m512i* buf, int nt, const uint16_t* x,
+                                                     int64_t xs, __m512* acc) {
+  __m512 a[2 * R];
+  for (int i = 0; i < 2 * R; ++i) a[i] = acc[i];
+  for (int t = 0; t < nt; ++t) {
+    const __m512bh w0 = reinterpret_cast<__m512bh>(buf[2 * t]);
+    const __m512bh w1 = reinterpret_cast<__m512bh>(buf[2 * t + 1]);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xb = reinterpret_cast<__m512bh>(
+          _mm512_maskz_broadcast_i32x4(0xffff, _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + r * xs + 8 * t))));
+      a[2 * r] = _mm512_dpbf16_ps(a[2 * r], w0, xb);
+      a[2 * r + 1] = _mm512_dpbf16_ps(a[2 * r + 1], w1, xb);
+    }
+  }
+  for (int i = 0; i < 2 * R; ++i) acc[i] = a[i];
+}
+
+// Why: the fp32 form (fp32, fp16, bf16 without BF16): acc[4r+p] holds rows 2p | 2p+1 of x row r.
+template <int R>
+inline void fma_group(const __m512i* bufi, int nt, const float* x, int64_t xs, __m512* acc) {
+  const __m512* buf = reinterpret_cast<const __m512*>(bufi);
+  __m512 a[4 * R];
+  for (int i = 0; i < 4 * R; ++i) a[i] = acc[i];
+  for (int t = 0; t < nt; ++t) {
+    for (int r = 0; r < R; ++r) {
+      const __m512 xb = _mm512_broadcast_f32x8(_mm256_loadu_ps(x + r * xs + 8 * t));
+      for (int p = 0; p < 4; ++p) a[4 * r + p] = _mm512_fmadd_ps(buf[4 * t + p], xb, a[4 * r + p]);
+    }
+  }
+  for (int i = 0; i < 4 * R; ++i) acc[i] = a[i];
+}
+
+// Why: lane chunk r of a0 (rows 0-3) / a1 (rows 4-7) holds 4 partial sums of one row -> 8 sums.
+inline __m256 reduce_dot(__m512 a0, __m512 a1) {
+  __m512 s = _mm512_add_ps(_mm512_shuffle_ps(a0, a1, 0x44), _mm512_shuffle_ps(a0, a1, 0xee));
+  s = _mm512_add_ps(s, _mm512_shuffle_ps(s, s, 0xb1));  // lane 0: row r, lane 2: row r+4
+  const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_castps512_ps256(_mm512_permutexvar_ps(idx, s));
+}
+
+// Why: folds the fma form (zmm p = rows 2p | 2p+1, 8 columns each) into reduce_dot's layout.
+inline __m256 reduce_fma(const __m512* a) {
+  __m512 f[4];
+  for (int p = 0; p < 4; ++p) f[p] = _mm512_add_ps(a[p], _mm512_shuffle_f32x4(a[p], a[p], 0xb1));
+  return reduce_dot(_mm512_shuffle_f32x4(f[0], f[1], 0x88), _mm512_shuffle_f32x4(f[2], f[3], 0x88));
+}
+
+// Why: the thread's x scratch (rows padded with zeros to K8): lets the last tile load 8 columns
+// without a mask and gives the fma form fp32 x once instead of a conversion per tile.
+template <typename T>
+T* scratch(size_t count) {
+  struct alignas(64) Line { float f[16]; };
+  thread_local std::vector<Line> storage;
+  const size_t zmms = (count * sizeof(T) + 63) / 64;
+  if (storage.size() < zmms) storage.resize(zmms);
+  return reinterpret_cast<T*>(storage.data());
+}
+
+// Why: copies rows [i0, i0+mb) of x into the scratch as bf16 (dot form) or fp32, zero padded.
+template <bool kDot>
+void load_x(const GemmArgs& a, int64_t i0, int mb, int64_t k8, void* xs) {
+  const DType dt = a.weight.dtype;
+  const int es = element_size(dt);
+  for (int r = 0; r < mb; ++r) {
+    const char* src = static_cast<const char*>(a.x) + (i0 + r) * a.x_row_stride * es;
+    if constexpr (kDot) {
+      uint16_t* dst = static_cast<uint16_t*>(xs) + r * k8;
+      std::memcpy(dst, src, a.weight.cols * 2);
+      std::fill(dst + a.weight.cols, dst + k8, uint16_t{0});
+    } else {
+      float* dst = static_cast<float*>(xs) + r * k8;
+      for (int64_t k = 0; k < k8; k += 16) {
+        const int n = static_cast<int>(std::clamp<int64_t>(a.weight.cols - k, 0, 16));
+        _mm512_mask_storeu_ps(dst + k, static_cast<__mmask16>((1u << (k8 - k < 16 ? k8 - k : 16)) - 1u),
+                              load16(src + k * es, dt, n));
+      }
+    }
+  }
+}
+
+// Why: one driver for both forms; kDot selects bf16 pairs + vdpbf16ps, else fp32 + FMA.
+template <bool kDot>
+int64_t gemm_bands(const GemmArgs& a, int64_t band_begin, int64_t band_end) {
+  using XT = std::conditional_t<kDot, uint16_t, float>;
+  constexpr int kAcc = kDot ? 2 : 4;  // accumulator zmm per (x row, band)
+  const SparseWeightView& w = a.weight;
+  const GroupGeometry geo = geometry_of(w);
+  const DType dt = w.dtype;
+  const int es = element_size(dt);
+  const int64_t k8 = geo.tiles * 8;
+  XT* xs = scratch<XT>(static_cast<size_t>(std::min<int64_t>(a.m, kRowBlock) * k8));
+  alignas(64) __m512i buf[32];
+  alignas(64) __m512 acc[kRowBlock * kAcc];
+  const char* values = static_cast<const char*>(w.values);
+  for (int64_t i0 = 0; i0 < a.m; i0 += kRowBlock) {
+    const int mb = static_cast<int>(std::min<int64_t>(kRowBlock, a.m - i0));
+    load_x<kDot>(a, i0, mb, k8, xs);
+    const char* pf = nullptr;  // values prefetch cursor: runs kPrefetchBytes ahead of the decode
+    for (int64_t band = band_begin; band < band_end; ++band) {
+      for (int i = 0; i < mb * kAcc; ++i) acc[i] = _mm512_setzero_ps();
+      const uint64_t* words = w.bitmap + band * geo.tiles;
+      for (int64_t g = 0; g < geo.groups; ++g) {
+        const int64_t v = checked_group_start(w, geo, band, g);
+        if (v < 0) return band * geo.groups + g;
+        const char* end = values + w.offsets[band * geo.groups + g + 1] * es + kPrefetchBytes;
+        if (pf == nullptr) pf = values + v * es;
+        for (; pf < end; pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(words + 8 * g + kPrefetchTiles), _MM_HINT_T0);
+        const int t0 = static_cast<int>(group_tile_begin(g));
+        const int nt = static_cast<int>(group_tile_end(geo, g)) - t0;
+        decode_group<kDot>(w, v, words + t0, nt, buf);
+        const XT* xg = xs + 8 * t0;
+        int r = 0;
+        if constexpr (kDot) {
+          for (; r + 8 <= mb; r += 8) dot_group<8>(buf, nt, xg + r * k8, k8, acc + r * kAcc);
+          for (; r + 4 <= mb; r += 4) dot_group<4>(buf, nt, xg + r * k8, k8, acc + r * kAcc);
+          for (; r < mb; ++r) dot_group<1>(buf, nt, xg + r * k8, k8, acc + r * kAcc);
+        } else {
+          for (; r + 4 <= mb; r += 4) fma_group<4>(buf, nt, xg + r * k8, k8, acc + r * kAcc);
+          for (; r + 2 <= mb; r += 2) fma_group<2>(buf, nt, xg + r * k8, k8, acc + r * kAcc);
+          for (; r < mb; ++r) fma_group<1>(buf, nt, xg + r * k8, k8, acc + r * kAcc);
+        }
+      }
+      // Epilogue: 8 row sums + adapter + bias, rounded once into y.
+      const int n_valid = static_cast<int>(std::min<int64_t>(8, w.rows - 8 * band));
+      for (int r = 0; r < mb; ++r) {
+        const int64_t i = i0 + r;
+        __m256 out = kDot ? reduce_dot(acc[r * kAcc], acc[r * kAcc + 1]) : reduce_fma(acc + r * kAcc);
+        if (a.rank > 0 && a.t != nullptr && a.adapter_b != nullptr) {
+          alignas(32) float lr[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+          for (int n = 0; n < n_valid; ++n) {
+            lr[n] = adapter_dot(a.t + i * a.rank, static_cast<const char*>(a.adapter_b) +
+                                                      (8 * band + n) * a.rank * es, a.rank, dt);
+          }
+          out = _mm256_add_ps(out, _mm256_load_ps(lr));
+        }
+        if (a.bias != nullptr) {
+          out = _mm256_add_ps(out, load8(static_cast<const char*>(a.bias) + 8 * band * es, dt, n_valid));
+        }
+        store8(static_cast<char*>(a.y) + (i * a.y_row_stride + 8 * band) * es, out, dt, n_valid);
+      }
+    }
+  }
+  return -1;
+}
+
+// Why: the bf16 path picks vdpbf16ps once per process when the CPU has it.
+int64_t gemm_avx512(const GemmArgs& a, int64_t band_begin, int64_t band_end) {
+  static const bool has_bf16 = __builtin_cpu_supports("avx512bf16");
+  if (a.weight.dtype == DType::kBFloat16 && has_bf16) return gemm_bands<true>(a, band_begin, band_end);
+  return gemm_bands<false>(a, band_begin, band_end);
+}
+
+// Why: dx for 64-column groups: decode (band, group) once to fp32, then each dy row adds
+// Σ_r dy[8b+r]·W[r, :] into 8 tile accumulators (lanes 0-7: even rows, 8-15: odd rows).
+int64_t gemm_transposed_avx512(const GemmTransposedArgs& a, int64_t group_begin, int64_t group_end) {
+  const SparseWeightView& w = a.weight;
+  const GroupGeometry geo = geometry_of(w);
+  const DType dt = w.dtype;
+  const int es = element_size(dt);
+  alignas(64) __m512i buf[32];
+  alignas(64) __m512 acc[kRowBlock * 8];
+  __m512i pair_idx[4];  // zmm p broadcasts dy row 2p to lanes 0-7 and row 2p+1 to lanes 8-15
+  for (int p = 0; p < 4; ++p) {
+    pair_idx[p] = _mm512_mask_blend_epi32(0xff00, _mm512_set1_epi32(2 * p), _mm512_set1_epi32(2 * p + 1));
+  }
+  for (int64_t g = group_begin; g < group_end; ++g) {
+    const int t0 = static_cast<int>(group_tile_begin(g));
+    const int nt = static_cast<int>(group_tile_end(geo, g)) - t0;
+    for (int64_t i0 = 0; i0 < a.m; i0 += kRowBlock) {
+      const int mb = static_cast<int>(std::min<int64_t>(kRowBlock, a.m - i0));
+      for (int i = 0; i < mb * 8; ++i) acc[i] = _mm512_setzero_ps();
+      for (int64_t band = 0; band < geo.bands; ++band) {
+        const int64_t v = checked_group_start(w, geo, band, g);
+        if (v < 0) return band * geo.groups + g;
+        decode_group<false>(w, v, w.bitmap + band * geo.tiles + t0, nt, buf);
+        const __m512* wt = reinterpret_cast<const __m512*>(buf);
+        const int n_valid = static_cast<int>(std::min<int64_t>(8, w.rows - 8 * band));
+        for (int r = 0; r < mb; ++r) {
+          const __m512 d = _mm512_castps256_ps512(
+              load8(static_cast<const char*>(a.dy) + ((i0 + r) * a.dy_row_stride + 8 * band) * es, dt, n_valid));
+          __m512 dp[4];
+          for (int p = 0; p < 4; ++p) dp[p] = _mm512_permutexvar_ps(pair_idx[p], d);
+          __m512* ar = acc + r * 8;
+          for (int t = 0; t < nt; ++t) {
+            __m512 s = _mm512_fmadd_ps(wt[4 * t], dp[0], ar[t]);
+            s = _mm512_fmadd_ps(wt[4 * t + 1], dp[1], s);
+            s = _mm512_fmadd_ps(wt[4 * t + 2], dp[2], s);
+            ar[t] = _mm512_fmadd_ps(wt[4 * t + 3], dp[3], s);
+          }
+        }
+      }
+      const int64_t col0 = g * format::kGroupColumns;
+      for (int r = 0; r < mb; ++r) {
+        for (int t = 0; t < nt; ++t) {
+          const __m512 s = acc[r * 8 + t];
+          const __m256 o = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
+          const int64_t k = col0 + 8 * t;
+          store8(static_cast<char*>(a.dx) + ((i0 + r) * a.dx_row_stride + k) * es, o, dt,
+                 static_cast<int>(std::min<int64_t>(8, w.cols - k)));
+        }
+      }
+    }
+  }
+  return -1;
+}
+
+const KernelTable kAvx512Table{"avx512", gemm_avx512, gemm_transposed_avx512};
+
+}  // namespace
+
+const KernelTable* avx512_kernel_table() { return &kAvx512Table; }
+
+}  // namespace salr::kernels

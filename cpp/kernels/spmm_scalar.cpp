@@ -1,0 +1,88 @@
+// Scalar BM8x8 kernels: the portable fallback and the oracle the SIMD paths are tested against.
+// Written for clarity: walk each tile's set bits in storage order.
+#include <algorithm>
+#include <vector>
+
+#include "group_check.h"
+#include "kernels.h"
+#include "numeric.h"
+
+namespace salr::kernels {
+namespace {
+
+// y[:, band rows] = x · W_bandᵀ + t · B_bandᵀ + bias, one output row of x at a time.
+int64_t gemm_bands_scalar(const GemmArgs& a, int64_t band_begin, int64_t band_end) {
+  const SparseWeightView& w = a.weight;
+  const GroupGeometry geo = geometry_of(w);
+  const DType dt = w.dtype;
+  std::vector<float> x_row(static_cast<size_t>(geo.tiles * format::kTileEdge), 0.0f);
+  for (int64_t i = 0; i < a.m; ++i) {
+    for (int64_t k = 0; k < w.cols; ++k) x_row[k] = load_as_float(a.x, i * a.x_row_stride + k, dt);
+    for (int64_t band = band_begin; band < band_end; ++band) {
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int64_t group = 0; group < geo.groups; ++group) {
+        int64_t v = checked_group_start(w, geo, band, group);
+        if (v < 0) return band * geo.groups + group;
+        for (int64_t t = group_tile_begin(group); t < group_tile_end(geo, group); ++t) {
+          uint64_t bits = w.bitmap[band * geo.tiles + t];
+          while (bits != 0) {
+            const int bit = __builtin_ctzll(bits);
+            bits &= bits - 1;
+            acc[bit >> 3] += load_as_float(w.values, v++, dt) * x_row[t * 8 + (bit & 7)];
+          }
+        }
+      }
+      const int64_t row_end = std::min<int64_t>(8 * band + 8, w.rows);
+      for (int64_t n = 8 * band; n < row_end; ++n) {
+        float out = acc[n - 8 * band];
+        for (int64_t r = 0; r < a.rank; ++r) {
+          out += a.t[i * a.rank + r] * load_as_float(a.adapter_b, n * a.rank + r, dt);
+        }
+        if (a.bias != nullptr) out += load_as_float(a.bias, n, dt);
+        store_from_float(a.y, i * a.y_row_stride + n, out, dt);
+      }
+    }
+  }
+  return -1;
+}
+
+// dx[:, group columns] = dy · W[:, group columns], accumulated over all bands in fp32.
+int64_t gemm_transposed_groups_scalar(const GemmTransposedArgs& a, int64_t group_begin,
+                                      int64_t group_end) {
+  const SparseWeightView& w = a.weight;
+  const GroupGeometry geo = geometry_of(w);
+  const DType dt = w.dtype;
+  float acc[format::kGroupColumns];
+  for (int64_t group = group_begin; group < group_end; ++group) {
+    const int64_t col_begin = group * format::kGroupColumns;
+    const int64_t col_end = std::min<int64_t>(col_begin + format::kGroupColumns, w.cols);
+    for (int64_t i = 0; i < a.m; ++i) {
+      std::fill(acc, acc + format::kGroupColumns, 0.0f);
+      for (int64_t band = 0; band < geo.bands; ++band) {
+        int64_t v = checked_group_start(w, geo, band, group);
+        if (v < 0) return band * geo.groups + group;
+        for (int64_t t = group_tile_begin(group); t < group_tile_end(geo, group); ++t) {
+          uint64_t bits = w.bitmap[band * geo.tiles + t];
+          while (bits != 0) {
+            const int bit = __builtin_ctzll(bits);
+            bits &= bits - 1;
+            const float dy = load_as_float(a.dy, i * a.dy_row_stride + 8 * band + (bit >> 3), dt);
+            acc[(t - group_tile_begin(group)) * 8 + (bit & 7)] += dy * load_as_float(w.values, v++, dt);
+          }
+        }
+      }
+      for (int64_t k = col_begin; k < col_end; ++k) {
+        store_from_float(a.dx, i * a.dx_row_stride + k, acc[k - col_begin], dt);
+      }
+    }
+  }
+  return -1;
+}
+
+const KernelTable kScalarTable{"scalar", gemm_bands_scalar, gemm_transposed_groups_scalar};
+
+}  // namespace
+
+const KernelTable* scalar_kernel_table() { return &kScalarTable; }
+
+}  // namespace salr::kernels

@@ -1,0 +1,62 @@
+// salr.sparse_gemm_transposed on the CPU: dx = dy·W_s, the x-gradient of sparse_lowrank_gemm.
+// Small M: the ISA kernel, threads owning 64-column groups (offsets per group let each walk every
+// band without a scan, and no two threads write the same dx column). Large M: decoded chunks +
+// ATen GEMM accumulated in fp32.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "checks.h"
+#include "dense_chunks.h"
+
+namespace salr {
+namespace {
+
+constexpr const char* kOp = "sparse_gemm_transposed";
+
+at::Tensor sparse_gemm_transposed_cpu(const at::Tensor& grad_out, const at::Tensor& bitmap,
+                                      const at::Tensor& values, const at::Tensor& offsets,
+                                      int64_t out_features, int64_t in_features) {
+  const int64_t rows = out_features, cols = in_features;
+  check_cpu(kOp, "grad_out", grad_out);
+  check_cpu(kOp, "values", values);
+  check_bitmap_weight(kOp, bitmap, values, offsets, rows, cols);
+  check_dtype(kOp, "grad_out", grad_out, values.scalar_type());
+  SALR_CHECK(grad_out.dim() >= 1 && grad_out.size(-1) == rows, kOp, "grad_out must have shape [..., ",
+             rows, "] (out_features), got ", grad_out.sizes());
+  check_offsets_ends(kOp, values, offsets);
+
+  std::vector<int64_t> out_shape(grad_out.sizes().begin(), grad_out.sizes().end());
+  out_shape.back() = cols;
+  at::Tensor dy = grad_out.reshape({-1, rows});
+  if (rows > 0 && dy.stride(1) != 1) dy = dy.contiguous();
+  const int64_t m = dy.size(0);
+  if (m == 0 || cols == 0 || rows == 0) return at::zeros(out_shape, grad_out.options());
+  const kernels::SparseWeightView view = weight_view(bitmap, values, offsets, rows, cols);
+
+  if (m >= kDenseCrossoverRows) {
+    at::Tensor acc = at::zeros({m, cols}, dy.options().dtype(at::kFloat));
+    for_each_decoded_chunk(kOp, view, values, [&](int64_t r0, int64_t r1, const at::Tensor& w_chunk) {
+      acc.addmm_(dy.narrow(1, r0, r1 - r0).to(at::kFloat), w_chunk.to(at::kFloat));
+    });
+    return acc.to(values.scalar_type()).view(out_shape);
+  }
+  at::Tensor dx = at::empty({m, cols}, grad_out.options());
+  const kernels::GemmTransposedArgs args{view, dy.const_data_ptr(), m, dy.stride(0), dx.data_ptr(),
+                                         dx.stride(0)};
+  const kernels::KernelTable& table = selected_kernels(kOp);
+  FirstBadGroup bad;
+  at::parallel_for(0, format::groups_per_band(cols), 1, [&](int64_t g0, int64_t g1) {
+    bad.note(table.gemm_transposed(args, g0, g1));
+  });
+  if (bad.index >= 0) fail_inconsistent(kOp, bad.index, cols);
+  return dx.view(out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(salr, CPU, m) { m.impl("sparse_gemm_transposed", &sparse_gemm_transposed_cpu); }
+
+}  // namespace salr

@@ -1,0 +1,135 @@
+// salr.sparse_lowrank_gemm on the CPU: y = x·W_sᵀ + (x·Aᵀ)·Bᵀ + bias.
+//
+// Small M (decode-bound GEMV / skinny GEMM): the ISA kernel streams the compressed weight once,
+// decoding every tile once for all rows of x, with the adapter epilogue fused per band.
+// Large M (compute-bound): decode a few bands at a time into an L2-sized dense chunk and let
+// ATen's GEMM (oneDNN) run on it; the decoded chunk never grows to the whole N×K weight.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "checks.h"
+#include "dense_chunks.h"
+
+namespace salr {
+namespace {
+
+constexpr const char* kOp = "sparse_lowrank_gemm";
+
+// Minimum weights per parallel task: below this the threading overhead exceeds the work.
+constexpr int64_t kMinWeightsPerTask = int64_t{1} << 15;
+
+struct Adapter {
+  at::Tensor a;  // [rank, in_features]
+  at::Tensor b;  // [out_features, rank]
+  int64_t rank = 0;
+};
+
+Adapter check_adapter(const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& b,
+                      const at::Tensor& values, int64_t rows, int64_t cols) {
+  SALR_CHECK(a.has_value() == b.has_value(), kOp,
+             "adapter_a and adapter_b must be given together (got only ",
+             a.has_value() ? "adapter_a" : "adapter_b", ")");
+  if (!a.has_value()) return {};
+  check_cpu(kOp, "adapter_a", *a);
+  check_cpu(kOp, "adapter_b", *b);
+  check_dtype(kOp, "adapter_a", *a, values.scalar_type());
+  check_dtype(kOp, "adapter_b", *b, values.scalar_type());
+  check_dim(kOp, "adapter_a", *a, 2);
+  check_dim(kOp, "adapter_b", *b, 2);
+  SALR_CHECK(a->size(1) == cols, kOp, "adapter_a must have shape [rank, ", cols, "], got ", a->sizes());
+  SALR_CHECK(b->size(0) == rows && b->size(1) == a->size(0), kOp, "adapter_b must have shape [",
+             rows, ", ", a->size(0), "] to match adapter_a, got ", b->sizes());
+  return {*a, b->contiguous(), a->size(0)};
+}
+
+// Decode-and-GEMM path for large M: y[:, chunk] = x · W_chunkᵀ (+ adapter, bias) per band chunk.
+void dense_chunked_gemm(const at::Tensor& x2d, const kernels::SparseWeightView& view,
+                        const at::Tensor& values, const Adapter& adapter, const at::Tensor& t,
+                        const std::optional<at::Tensor>& bias, at::Tensor& y) {
+  for_each_decoded_chunk(kOp, view, values, [&](int64_t r0, int64_t r1, const at::Tensor& w_chunk) {
+    at::Tensor y_chunk = y.narrow(1, r0, r1 - r0);
+    if (adapter.rank == 0) {
+      if (bias.has_value()) {
+        y_chunk.copy_(at::addmm(bias->narrow(0, r0, r1 - r0), x2d, w_chunk.t()));
+      } else {
+        y_chunk.copy_(at::mm(x2d, w_chunk.t()));
+      }
+      return;
+    }
+    // With an adapter, sum the three terms in fp32 and round once (the GEMM's own output is rounded).
+    at::Tensor acc = at::mm(x2d, w_chunk.t()).to(at::kFloat);
+    acc.addmm_(t, adapter.b.narrow(0, r0, r1 - r0).to(at::kFloat).t());
+    if (bias.has_value()) acc.add_(bias->narrow(0, r0, r1 - r0).to(at::kFloat));
+    y_chunk.copy_(acc);
+  });
+}
+
+at::Tensor sparse_lowrank_gemm_cpu(const at::Tensor& x, const at::Tensor& bitmap,
+                                   const at::Tensor& values, const at::Tensor& offsets,
+                                   int64_t out_features, int64_t in_features,
+                                   const std::optional<at::Tensor>& adapter_a,
+                                   const std::optional<at::Tensor>& adapter_b,
+                                   const std::optional<at::Tensor>& bias) {
+  const int64_t rows = out_features, cols = in_features;
+  check_cpu(kOp, "x", x);
+  check_cpu(kOp, "values", values);
+  check_bitmap_weight(kOp, bitmap, values, offsets, rows, cols);
+  check_dtype(kOp, "x", x, values.scalar_type());
+  SALR_CHECK(x.dim() >= 1 && x.size(-1) == cols, kOp, "x must have shape [..., ", cols,
+             "] (in_features), got ", x.sizes());
+  const Adapter adapter = check_adapter(adapter_a, adapter_b, values, rows, cols);
+  if (bias.has_value()) {
+    check_cpu(kOp, "bias", *bias);
+    check_dtype(kOp, "bias", *bias, values.scalar_type());
+    SALR_CHECK(bias->dim() == 1 && bias->size(0) == rows, kOp, "bias must have shape [", rows,
+               "], got ", bias->sizes());
+  }
+  check_offsets_ends(kOp, values, offsets);
+
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = rows;
+  at::Tensor x2d = x.reshape({-1, cols});
+  if (cols > 0 && x2d.stride(1) != 1) x2d = x2d.contiguous();
+  const int64_t m = x2d.size(0);
+  at::Tensor y = at::empty({m, rows}, x.options());
+  if (m == 0 || rows == 0) return y.view(out_shape);
+
+  // T = x·Aᵀ once, in fp32: the rank-R intermediate every band's epilogue reads.
+  at::Tensor t;
+  if (adapter.rank > 0) t = at::mm(x2d.to(at::kFloat), adapter.a.to(at::kFloat).t()).contiguous();
+  const std::optional<at::Tensor> bias_c =
+      bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  const kernels::SparseWeightView view = weight_view(bitmap, values, offsets, rows, cols);
+
+  if (m >= kDenseCrossoverRows) {
+    dense_chunked_gemm(x2d, view, values, adapter, t, bias_c, y);
+    return y.view(out_shape);
+  }
+  const kernels::GemmArgs args{view,
+                               x2d.const_data_ptr(),
+                               m,
+                               x2d.stride(0),
+                               y.data_ptr(),
+                               y.stride(0),
+                               adapter.rank > 0 ? t.const_data_ptr<float>() : nullptr,
+                               adapter.rank > 0 ? adapter.b.const_data_ptr() : nullptr,
+                               adapter.rank,
+                               bias_c.has_value() ? bias_c->const_data_ptr() : nullptr};
+  const kernels::KernelTable& table = selected_kernels(kOp);
+  const int64_t grain = std::max<int64_t>(1, kMinWeightsPerTask / std::max<int64_t>(1, 8 * cols * m));
+  FirstBadGroup bad;
+  at::parallel_for(0, format::num_bands(rows), grain, [&](int64_t b0, int64_t b1) {
+    bad.note(table.gemm(args, b0, b1));
+  });
+  if (bad.index >= 0) fail_inconsistent(kOp, bad.index, cols);
+  return y.view(out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(salr, CPU, m) { m.impl("sparse_lowrank_gemm", &sparse_lowrank_gemm_cpu); }
+
+}  // namespace salr

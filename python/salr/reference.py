@@ -1,0 +1,150 @@
+"""Pure-PyTorch definitions of every salr op: the test oracle and the fallback when the native
+library is missing (design.md §3). Written for clarity, not speed: they decode the whole weight.
+
+BM8x8 in tensors: ``bitmap`` int64 [bands, tiles] (the 64-bit tile word; bit r*8+c is W[8i+r, 8j+c]
+!= 0, bit 63 being the sign bit), ``values`` 1-D in tile order, ``offsets`` int32
+[bands*groups + 1] (first value of every band at every 64-column group, then the value count).
+"""
+
+from __future__ import annotations
+
+import torch
+
+TILE = 8
+TILES_PER_GROUP = 8
+_BIT_SHIFTS = torch.arange(64, dtype=torch.int64)
+
+
+def num_bands(rows: int) -> int:
+    return (rows + TILE - 1) // TILE
+
+
+def tiles_per_band(cols: int) -> int:
+    return (cols + TILE - 1) // TILE
+
+
+def groups_per_band(cols: int) -> int:
+    return (tiles_per_band(cols) + TILES_PER_GROUP - 1) // TILES_PER_GROUP
+
+
+def num_offsets(rows: int, cols: int) -> int:
+    return num_bands(rows) * groups_per_band(cols) + 1
+
+
+def popcount64(words: torch.Tensor) -> torch.Tensor:
+    """Per-element popcount of an int64 tensor (SWAR; masks keep arithmetic shifts harmless)."""
+    v = words - ((words >> 1) & 0x5555555555555555)
+    v = (v & 0x3333333333333333) + ((v >> 2) & 0x3333333333333333)
+    v = (v + (v >> 4)) & 0x0F0F0F0F0F0F0F0F
+    return (v * 0x0101010101010101) >> 56
+
+
+def to_tiles(dense: torch.Tensor) -> torch.Tensor:
+    """[rows, cols] -> zero-padded tiles [bands, tiles, 64], each tile row-major."""
+    rows, cols = dense.shape
+    padded = dense.new_zeros(num_bands(rows) * TILE, tiles_per_band(cols) * TILE)
+    padded[:rows, :cols] = dense
+    bands, tiles = padded.shape[0] // TILE, padded.shape[1] // TILE
+    return padded.view(bands, TILE, tiles, TILE).permute(0, 2, 1, 3).reshape(bands, tiles, 64)
+
+
+def from_tiles(tiles: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Inverse of :func:`to_tiles`, cropped to [rows, cols]."""
+    bands, n_tiles = tiles.shape[:2]
+    dense = tiles.view(bands, n_tiles, TILE, TILE).permute(0, 2, 1, 3).reshape(bands * TILE, n_tiles * TILE)
+    return dense[:rows, :cols]
+
+
+def unpack_bitmap(bitmap: torch.Tensor) -> torch.Tensor:
+    """int64 [bands, tiles] -> bool mask [bands, tiles, 64]."""
+    return ((bitmap.unsqueeze(-1) >> _BIT_SHIFTS.to(bitmap.device)) & 1).bool()
+
+
+def group_counts(tile_counts: torch.Tensor) -> torch.Tensor:
+    """Values per (band, 64-column group) from values per tile [bands, tiles]."""
+    bands, tiles = tile_counts.shape
+    groups = (tiles + TILES_PER_GROUP - 1) // TILES_PER_GROUP
+    padded = tile_counts.new_zeros(bands, groups * TILES_PER_GROUP)
+    padded[:, :tiles] = tile_counts
+    return padded.view(bands, groups, TILES_PER_GROUP).sum(-1)
+
+
+def offsets_from_counts(counts: torch.Tensor) -> torch.Tensor:
+    flat = counts.reshape(-1).to(torch.int64)
+    return torch.cat([flat.new_zeros(1), torch.cumsum(flat, 0)]).to(torch.int32)
+
+
+def check_weight(op: str, bitmap: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
+                 rows: int, cols: int) -> None:
+    """Raise ValueError naming `op` and the argument unless the three tensors form a valid BM8x8
+    weight of shape [rows, cols] (the full check: offsets against popcounts, padding bits clear)."""
+    if bitmap.dtype != torch.int64 or offsets.dtype != torch.int32:
+        raise ValueError(f"salr.{op}: bitmap must be int64 and offsets int32, got {bitmap.dtype} and {offsets.dtype}")
+    if values.dim() != 1 or values.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise ValueError(f"salr.{op}: values must be a 1-D float tensor, got {values.dtype} of shape {tuple(values.shape)}")
+    if tuple(bitmap.shape) != (num_bands(rows), tiles_per_band(cols)):
+        raise ValueError(f"salr.{op}: bitmap must have shape {(num_bands(rows), tiles_per_band(cols))} "
+                         f"for a [{rows}, {cols}] weight, got {tuple(bitmap.shape)}")
+    if tuple(offsets.shape) != (num_offsets(rows, cols),):
+        raise ValueError(f"salr.{op}: offsets must have {num_offsets(rows, cols)} entries, got {tuple(offsets.shape)}")
+    expected = offsets_from_counts(group_counts(popcount64(bitmap)))
+    if not torch.equal(expected.cpu(), offsets.cpu()) or int(expected[-1]) != values.numel():
+        raise ValueError(f"salr.{op}: bitmap, values and offsets are inconsistent (popcounts give "
+                         f"{int(expected[-1])} values, offsets end at {int(offsets[-1])}, values has {values.numel()})")
+    padding = ~to_tiles(torch.ones(rows, cols, dtype=torch.bool, device=bitmap.device))
+    if (unpack_bitmap(bitmap) & padding).any():
+        raise ValueError(f"salr.{op}: bitmap has bits set in the zero padding of a [{rows}, {cols}] weight")
+
+
+def bitmap_encode(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if dense.dim() != 2:
+        raise ValueError(f"salr.bitmap_encode: dense must be 2-D, got shape {tuple(dense.shape)}")
+    tiles = to_tiles(dense)
+    mask = tiles != 0
+    bitmap = (mask.to(torch.int64) << _BIT_SHIFTS.to(dense.device)).sum(-1)  # distinct bits: sum == or
+    values = tiles[mask]
+    offsets = offsets_from_counts(group_counts(mask.sum(-1)))
+    return bitmap, values.contiguous(), offsets
+
+
+def bitmap_decode(bitmap: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
+                  rows: int, cols: int) -> torch.Tensor:
+    check_weight("bitmap_decode", bitmap, values, offsets, rows, cols)
+    mask = unpack_bitmap(bitmap)
+    tiles = values.new_zeros(mask.shape)
+    tiles[mask] = values
+    return from_tiles(tiles, rows, cols).contiguous()
+
+
+def sparse_lowrank_gemm(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor,
+                        offsets: torch.Tensor, out_features: int, in_features: int,
+                        adapter_a: torch.Tensor | None = None, adapter_b: torch.Tensor | None = None,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x·W_sᵀ + (x·adapter_aᵀ)·adapter_bᵀ + bias, computed in at least fp32, returned in x's dtype."""
+    if (adapter_a is None) != (adapter_b is None):
+        raise ValueError("salr.sparse_lowrank_gemm: adapter_a and adapter_b must be given together")
+    compute = torch.promote_types(x.dtype, torch.float32)
+    weight = bitmap_decode(bitmap, values, offsets, out_features, in_features).to(compute)
+    y = x.to(compute) @ weight.T
+    if adapter_a is not None:
+        y = y + (x.to(compute) @ adapter_a.to(compute).T) @ adapter_b.to(compute).T
+    if bias is not None:
+        y = y + bias.to(compute)
+    return y.to(x.dtype)
+
+
+def sparse_gemm_transposed(grad_out: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor,
+                           offsets: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """dx = dy·W_s, computed in at least fp32, returned in dy's dtype."""
+    compute = torch.promote_types(grad_out.dtype, torch.float32)
+    weight = bitmap_decode(bitmap, values, offsets, out_features, in_features).to(compute)
+    return (grad_out.to(compute) @ weight).to(grad_out.dtype)
+
+
+def sampled_gemm(left: torch.Tensor, right: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor,
+                 offsets: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """(leftᵀ·right) at the bitmap's nonzeros, shaped and typed like values."""
+    check_weight("sampled_gemm", bitmap, values, offsets, out_features, in_features)
+    compute = torch.promote_types(left.dtype, torch.float32)
+    dense = left.to(compute).T @ right.to(compute)
+    return to_tiles(dense)[unpack_bitmap(bitmap)].to(values.dtype)
