@@ -4,6 +4,7 @@
 // ATen GEMM accumulated in fp32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -30,7 +31,8 @@ at::Tensor sparse_gemm_transposed_cpu(const at::Tensor& grad_out, const at::Tens
 
   std::vector<int64_t> out_shape(grad_out.sizes().begin(), grad_out.sizes().end());
   out_shape.back() = cols;
-  at::Tensor dy = grad_out.reshape({-1, rows});
+  const int64_t leading = c10::multiply_integers(grad_out.sizes().begin(), grad_out.sizes().end() - 1);
+  at::Tensor dy = grad_out.reshape({leading, rows});
   if (rows > 0 && dy.stride(1) != 1) dy = dy.contiguous();
   const int64_t m = dy.size(0);
   if (m == 0 || cols == 0 || rows == 0) return at::zeros(out_shape, grad_out.options());

@@ -6,6 +6,7 @@
 // ATen's GEMM (oneDNN) run on it; the decoded chunk never grows to the whole N×K weight.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -91,7 +92,8 @@ at::Tensor sparse_lowrank_gemm_cpu(const at::Tensor& x, const at::Tensor& bitmap
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = rows;
-  at::Tensor x2d = x.reshape({-1, cols});
+  const int64_t leading = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  at::Tensor x2d = x.reshape({leading, cols});
   if (cols > 0 && x2d.stride(1) != 1) x2d = x2d.contiguous();
   const int64_t m = x2d.size(0);
   at::Tensor y = at::empty({m, rows}, x.options());

@@ -18,7 +18,10 @@ constexpr int64_t kPad = 8;           // a row expansion reads 8 elements from t
 constexpr int64_t kGroupValues = 512;  // most values one 64-column group of one band can hold
 constexpr int64_t kChunk = 64;         // x rows per pass of the blocked path: bounds scratch memory
 constexpr int64_t kDirectMaxM = 1;     // up to this m, decode straight into registers per x row
-constexpr int kPrefetchBytes = 2048;   // how far ahead of the values stream to prefetch (M=1 path)
+#ifndef PF
+#define PF 2048
+#endif
+constexpr int kPrefetchBytes = PF;  // how far ahead of the values stream to prefetch (M=1 path)
 
 // Expansion tables, one entry per row mask, built by code at static init.
 struct Tables {

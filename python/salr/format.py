@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from salr import ops, reference
@@ -151,7 +151,7 @@ class BitmapSparseWeight:
                     raise ValueError(f"{path}: expected tensors {sorted(_TENSOR_NAMES)}, found {sorted(names)}")
                 tensors = {name: f.get_tensor(name) for name in _TENSOR_NAMES}
                 rows, cols = json.loads(metadata.get("shape", "null"))
-        except (OSError, RuntimeError, TypeError, json.JSONDecodeError) as exc:
+        except (OSError, SafetensorError, RuntimeError, TypeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path}: cannot read a salr BM8x8 file: {exc}") from exc
         if metadata.get("dtype") != str(tensors["values"].dtype).removeprefix("torch."):
             raise ValueError(f"{path}: metadata dtype {metadata.get('dtype')!r} disagrees with values "

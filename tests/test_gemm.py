@@ -1,0 +1,116 @@
+"""sparse_lowrank_gemm, sparse_gemm_transposed and sampled_gemm against the float64 reference, on
+every CPU ISA path, dtype, awkward shape and density."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from salr import ops, reference
+from conftest import DENSITIES, DTYPES, SHAPES, assert_matches_reference, make_generator, random_sparse
+
+# Rows of x exercised on the sparse-kernel path; 64 and above take the decode + dense GEMM path.
+KERNEL_ROWS = [0, 1, 3, 17]
+DENSE_PATH_ROWS = [64, 100]
+
+
+def make_case(rows, cols, density, dtype, m, rank, with_bias, key):
+    gen = make_generator(*key)
+    dense = random_sparse(rows, cols, density, dtype, gen)
+    x = torch.randn(m, cols, generator=gen).to(dtype)
+    a = torch.randn(rank, cols, generator=gen).to(dtype) if rank else None
+    b = (torch.randn(rows, rank, generator=gen) / 4).to(dtype) if rank else None
+    bias = torch.randn(rows, generator=gen).to(dtype) if with_bias else None
+    return dense, x, a, b, bias
+
+
+def check_forward(dense, x, a, b, bias, dtype):
+    rows, cols = dense.shape
+    bitmap, values, offsets = ops.bitmap_encode(dense)
+    out = ops.sparse_lowrank_gemm(x, bitmap, values, offsets, rows, cols, a, b, bias)
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    ref = reference.sparse_lowrank_gemm(x.double(), bitmap, values.double(), offsets, rows, cols, d(a), d(b), d(bias))
+    magnitude = x.double().abs() @ dense.double().abs().T
+    if a is not None:
+        magnitude = magnitude + (x.double().abs() @ a.double().abs().T) @ b.double().abs().T
+    if bias is not None:
+        magnitude = magnitude + bias.double().abs()
+    assert_matches_reference(out, ref, magnitude, dtype)
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_kernel_path(isa, dtype, shape, density):
+    for m in KERNEL_ROWS:
+        for rank, with_bias in [(0, False), (5, True), (32, False)]:
+            case = make_case(*shape, density, dtype, m, rank, with_bias, (shape, density, dtype, m, rank))
+            check_forward(*case, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(13, 70), (100, 130), (576, 192)])
+def test_forward_dense_path(dtype, shape):
+    for m in DENSE_PATH_ROWS:
+        for rank, with_bias in [(0, False), (0, True), (7, True)]:
+            case = make_case(*shape, 0.5, dtype, m, rank, with_bias, ("dense", shape, dtype, m, rank))
+            check_forward(*case, dtype)
+
+
+def test_leading_dims_and_non_contiguous_x(isa):
+    dense = random_sparse(24, 40, 0.5, torch.float32, make_generator("lead"))
+    bitmap, values, offsets = ops.bitmap_encode(dense)
+    x = torch.randn(2, 3, 40, generator=make_generator("x"))
+    out = ops.sparse_lowrank_gemm(x, bitmap, values, offsets, 24, 40)
+    assert out.shape == (2, 3, 24)
+    torch.testing.assert_close(out, x @ dense.T)
+    x_t = torch.randn(40, 5, generator=make_generator("xt")).T  # stride (1, 5): non-contiguous rows
+    torch.testing.assert_close(ops.sparse_lowrank_gemm(x_t, bitmap, values, offsets, 24, 40), x_t @ dense.T)
+    x_strided = torch.randn(4, 80, generator=make_generator("xs"))[:, ::2]  # inner stride 2
+    torch.testing.assert_close(ops.sparse_lowrank_gemm(x_strided, bitmap, values, offsets, 24, 40),
+                               x_strided @ dense.T)
+    empty = ops.sparse_lowrank_gemm(torch.empty(0, 7, 40), bitmap, values, offsets, 24, 40)
+    assert empty.shape == (0, 7, 24)
+
+
+def test_zero_sized_weights(isa):
+    for rows, cols in [(0, 5), (5, 0), (0, 0)]:
+        bitmap, values, offsets = ops.bitmap_encode(torch.zeros(rows, cols))
+        x = torch.randn(3, cols)
+        bias = torch.randn(rows)
+        out = ops.sparse_lowrank_gemm(x, bitmap, values, offsets, rows, cols, bias=bias)
+        torch.testing.assert_close(out, bias.expand(3, rows))
+        dx = ops.sparse_gemm_transposed(torch.randn(3, rows), bitmap, values, offsets, rows, cols)
+        torch.testing.assert_close(dx, torch.zeros(3, cols))
+
+
+@pytest.mark.parametrize("density", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_transposed_product(isa, dtype, shape, density):
+    rows, cols = shape
+    dense = random_sparse(rows, cols, density, dtype, make_generator("t", shape, density, dtype))
+    bitmap, values, offsets = ops.bitmap_encode(dense)
+    for m in KERNEL_ROWS + DENSE_PATH_ROWS[:1]:
+        dy = torch.randn(m, rows, generator=make_generator("dy", m)).to(dtype)
+        out = ops.sparse_gemm_transposed(dy, bitmap, values, offsets, rows, cols)
+        ref = reference.sparse_gemm_transposed(dy.double(), bitmap, values.double(), offsets, rows, cols)
+        assert_matches_reference(out, ref, dy.double().abs() @ dense.double().abs(), dtype)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sampled_product(dtype, shape, density):
+    rows, cols = shape
+    dense = random_sparse(rows, cols, density, dtype, make_generator("s", shape, density, dtype))
+    bitmap, values, offsets = ops.bitmap_encode(dense)
+    for inner in [1, 6, 33]:
+        left = torch.randn(inner, rows, generator=make_generator("l", inner)).to(dtype)
+        right = torch.randn(inner, cols, generator=make_generator("r", inner)).to(dtype)
+        out = ops.sampled_gemm(left, right, bitmap, values, offsets, rows, cols)
+        ref = reference.sampled_gemm(left.double(), right.double(), bitmap, values.double(), offsets, rows, cols)
+        magnitude = reference.sampled_gemm(left.double().abs(), right.double().abs(), bitmap, values.double(),
+                                           offsets, rows, cols)
+        assert out.shape == values.shape
+        assert_matches_reference(out, ref.to(torch.float64), magnitude, dtype)
