@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "checks.h"
 
@@ -17,7 +18,18 @@ constexpr int64_t kDenseChunkElements = int64_t{1} << 20;
 // Rows of x (or of dy) from which decode + dense GEMM beats the sparse kernels. Measured with
 // `python bench/bench_gemm.py --crossover` (bench/RESULTS.md): below it the kernels are
 // memory-bound and win by the compression ratio; above it ATen's blocked GEMM wins on FLOPs.
+// SALR_CPU_DENSE_CROSSOVER overrides it (the benchmark forces each path with it; tune per machine).
 constexpr int64_t kDenseCrossoverRows = 64;
+
+inline int64_t dense_crossover_rows() {
+  const char* forced = std::getenv("SALR_CPU_DENSE_CROSSOVER");
+  if (forced == nullptr || forced[0] == '\0') return kDenseCrossoverRows;
+  char* end = nullptr;
+  const long long value = std::strtoll(forced, &end, 10);
+  TORCH_CHECK(end != forced && *end == '\0' && value > 0,
+              "salr: SALR_CPU_DENSE_CROSSOVER must be a positive integer, got '", forced, "'");
+  return value;
+}
 
 // Calls fn(band_begin, band_end, row_begin, row_end) for consecutive chunks of whole bands sized
 // so that a dense [rows, cols] chunk holds about kDenseChunkElements.

@@ -38,7 +38,7 @@ at::Tensor sparse_gemm_transposed_cpu(const at::Tensor& grad_out, const at::Tens
   if (m == 0 || cols == 0 || rows == 0) return at::zeros(out_shape, grad_out.options());
   const kernels::SparseWeightView view = weight_view(bitmap, values, offsets, rows, cols);
 
-  if (m >= kDenseCrossoverRows) {
+  if (m >= dense_crossover_rows()) {
     at::Tensor acc = at::zeros({m, cols}, dy.options().dtype(at::kFloat));
     for_each_decoded_chunk(kOp, view, values, [&](int64_t r0, int64_t r1, const at::Tensor& w_chunk) {
       acc.addmm_(dy.narrow(1, r0, r1 - r0).to(at::kFloat), w_chunk.to(at::kFloat));

@@ -1,0 +1,3 @@
+from salr.cli import main
+
+raise SystemExit(main())
