@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -17,11 +18,8 @@ namespace {
 constexpr int64_t kPad = 8;           // a row expansion reads 8 elements from the row's first value
 constexpr int64_t kGroupValues = 512;  // most values one 64-column group of one band can hold
 constexpr int64_t kChunk = 64;         // x rows per pass of the blocked path: bounds scratch memory
-constexpr int64_t kDirectMaxM = 1;     // up to this m, decode straight into registers per x row
-#ifndef PF
-#define PF 2048
-#endif
-constexpr int kPrefetchBytes = PF;  // how far ahead of the values stream to prefetch (M=1 path)
+constexpr int64_t kDirectMaxM = 1;    // up to this m, decode straight into registers per x row
+constexpr int kPrefetchBytes = 2048;  // values prefetch distance: covers page crossings of the stream
 
 // Expansion tables, one entry per row mask, built by code at static init.
 struct Tables {
@@ -148,9 +146,14 @@ template <class T>
 inline const T* group_values(const SparseWeightView& w, int64_t start, int64_t next, T* buf) {
   const T* v = static_cast<const T*>(w.values);
   if (next + kPad <= w.values_count) return v + start;
-  std::memcpy(buf, v + start, static_cast<size_t>(next - start) * sizeof(T));
+  if (next > start) std::memcpy(buf, v + start, static_cast<size_t>(next - start) * sizeof(T));  // values may be null
   std::memset(buf + (next - start), 0, kPad * sizeof(T));
   return buf;
+}
+
+// Prefetch `bytes` past p, in integer arithmetic: the address may lie past the array (no fault).
+inline void prefetch_ahead(const void* p, int64_t bytes) {
+  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + bytes), _MM_HINT_T0);
 }
 
 // Offset of tile row r's first value inside the tile: popcount of the bits of rows < r. Independent
@@ -234,10 +237,10 @@ int64_t gemm_direct(const GemmArgs& a, const GroupGeometry& geo, const float* xs
         if (start < 0) return band * geo.groups + group;
         const int64_t next = w.offsets[band * geo.groups + group + 1];
         const T* p = group_values(w, start, next, buf);
-        _mm_prefetch(reinterpret_cast<const char*>(words + 8 * group) + 256, _MM_HINT_T0);
+        prefetch_ahead(words + 8 * group, 256);  // bitmap words 4 groups ahead
         for (int64_t t = group_tile_begin(group); t < group_tile_end(geo, group); ++t) {
           const uint64_t word = words[t];
-          _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
+          prefetch_ahead(p, kPrefetchBytes);
           tile_fma<D>(p, word, _mm256_loadu_ps(x + 8 * t), acc);
           p += _mm_popcnt_u64(word);
         }
