@@ -2,11 +2,12 @@
 // bf16 dot product (vdpbf16ps) lives in functions with target("avx512bf16"), used only when cpuid
 // says so, so the rest of the file runs on any VBMI2 part.
 //
-// Forward (gemm): per (band, 64-column group) the kernel checks the group (group_check.h), expands
-// its tiles once into a small L1 buffer (vpexpandw/vexpandps with a memory operand read exactly
-// popcount values), then runs every row of x against the buffer in register blocks. The values are
-// one sequential stream per thread (bands are contiguous), so a software prefetch a few KB ahead
-// of the decode cursor keeps DRAM busy while the bitmap -> popcount -> pointer chain resolves.
+// Forward (gemm): for each band and each block of up to 8 (dot form) or 4 (fma form) rows of x,
+// walk the band's groups: check the group (group_check.h), expand each tile into registers
+// (vpexpandw / vexpandps with a memory operand read exactly popcount values) and apply it to every
+// row of the block, accumulators in registers. The values are one sequential stream per thread
+// (bands are contiguous), so a software prefetch a few KB ahead of the decode keeps DRAM busy while
+// the bitmap -> popcount -> pointer chain resolves; a second row block re-reads the band from cache.
 // Compute forms: "dot" keeps bf16 pairs and uses vdpbf16ps (128-bit lane r = tile row r); "fma"
 // converts the tile to fp32 (zmm p = rows 2p | 2p+1) and uses FMA. Both reduce to 8 row sums
 // per band at the end, then add adapter and bias in fp32 and round once (RNE, as numeric.h).
@@ -15,6 +16,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "group_check.h"
@@ -33,14 +35,16 @@ namespace {
 constexpr int kRowBlock = 16;             // x rows per decode pass: bounds the x scratch and accs
 constexpr int64_t kPrefetchBytes = 6144;  // values prefetch distance (DRAM latency x bandwidth)
 constexpr int64_t kPrefetchTiles = 96;    // bitmap prefetch distance in words (768 B)
+constexpr int64_t kTransposedAhead = 4;   // gemm_transposed prefetches the group 4 bands ahead
 
 // ---- loads and stores of 8 / 16 elements of any dtype as fp32 ------------------------------
 
-// Why: bias, dy and adapter rows end at arbitrary lengths; masked loads never touch past the end.
+// Why: bias, dy and adapter rows end at arbitrary lengths; masked loads never touch past the end
+// (a full 8 takes a plain load, the common case).
 inline __m256 load8(const void* p, DType dt, int n) {
   const __mmask8 m = static_cast<__mmask8>((1u << n) - 1u);
-  if (dt == DType::kFloat32) return _mm256_maskz_loadu_ps(m, p);
-  const __m128i h = _mm_maskz_loadu_epi16(m, p);
+  if (dt == DType::kFloat32) return n == 8 ? _mm256_loadu_ps(static_cast<const float*>(p)) : _mm256_maskz_loadu_ps(m, p);
+  const __m128i h = n == 8 ? _mm_loadu_si128(static_cast<const __m128i*>(p)) : _mm_maskz_loadu_epi16(m, p);
   if (dt == DType::kFloat16) return _mm256_cvtph_ps(h);
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
@@ -89,6 +93,7 @@ inline float adapter_dot(const float* t, const void* brow, int64_t rank, DType d
 // ---- tile decode: expand-loads read exactly popcount(mask) values -------------------------
 
 // Why: 16-bit tiles (bf16/fp16) as two zmm, rows 0-3 and 4-7; both pointers come from `p`.
+// (A plain 64-byte load + register vpexpandw measured no faster here, and needs end-of-array care.)
 inline void expand16(const uint16_t* p, uint64_t w, __m512i& lo, __m512i& hi) {
   const uint32_t m0 = static_cast<uint32_t>(w);
   lo = _mm512_maskz_expandloadu_epi16(m0, p);
@@ -106,76 +111,155 @@ inline void widen16(__m512i lo, __m512i hi, DType dt, __m512* out) {
   }
 }
 
-// Why: decodes the nt tiles of one checked group (values start at index v) into buf.
-// kDot: 2 zmm of bf16 per tile; otherwise 4 zmm of fp32 per tile.
-template <bool kDot>
-inline void decode_group(const SparseWeightView& w, int64_t v, const uint64_t* words, int nt,
-                         __m512i* buf) {
-  if (w.dtype == DType::kFloat32) {
-    const float* p = static_cast<const float*>(w.values) + v;
-    for (int t = 0; t < nt; ++t) {
-      const uint64_t b = words[t];
-      __m512* o = reinterpret_cast<__m512*>(buf + 4 * t);
-      o[0] = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(b), p);
-      o[1] = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(b >> 16), p + _mm_popcnt_u32(b & 0xffffu));
-      o[2] = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(b >> 32), p + _mm_popcnt_u32(static_cast<uint32_t>(b)));
-      o[3] = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(b >> 48),
-                                         p + _mm_popcnt_u64(b & 0xffffffffffffull));
-      p += _mm_popcnt_u64(b);
+// ---- one band for a block of R rows of x, accumulators in registers --------------------------
+// x scratch layout: a block of R rows starting at row r0 stores element (tile t, row r, col c) at
+// xs[r0*k8 + (t*R + r)*8 + c], so a tile's x for the whole block is one contiguous 16R/32R bytes.
+
+// Why: the band loops' state as plain values, so the hot loop keeps it in registers.
+struct Walk {
+  SparseWeightView w;
+  GroupGeometry geo;
+  int es;
+  const char* pf;  // values prefetch cursor, kPrefetchBytes ahead of the decode
+};
+
+// Why: the group check and prefetch every band loop runs before a group's tiles: checked_group_start,
+// or for an interior full group the same test fused with 8 unrolled popcounts (no padding can be
+// involved there). Returns the group's first value index, or -1 when the group is inconsistent.
+__attribute__((always_inline)) inline int64_t enter_group(Walk& k, int64_t band, int64_t g, bool full) {
+  const int32_t* offs = k.w.offsets + band * k.geo.groups + g;
+  const uint64_t* gw = k.w.bitmap + band * k.geo.tiles + 8 * g;
+  int64_t v;
+  if (full) {
+    v = offs[0];
+    int64_t count = 0;
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) count += _mm_popcnt_u64(gw[i]);
+    if (v < 0 || v + count != offs[1] || offs[1] > k.w.values_count) return -1;
+  } else {
+    v = checked_group_start(k.w, k.geo, band, g);
+    if (v < 0) return -1;
+  }
+  const char* values = static_cast<const char*>(k.w.values);
+  const char* end = values + int64_t{offs[1]} * k.es + kPrefetchBytes;
+  if (k.pf == nullptr) k.pf = values + v * k.es;
+  for (const char* pf = k.pf; pf < end; pf += 64) {
+    _mm_prefetch(pf, _MM_HINT_T0);
+    k.pf = pf + 64;
+  }
+  _mm_prefetch(reinterpret_cast<const char*>(gw + kPrefetchTiles), _MM_HINT_T0);
+  return v;
+}
+
+// Why: one tile of the dot form: expand rows 0-3 / 4-7 once, dp against R rows of x.
+template <int R>
+__attribute__((target("avx512bf16"), always_inline)) inline void dot_tile(const uint16_t* p, uint64_t b,
+                                                                         const uint16_t* xt, __m512* a) {
+  __m512i lo, hi;
+  expand16(p, b, lo, hi);
+  for (int r = 0; r < R; ++r) {
+    const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_maskz_broadcast_i32x4(
+        0xffff, _mm_loadu_si128(reinterpret_cast<const __m128i*>(xt + r * 8))));
+    a[2 * r] = _mm512_dpbf16_ps(a[2 * r], reinterpret_cast<__m512bh>(lo), xv);
+    a[2 * r + 1] = _mm512_dpbf16_ps(a[2 * r + 1], reinterpret_cast<__m512bh>(hi), xv);
+  }
+}
+
+// Why: vdpbf16ps needs avx512bf16, which the file may not assume, so the whole band loop carries
+// the target. S accumulator sets hide the dp latency when R is small (tile t uses set t % S).
+// out[2r] = rows 0-3 (lane chunk q = row q), out[2r+1] = rows 4-7, for x row r of the block.
+template <int R>
+__attribute__((target("avx512bf16"))) int64_t dot_band(Walk& k, int64_t band, const uint16_t* x,
+                                                      __m512* out) {
+  constexpr int S = R >= 4 ? 1 : 4 / R;
+  __m512 a[S][2 * R];
+  for (int s = 0; s < S; ++s)
+    for (int i = 0; i < 2 * R; ++i) a[s][i] = _mm512_setzero_ps();
+  const uint16_t* values = static_cast<const uint16_t*>(k.w.values);
+  const uint64_t* words = k.w.bitmap + band * k.geo.tiles;
+  const bool interior = band + 1 < k.geo.bands;
+  for (int64_t g = 0; g < k.geo.groups; ++g) {
+    const bool full = interior && g + 1 < k.geo.groups;
+    int64_t v = enter_group(k, band, g, full);
+    if (v < 0) return band * k.geo.groups + g;
+    const int64_t t0 = 8 * g;
+    if (full) {
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        dot_tile<R>(values + v, words[t0 + i], x + (t0 + i) * R * 8, a[i % S]);
+        v += _mm_popcnt_u64(words[t0 + i]);
+      }
+    } else {
+      for (int64_t t = t0; t < group_tile_end(k.geo, g); ++t) {
+        dot_tile<R>(values + v, words[t], x + t * R * 8, a[0]);
+        v += _mm_popcnt_u64(words[t]);
+      }
     }
+  }
+  for (int i = 0; i < 2 * R; ++i) {
+    out[i] = a[0][i];
+    for (int s = 1; s < S; ++s) out[i] = _mm512_add_ps(out[i], a[s][i]);
+  }
+  return -1;
+}
+
+// Why: decodes one tile to fp32 rows 2p | 2p+1 (zmm p): the fma form's input for every dtype.
+inline void decode_f32(const void* values, int64_t v, uint64_t b, DType dt, __m512* o) {
+  if (dt == DType::kFloat32) {
+    const float* p = static_cast<const float*>(values) + v;
+    o[0] = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(b), p);
+    o[1] = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(b >> 16), p + _mm_popcnt_u32(b & 0xffffu));
+    o[2] = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(b >> 32), p + _mm_popcnt_u32(static_cast<uint32_t>(b)));
+    o[3] = _mm512_maskz_expandloadu_ps(static_cast<__mmask16>(b >> 48), p + _mm_popcnt_u64(b & 0xffffffffffffull));
     return;
   }
-  const uint16_t* p = static_cast<const uint16_t*>(w.values) + v;
+  __m512i lo, hi;
+  expand16(static_cast<const uint16_t*>(values) + v, b, lo, hi);
+  widen16(lo, hi, dt, o);
+}
+
+// Why: one tile of the fma form: decode to fp32 once, FMA against R rows of x.
+template <int R, DType DT>
+__attribute__((always_inline)) inline void fma_tile(const void* values, int64_t v, uint64_t b, const float* xt,
+                                                    __m512* a) {
+  __m512 wt[4];
+  decode_f32(values, v, b, DT, wt);
+  for (int r = 0; r < R; ++r) {
+    const __m512 xv = _mm512_broadcast_f32x8(_mm256_loadu_ps(xt + r * 8));
+    for (int q = 0; q < 4; ++q) a[4 * r + q] = _mm512_fmadd_ps(wt[q], xv, a[4 * r + q]);
+  }
+}
+
+// Why: the fp32 form (fp32, fp16, bf16 without BF16): out[4r+p] = rows 2p | 2p+1 of x row r.
+// Templated on the dtype so the per-tile decode has no dtype branch.
+template <int R, DType DT>
+int64_t fma_band(Walk& k, int64_t band, const float* x, __m512* out) {
+  constexpr int S = R == 1 ? 2 : 1;
+  __m512 a[S][4 * R];
+  for (int s = 0; s < S; ++s)
+    for (int i = 0; i < 4 * R; ++i) a[s][i] = _mm512_setzero_ps();
+  const uint64_t* words = k.w.bitmap + band * k.geo.tiles;
+  const bool interior = band + 1 < k.geo.bands;
+  for (int64_t g = 0; g < k.geo.groups; ++g) {
+    const bool full = interior && g + 1 < k.geo.groups;
+    int64_t v = enter_group(k, band, g, full);
+    if (v < 0) return band * k.geo.groups + g;
+    const int64_t t0 = 8 * g;
+    if (full) {
 #pragma GCC unroll 8
-  for (int t = 0; t < nt; ++t) {
-    const uint64_t b = words[t];
-    __m512i lo, hi;
-    expand16(p, b, lo, hi);
-    p += _mm_popcnt_u64(b);
-    if constexpr (kDot) {
-      buf[2 * t] = lo;
-      buf[2 * t + 1] = hi;
+      for (int i = 0; i < 8; ++i) {
+        fma_tile<R, DT>(k.w.values, v, words[t0 + i], x + (t0 + i) * R * 8, a[i % S]);
+        v += _mm_popcnt_u64(words[t0 + i]);
+      }
     } else {
-      widen16(lo, hi, w.dtype, reinterpret_cast<__m512*>(buf + 4 * t));
+      for (int64_t t = t0; t < group_tile_end(k.geo, g); ++t) {
+        fma_tile<R, DT>(k.w.values, v, words[t], x + t * R * 8, a[0]);
+        v += _mm_popcnt_u64(words[t]);
+      }
     }
   }
-}
-
-// ---- compute on a decoded group: R rows of x, accumulators loaded/stored per group ---------
-
-// Why: vdpbf16ps needs avx512bf16, which this file may not assume; called once per group.
-// acc[2r] holds rows 0-3 (4 partial sums each) and acc[2r+1] rows 4-7 for x row r.
-template <int R>
-__attribute__((target("avx512bf16"))) void dot_group(const __m512i* buf, int nt, const uint16_t* x,
-                                                     int64_t xs, __m512* acc) {
-  __m512 a[2 * R];
-  for (int i = 0; i < 2 * R; ++i) a[i] = acc[i];
-  for (int t = 0; t < nt; ++t) {
-    const __m512bh w0 = reinterpret_cast<__m512bh>(buf[2 * t]);
-    const __m512bh w1 = reinterpret_cast<__m512bh>(buf[2 * t + 1]);
-    for (int r = 0; r < R; ++r) {
-      const __m512bh xb = reinterpret_cast<__m512bh>(
-          _mm512_maskz_broadcast_i32x4(0xffff, _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + r * xs + 8 * t))));
-      a[2 * r] = _mm512_dpbf16_ps(a[2 * r], w0, xb);
-      a[2 * r + 1] = _mm512_dpbf16_ps(a[2 * r + 1], w1, xb);
-    }
-  }
-  for (int i = 0; i < 2 * R; ++i) acc[i] = a[i];
-}
-
-// Why: the fp32 form (fp32, fp16, bf16 without BF16): acc[4r+p] holds rows 2p | 2p+1 of x row r.
-template <int R>
-inline void fma_group(const __m512i* bufi, int nt, const float* x, int64_t xs, __m512* acc) {
-  const __m512* buf = reinterpret_cast<const __m512*>(bufi);
-  __m512 a[4 * R];
-  for (int i = 0; i < 4 * R; ++i) a[i] = acc[i];
-  for (int t = 0; t < nt; ++t) {
-    for (int r = 0; r < R; ++r) {
-      const __m512 xb = _mm512_broadcast_f32x8(_mm256_loadu_ps(x + r * xs + 8 * t));
-      for (int p = 0; p < 4; ++p) a[4 * r + p] = _mm512_fmadd_ps(buf[4 * t + p], xb, a[4 * r + p]);
-    }
-  }
-  for (int i = 0; i < 4 * R; ++i) acc[i] = a[i];
+  for (int i = 0; i < 4 * R; ++i) out[i] = S == 1 ? a[0][i] : _mm512_add_ps(a[0][i], a[S - 1][i]);
+  return -1;
 }
 
 // Why: lane chunk r of a0 (rows 0-3) / a1 (rows 4-7) holds 4 partial sums of one row -> 8 sums.
@@ -193,37 +277,61 @@ inline __m256 reduce_fma(const __m512* a) {
   return reduce_dot(_mm512_shuffle_f32x4(f[0], f[1], 0x88), _mm512_shuffle_f32x4(f[2], f[3], 0x88));
 }
 
-// Why: the thread's x scratch (rows padded with zeros to K8): lets the last tile load 8 columns
-// without a mask and gives the fma form fp32 x once instead of a conversion per tile.
+// Why: the thread's x scratch; reused across calls so the hot path never allocates.
 template <typename T>
 T* scratch(size_t count) {
   struct alignas(64) Line { float f[16]; };
   thread_local std::vector<Line> storage;
-  const size_t zmms = (count * sizeof(T) + 63) / 64;
-  if (storage.size() < zmms) storage.resize(zmms);
+  const size_t lines = (count * sizeof(T) + 63) / 64;
+  if (storage.size() < lines) storage.resize(lines);
   return reinterpret_cast<T*>(storage.data());
 }
 
-// Why: copies rows [i0, i0+mb) of x into the scratch as bf16 (dot form) or fp32, zero padded.
+// Why: the row-block size for rows [r, mb): 8/4/2/1 for the dot form, 4/2/1 for the fma form.
+inline int block_rows(int left, bool dot) {
+  return left >= 8 && dot ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+}
+
+// Why: copies rows [i0, i0+mb) of x into the blocked scratch layout (bf16 or fp32), zero padded
+// to k8 so the last tile reads 8 columns without a mask.
 template <bool kDot>
 void load_x(const GemmArgs& a, int64_t i0, int mb, int64_t k8, void* xs) {
   const DType dt = a.weight.dtype;
   const int es = element_size(dt);
-  for (int r = 0; r < mb; ++r) {
-    const char* src = static_cast<const char*>(a.x) + (i0 + r) * a.x_row_stride * es;
-    if constexpr (kDot) {
-      uint16_t* dst = static_cast<uint16_t*>(xs) + r * k8;
-      std::memcpy(dst, src, a.weight.cols * 2);
-      std::fill(dst + a.weight.cols, dst + k8, uint16_t{0});
-    } else {
-      float* dst = static_cast<float*>(xs) + r * k8;
-      for (int64_t k = 0; k < k8; k += 16) {
-        const int n = static_cast<int>(std::clamp<int64_t>(a.weight.cols - k, 0, 16));
-        _mm512_mask_storeu_ps(dst + k, static_cast<__mmask16>((1u << (k8 - k < 16 ? k8 - k : 16)) - 1u),
-                              load16(src + k * es, dt, n));
+  alignas(64) float tmp[16];
+  for (int r0 = 0, R = 0; r0 < mb; r0 += R) {
+    R = block_rows(mb - r0, kDot);
+    for (int r = 0; r < R; ++r) {
+      const char* src = static_cast<const char*>(a.x) + (i0 + r0 + r) * a.x_row_stride * es;
+      for (int64_t k = 0; k < k8; k += 8) {
+        const int n = static_cast<int>(std::clamp<int64_t>(a.weight.cols - k, 0, 8));
+        const int64_t at = r0 * k8 + (k / 8 * R + r) * 8;
+        if constexpr (kDot) {
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(xs) + at),
+                           _mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << n) - 1u), src + k * es));
+        } else {
+          _mm256_store_ps(tmp, load8(src + k * es, dt, n));
+          std::memcpy(static_cast<float*>(xs) + at, tmp, 32);
+        }
       }
     }
   }
+}
+
+// Why: picks the fma_band instantiation (3 dtypes x row blocks 4/2/1).
+inline int64_t fma_dispatch(DType dt, int R, Walk& k, int64_t band, const float* x, __m512* out) {
+  switch (dt) {
+    case DType::kFloat32:
+      return R == 4 ? fma_band<4, DType::kFloat32>(k, band, x, out) : R == 2 ? fma_band<2, DType::kFloat32>(k, band, x, out)
+                                                                      : fma_band<1, DType::kFloat32>(k, band, x, out);
+    case DType::kBFloat16:
+      return R == 4 ? fma_band<4, DType::kBFloat16>(k, band, x, out) : R == 2 ? fma_band<2, DType::kBFloat16>(k, band, x, out)
+                                                                       : fma_band<1, DType::kBFloat16>(k, band, x, out);
+    case DType::kFloat16:
+      return R == 4 ? fma_band<4, DType::kFloat16>(k, band, x, out) : R == 2 ? fma_band<2, DType::kFloat16>(k, band, x, out)
+                                                                      : fma_band<1, DType::kFloat16>(k, band, x, out);
+  }
+  return -1;
 }
 
 // Why: one driver for both forms; kDot selects bf16 pairs + vdpbf16ps, else fp32 + FMA.
@@ -237,37 +345,25 @@ int64_t gemm_bands(const GemmArgs& a, int64_t band_begin, int64_t band_end) {
   const int es = element_size(dt);
   const int64_t k8 = geo.tiles * 8;
   XT* xs = scratch<XT>(static_cast<size_t>(std::min<int64_t>(a.m, kRowBlock) * k8));
-  alignas(64) __m512i buf[32];
   alignas(64) __m512 acc[kRowBlock * kAcc];
-  const char* values = static_cast<const char*>(w.values);
   for (int64_t i0 = 0; i0 < a.m; i0 += kRowBlock) {
     const int mb = static_cast<int>(std::min<int64_t>(kRowBlock, a.m - i0));
     load_x<kDot>(a, i0, mb, k8, xs);
-    const char* pf = nullptr;  // values prefetch cursor: runs kPrefetchBytes ahead of the decode
+    Walk bw{w, geo, es, nullptr};
     for (int64_t band = band_begin; band < band_end; ++band) {
-      for (int i = 0; i < mb * kAcc; ++i) acc[i] = _mm512_setzero_ps();
-      const uint64_t* words = w.bitmap + band * geo.tiles;
-      for (int64_t g = 0; g < geo.groups; ++g) {
-        const int64_t v = checked_group_start(w, geo, band, g);
-        if (v < 0) return band * geo.groups + g;
-        const char* end = values + w.offsets[band * geo.groups + g + 1] * es + kPrefetchBytes;
-        if (pf == nullptr) pf = values + v * es;
-        for (; pf < end; pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(words + 8 * g + kPrefetchTiles), _MM_HINT_T0);
-        const int t0 = static_cast<int>(group_tile_begin(g));
-        const int nt = static_cast<int>(group_tile_end(geo, g)) - t0;
-        decode_group<kDot>(w, v, words + t0, nt, buf);
-        const XT* xg = xs + 8 * t0;
-        int r = 0;
+      for (int r0 = 0, R = 0; r0 < mb; r0 += R) {
+        R = block_rows(mb - r0, kDot);
+        const XT* xb = xs + r0 * k8;
+        __m512* out = acc + r0 * kAcc;
+        int64_t bad = -1;
         if constexpr (kDot) {
-          for (; r + 8 <= mb; r += 8) dot_group<8>(buf, nt, xg + r * k8, k8, acc + r * kAcc);
-          for (; r + 4 <= mb; r += 4) dot_group<4>(buf, nt, xg + r * k8, k8, acc + r * kAcc);
-          for (; r < mb; ++r) dot_group<1>(buf, nt, xg + r * k8, k8, acc + r * kAcc);
+          bad = R == 8 ? dot_band<8>(bw, band, xb, out) : R == 4 ? dot_band<4>(bw, band, xb, out)
+              : R == 2 ? dot_band<2>(bw, band, xb, out) : dot_band<1>(bw, band, xb, out);
         } else {
-          for (; r + 4 <= mb; r += 4) fma_group<4>(buf, nt, xg + r * k8, k8, acc + r * kAcc);
-          for (; r + 2 <= mb; r += 2) fma_group<2>(buf, nt, xg + r * k8, k8, acc + r * kAcc);
-          for (; r < mb; ++r) fma_group<1>(buf, nt, xg + r * k8, k8, acc + r * kAcc);
+          bad = fma_dispatch(dt, R, bw, band, xb, out);
         }
+        if (bad >= 0) return bad;
+        if (r0 + R < mb) bw.pf = nullptr;  // the next block re-reads this band: restart the cursor
       }
       // Epilogue: 8 row sums + adapter + bias, rounded once into y.
       const int n_valid = static_cast<int>(std::min<int64_t>(8, w.rows - 8 * band));
@@ -294,7 +390,11 @@ int64_t gemm_bands(const GemmArgs& a, int64_t band_begin, int64_t band_end) {
 
 // Why: the bf16 path picks vdpbf16ps once per process when the CPU has it.
 int64_t gemm_avx512(const GemmArgs& a, int64_t band_begin, int64_t band_end) {
+#if defined(SALR_AVX512_FORCE_FMA)  // test builds: cover the fallback on a BF16 machine
+  const bool has_bf16 = false;
+#else
   static const bool has_bf16 = __builtin_cpu_supports("avx512bf16");
+#endif
   if (a.weight.dtype == DType::kBFloat16 && has_bf16) return gemm_bands<true>(a, band_begin, band_end);
   return gemm_bands<false>(a, band_begin, band_end);
 }
@@ -306,7 +406,7 @@ int64_t gemm_transposed_avx512(const GemmTransposedArgs& a, int64_t group_begin,
   const GroupGeometry geo = geometry_of(w);
   const DType dt = w.dtype;
   const int es = element_size(dt);
-  alignas(64) __m512i buf[32];
+  alignas(64) __m512 buf[32];  // one group decoded to fp32, 4 zmm per tile
   alignas(64) __m512 acc[kRowBlock * 8];
   __m512i pair_idx[4];  // zmm p broadcasts dy row 2p to lanes 0-7 and row 2p+1 to lanes 8-15
   for (int p = 0; p < 4; ++p) {
@@ -319,10 +419,18 @@ int64_t gemm_transposed_avx512(const GemmTransposedArgs& a, int64_t group_begin,
       const int mb = static_cast<int>(std::min<int64_t>(kRowBlock, a.m - i0));
       for (int i = 0; i < mb * 8; ++i) acc[i] = _mm512_setzero_ps();
       for (int64_t band = 0; band < geo.bands; ++band) {
-        const int64_t v = checked_group_start(w, geo, band, g);
+        int64_t v = checked_group_start(w, geo, band, g);
         if (v < 0) return band * geo.groups + g;
-        decode_group<false>(w, v, w.bitmap + band * geo.tiles + t0, nt, buf);
-        const __m512* wt = reinterpret_cast<const __m512*>(buf);
+        if (band + kTransposedAhead < geo.bands) {  // groups of later bands are a stride apart:
+          const int64_t ahead = (band + kTransposedAhead) * geo.groups + g;  // no HW prefetch
+          const char* p = static_cast<const char*>(w.values) + int64_t{w.offsets[ahead]} * es;
+          const char* e = static_cast<const char*>(w.values) + int64_t{w.offsets[ahead + 1]} * es;
+          for (; p < e; p += 64) _mm_prefetch(p, _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(w.bitmap + (band + kTransposedAhead) * geo.tiles + t0), _MM_HINT_T0);
+        }
+        __m512* wt = buf;
+        const uint64_t* words = w.bitmap + band * geo.tiles + t0;
+        for (int t = 0; t < nt; v += _mm_popcnt_u64(words[t]), ++t) decode_f32(w.values, v, words[t], dt, wt + 4 * t);
         const int n_valid = static_cast<int>(std::min<int64_t>(8, w.rows - 8 * band));
         for (int r = 0; r < mb; ++r) {
           const __m512 d = _mm512_castps256_ps512(
