@@ -17,9 +17,10 @@ at::Tensor bitmap_decode_cpu(const at::Tensor& bitmap, const at::Tensor& values,
   check_offsets_ends(kOp, values, offsets);
   at::Tensor dense = at::empty({rows, cols}, values.options());
   const kernels::SparseWeightView view = weight_view(bitmap, values, offsets, rows, cols);
+  const kernels::DecodeBandsFn decode = selected_kernels(kOp).decode;
   FirstBadGroup bad;
   at::parallel_for(0, format::num_bands(rows), 1, [&](int64_t b0, int64_t b1) {
-    bad.note(kernels::decode_bands(view, dense.data_ptr(), b0, b1));
+    bad.note(decode(view, dense.data_ptr(), b0, b1));
   });
   if (bad.index >= 0) fail_inconsistent(kOp, bad.index, cols);
   return dense;

@@ -15,7 +15,7 @@ from conftest import DENSITIES, DTYPES, SHAPES, make_generator, random_sparse
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("density", DENSITIES)
-def test_encode_matches_reference_and_round_trips(shape, density, dtype):
+def test_encode_matches_reference_and_round_trips(isa, shape, density, dtype):
     dense = random_sparse(*shape, density, dtype, make_generator(shape, density, dtype))
     bitmap, values, offsets = ops.bitmap_encode(dense)
     ref_bitmap, ref_values, ref_offsets = reference.bitmap_encode(dense)

@@ -36,3 +36,14 @@ def test_reference_fallback_serves_when_native_is_missing(monkeypatch):
     torch.testing.assert_close(y, x @ dense.T)
     y.sum().backward()  # the reference path is plain PyTorch: autograd works too
     torch.testing.assert_close(x.grad, torch.ones(4, 20) @ dense)
+
+
+def test_ops_library_is_built_with_openmp():
+    # at::parallel_for is inlined into our code; built without OpenMP flags it silently runs every
+    # op on one thread (this happened once). The library must import the GOMP runtime.
+    import glob
+    import os
+
+    (library,) = glob.glob(os.path.join(os.path.dirname(salr.__file__), "lib", "libsalr_ops*.so"))
+    with open(library, "rb") as f:
+        assert b"GOMP_parallel" in f.read()
