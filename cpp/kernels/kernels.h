@@ -61,11 +61,21 @@ struct GemmTransposedArgs {
 using GemmTransposedGroupsFn = int64_t (*)(const GemmTransposedArgs& args, int64_t group_begin,
                                         int64_t group_end);
 
+// Writes the dense rows of bands [begin, end) (zeros included) into `dense`, a row-major
+// [rows, cols] matrix (band b's rows start at dense + 8*b*cols elements). Feeds the large-M paths.
+using DecodeBandsFn = int64_t (*)(const SparseWeightView& weight, void* dense, int64_t band_begin,
+                                  int64_t band_end);
+
 struct KernelTable {
   const char* name;
   GemmBandsFn gemm;
   GemmTransposedGroupsFn gemm_transposed;
+  DecodeBandsFn decode;
 };
+
+// The SIMD decoders live in their own files (decode_avx512.cpp) and are wired into the tables.
+int64_t decode_bands_avx512(const SparseWeightView& weight, void* dense, int64_t band_begin,
+                            int64_t band_end);
 
 enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 

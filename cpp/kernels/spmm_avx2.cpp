@@ -383,7 +383,7 @@ int64_t gemm_transposed_avx2(const GemmTransposedArgs& a, int64_t group_begin, i
   return -1;
 }
 
-const KernelTable kAvx2Table{"avx2", gemm_avx2, gemm_transposed_avx2};
+const KernelTable kAvx2Table{"avx2", gemm_avx2, gemm_transposed_avx2, decode_bands};
 
 }  // namespace
 

@@ -23,11 +23,6 @@
 #include "kernels.h"
 #include "numeric.h"
 
-// GCC 12's AVX-512 headers seed results with a self-initialized _mm512_undefined_*(), which
-// -Wmaybe-uninitialized reports at every inlined use; the values are fully overwritten.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
 
 namespace salr::kernels {
 namespace {
@@ -78,16 +73,27 @@ inline void store8(void* p, __m256 v, DType dt, int n) {
   _mm_mask_storeu_epi16(p, m, h);
 }
 
-// Why: Σ_r t[r]·b[r] for one adapter row, vectorized over the rank.
-inline float adapter_dot(const float* t, const void* brow, int64_t rank, DType dt) {
-  __m512 s = _mm512_setzero_ps();
+// Why: the band's 8 adapter outputs Σ_r t[r]·B[n, r] at once. The band's B rows are one
+// contiguous [8, rank] block; one transposing reduction replaces eight horizontal sums.
+inline __m256 adapter_band(const float* t, const char* b_rows, int64_t rank, DType dt, int n_valid) {
   const int es = element_size(dt);
+  __m512 acc[8];
+  for (int n = 0; n < 8; ++n) acc[n] = _mm512_setzero_ps();
   for (int64_t r = 0; r < rank; r += 16) {
-    const int n = static_cast<int>(std::min<int64_t>(16, rank - r));
-    const __m512 tv = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), t + r);
-    s = _mm512_fmadd_ps(tv, load16(static_cast<const char*>(brow) + r * es, dt, n), s);
+    const int cnt = static_cast<int>(std::min<int64_t>(16, rank - r));
+    const __m512 tv = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << cnt) - 1u), t + r);
+    for (int n = 0; n < n_valid; ++n) {
+      acc[n] = _mm512_fmadd_ps(tv, load16(b_rows + (n * rank + r) * es, dt, cnt), acc[n]);
+    }
   }
-  return _mm512_reduce_add_ps(s);
+  __m256 half[8];
+  for (int n = 0; n < 8; ++n) {
+    half[n] = _mm256_add_ps(_mm512_castps512_ps256(acc[n]), _mm512_extractf32x8_ps(acc[n], 1));
+  }
+  const __m256 q0 = _mm256_hadd_ps(_mm256_hadd_ps(half[0], half[1]), _mm256_hadd_ps(half[2], half[3]));
+  const __m256 q1 = _mm256_hadd_ps(_mm256_hadd_ps(half[4], half[5]), _mm256_hadd_ps(half[6], half[7]));
+  // q0 lanes: rows 0-3 of the low 128 bits | rows 0-3 of the high 128 bits; likewise q1 for 4-7.
+  return _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31));
 }
 
 // ---- tile decode: expand-loads read exactly popcount(mask) values -------------------------
@@ -334,6 +340,17 @@ inline int64_t fma_dispatch(DType dt, int R, Walk& k, int64_t band, const float*
   return -1;
 }
 
+// Why: the adapter rows of a band are read once, after its values; without a prefetch each band
+// pays a DRAM miss on them (measured: +15% time at rank 32), as the value stream evicts them.
+inline void prefetch_adapter_rows(const GemmArgs& a, int64_t band, int64_t band_end, int es) {
+  if (a.adapter_b == nullptr || band >= band_end) return;
+  const char* rows = static_cast<const char*>(a.adapter_b) + 8 * band * a.rank * es;
+  const int64_t last_row = std::min<int64_t>(8 * band + 8, a.weight.rows) - 8 * band;
+  for (int64_t offset = 0; offset < last_row * a.rank * es; offset += 64) {
+    _mm_prefetch(rows + offset, _MM_HINT_T0);
+  }
+}
+
 // Why: one driver for both forms; kDot selects bf16 pairs + vdpbf16ps, else fp32 + FMA.
 template <bool kDot>
 int64_t gemm_bands(const GemmArgs& a, int64_t band_begin, int64_t band_end) {
@@ -351,6 +368,7 @@ int64_t gemm_bands(const GemmArgs& a, int64_t band_begin, int64_t band_end) {
     load_x<kDot>(a, i0, mb, k8, xs);
     Walk bw{w, geo, es, nullptr};
     for (int64_t band = band_begin; band < band_end; ++band) {
+      prefetch_adapter_rows(a, band + 2, band_end, es);
       for (int r0 = 0, R = 0; r0 < mb; r0 += R) {
         R = block_rows(mb - r0, kDot);
         const XT* xb = xs + r0 * k8;
@@ -371,12 +389,9 @@ int64_t gemm_bands(const GemmArgs& a, int64_t band_begin, int64_t band_end) {
         const int64_t i = i0 + r;
         __m256 out = kDot ? reduce_dot(acc[r * kAcc], acc[r * kAcc + 1]) : reduce_fma(acc + r * kAcc);
         if (a.rank > 0 && a.t != nullptr && a.adapter_b != nullptr) {
-          alignas(32) float lr[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-          for (int n = 0; n < n_valid; ++n) {
-            lr[n] = adapter_dot(a.t + i * a.rank, static_cast<const char*>(a.adapter_b) +
-                                                      (8 * band + n) * a.rank * es, a.rank, dt);
-          }
-          out = _mm256_add_ps(out, _mm256_load_ps(lr));
+          out = _mm256_add_ps(out, adapter_band(a.t + i * a.rank,
+                                                static_cast<const char*>(a.adapter_b) + 8 * band * a.rank * es,
+                                                a.rank, dt, n_valid));
         }
         if (a.bias != nullptr) {
           out = _mm256_add_ps(out, load8(static_cast<const char*>(a.bias) + 8 * band * es, dt, n_valid));
@@ -461,7 +476,7 @@ int64_t gemm_transposed_avx512(const GemmTransposedArgs& a, int64_t group_begin,
   return -1;
 }
 
-const KernelTable kAvx512Table{"avx512", gemm_avx512, gemm_transposed_avx512};
+const KernelTable kAvx512Table{"avx512", gemm_avx512, gemm_transposed_avx512, decode_bands_avx512};
 
 }  // namespace
 

@@ -79,7 +79,7 @@ int64_t gemm_transposed_groups_scalar(const GemmTransposedArgs& a, int64_t group
   return -1;
 }
 
-const KernelTable kScalarTable{"scalar", gemm_bands_scalar, gemm_transposed_groups_scalar};
+const KernelTable kScalarTable{"scalar", gemm_bands_scalar, gemm_transposed_groups_scalar, decode_bands};
 
 }  // namespace
 
