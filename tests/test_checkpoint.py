@@ -208,3 +208,12 @@ def test_rng_state_round_trip():
     torch.rand(10), random.random()
     ckpt.restore_rng_state(tensors, json.loads(json.dumps(meta)))
     assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+
+
+def test_resume_with_changed_settings_warns_and_a_bad_path_fails(uninterrupted, tmp_path):
+    full_dir, _, _ = uninterrupted
+    step3 = full_dir / "checkpoints" / "step-00000003"
+    with pytest.warns(UserWarning, match=r"changed settings \['lr'\]"):
+        train(model(), data(), config(lr=5e-3, steps=4), run_dir=tmp_path / "a", resume=step3)
+    with pytest.raises(ValueError, match="resume: .* is not a complete checkpoint"):
+        train(model(), data(), config(), run_dir=tmp_path / "b", resume=tmp_path / "nowhere")

@@ -1,10 +1,12 @@
-"""2 CPU processes (gloo, DDP) train the tiny model and must match one process with the same global
+"""2 CPU processes (gloo, DDP, joined through torchrun's environment variables) train the tiny model and must match one process with the same global
 batch: losses, final parameters, checkpoints (written by rank 0 only) and a resume under DDP."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from salr import checkpoint as ckpt
-from salr.training import TokenWindows, TrainConfig, train
+from salr.training import TokenWindows, TrainConfig, init_distributed_from_env, train
 from tiny_lm import make_tiny_lm, make_tokens, trainable_snapshot
 
 WORLD = 2
@@ -30,9 +32,19 @@ def data() -> TokenWindows:
     return TokenWindows(make_tokens(), 16, seed=11)
 
 
-def _worker(rank: int, rendezvous: str, out: str) -> None:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
+    # What torchrun / accelerate launch put in the environment of each process they start.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    assert init_distributed_from_env(backend="gloo") == torch.device("cpu")
+    assert dist.get_world_size() == WORLD
     try:
         from pathlib import Path
         out_dir = Path(out)
@@ -67,7 +79,7 @@ def two_ranks(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(str(out / "rendezvous"), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
     return out
 
 
