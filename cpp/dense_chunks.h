@@ -33,10 +33,13 @@ inline at::Tensor chunk_scratch(int64_t rows, int64_t cols, const at::TensorOpti
 // memory-bound and win by the compression ratio; above it ATen's blocked GEMM wins on FLOPs.
 // SALR_CPU_DENSE_CROSSOVER overrides it (the benchmark forces each path with it; tune per machine).
 constexpr int64_t kDenseCrossoverRows = 64;
+// fp32 forward: the FMA-form kernel still beat decode + oneDNN's fp32 GEMM by ~20% at M = 128,
+// the largest M measured, so the switch sits above it.
+constexpr int64_t kDenseCrossoverRowsFp32Forward = 256;
 
-inline int64_t dense_crossover_rows() {
+inline int64_t dense_crossover_rows(int64_t default_rows = kDenseCrossoverRows) {
   const char* forced = std::getenv("SALR_CPU_DENSE_CROSSOVER");
-  if (forced == nullptr || forced[0] == '\0') return kDenseCrossoverRows;
+  if (forced == nullptr || forced[0] == '\0') return default_rows;
   char* end = nullptr;
   const long long value = std::strtoll(forced, &end, 10);
   TORCH_CHECK(end != forced && *end == '\0' && value > 0,

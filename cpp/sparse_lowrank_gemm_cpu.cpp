@@ -106,7 +106,9 @@ at::Tensor sparse_lowrank_gemm_cpu(const at::Tensor& x, const at::Tensor& bitmap
       bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   const kernels::SparseWeightView view = weight_view(bitmap, values, offsets, rows, cols);
 
-  if (m >= dense_crossover_rows()) {
+  const int64_t crossover = dense_crossover_rows(
+      values.scalar_type() == at::kFloat ? kDenseCrossoverRowsFp32Forward : kDenseCrossoverRows);
+  if (m >= crossover) {
     dense_chunked_gemm(x2d, view, values, adapter, t, bias_c, y);
     return y.view(out_shape);
   }

@@ -50,11 +50,20 @@ def test_forward_kernel_path(isa, dtype, shape, density):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(13, 70), (100, 130), (576, 192)])
-def test_forward_dense_path(dtype, shape):
+def test_forward_dense_path(dtype, shape, monkeypatch):
+    # Force the decode + dense GEMM path for every dtype (fp32 only takes it from M = 256 by default).
+    monkeypatch.setenv("SALR_CPU_DENSE_CROSSOVER", str(min(DENSE_PATH_ROWS)))
     for m in DENSE_PATH_ROWS:
         for rank, with_bias in [(0, False), (0, True), (7, True)]:
             case = make_case(*shape, 0.5, dtype, m, rank, with_bias, ("dense", shape, dtype, m, rank))
             check_forward(*case, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_default_large_m_dispatch(isa, dtype):
+    # M = 100 with the default crossover: bf16/fp16 take the dense path, fp32 the kernel.
+    case = make_case(100, 130, 0.5, dtype, 100, 7, True, ("default-dispatch", dtype))
+    check_forward(*case, dtype)
 
 
 def test_leading_dims_and_non_contiguous_x(isa):
