@@ -19,6 +19,15 @@ from tiny_lm import make_tiny_lm, make_tokens, trainable_snapshot
 FAST = dict(autocast_dtype=None, progress=False)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one thread is as fast, and far faster on a machine shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def config(**overrides) -> TrainConfig:
     base = dict(lr=1e-2, steps=6, warmup_steps=2, batch_size=2, grad_accum=2, save_every=3, keep_checkpoints=0)
     return TrainConfig(**{**base, **overrides, **FAST})

@@ -22,6 +22,15 @@ WORLD = 2
 TOL = 1e-5  # DDP averages the two half-batch gradients: float32 rounding differs from one full batch
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Like the workers: one thread, fast on tiny matrices and on a machine shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def config(**overrides) -> TrainConfig:
     base = dict(lr=1e-2, steps=4, warmup_steps=1, batch_size=4, grad_accum=2, save_every=2, keep_checkpoints=0,
                 autocast_dtype=None, progress=False)

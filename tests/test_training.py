@@ -14,6 +14,15 @@ from tiny_lm import frozen_snapshot, make_tiny_lm, make_tokens, trainable_snapsh
 FAST = dict(autocast_dtype=None, progress=False)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one thread is as fast, and far faster on a machine shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def losses(history):
     return [e["loss"] for e in history]
 
