@@ -173,6 +173,16 @@ def test_eval_fn_runs_periodically_and_leaves_rng_alone():
     assert losses(history) == losses(plain)
 
 
+def test_log_file_follows_log_every_and_evals(tmp_path):
+    import json
+    config = TrainConfig(lr=1e-2, steps=5, batch_size=2, log_every=2, eval_every=3, **FAST)
+    train(make_tiny_lm(), TokenWindows(make_tokens(), 16), config, run_dir=tmp_path, eval_fn=lambda m: 1.5)
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [2, 3, 4, 5]          # every 2nd, the evals (3, 5) and the last
+    assert [e["eval"] for e in log] == [None, 1.5, None, 1.5]
+    assert (tmp_path / "checkpoints" / "step-00000005").is_dir()  # the end of training always saves
+
+
 def test_iterable_of_batches():
     stream = TokenWindows(make_tokens(), 16, seed=5)
     batches = [stream.take(2) for _ in range(3)]  # a re-iterable list: epochs wrap around it

@@ -269,11 +269,15 @@ def _append_log(run_dir: Path | None, entry: dict[str, Any]) -> None:
             f.write(json.dumps(entry) + "\n")
 
 
-def _rewrite_log(run_dir: Path | None, history: list[dict[str, Any]]) -> None:
+def _logged(entry: dict[str, Any], config: TrainConfig) -> bool:
+    return entry["step"] % config.log_every == 0 or entry["step"] == config.steps or entry["eval"] is not None
+
+
+def _rewrite_log(run_dir: Path | None, history: list[dict[str, Any]], config: TrainConfig) -> None:
     # A resumed run drops the log lines written after its checkpoint: they are about to be redone.
     if run_dir is not None:
         with open(run_dir / "train_log.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(e) + "\n" for e in history)
+            f.writelines(json.dumps(e) + "\n" for e in history if _logged(e, config))
 
 
 def _resolve_resume(resume: bool | str | os.PathLike, run_dir: Path | None, world: int) -> Path | None:
@@ -350,7 +354,7 @@ def train(model: torch.nn.Module, train_batches: Any, config: TrainConfig, run_d
         if changed and is_main:
             warnings.warn(f"resuming {resume_from} with changed settings {changed}: the run will not "
                           f"match an uninterrupted one", stacklevel=2)
-        _rewrite_log(log_path, history)
+        _rewrite_log(log_path, history, config)
     if step >= config.steps:
         return history
 
@@ -424,12 +428,12 @@ def train(model: torch.nn.Module, train_batches: Any, config: TrainConfig, run_d
             if eval_fn is not None and ((config.eval_every and step % config.eval_every == 0)
                                         or step == config.steps):
                 entry["eval"] = _run_eval(eval_fn, model)
-            if step % config.log_every == 0 or step == config.steps or entry["eval"] is not None:
+            if _logged(entry, config):
                 _append_log(log_path, entry)
                 postfix = {"loss": f"{step_loss:.4f}", "lr": f"{lr_now:.2e}",
                            "tok/s": f"{entry['tokens_per_s']:.0f}"}
-                if isinstance(entry["eval"], (int, float)):
-                    postfix["eval"] = f"{entry['eval']:.4g}"
+                evals = entry["eval"] if isinstance(entry["eval"], dict) else {"eval": entry["eval"]}
+                postfix.update({k: f"{v:.4g}" for k, v in evals.items() if isinstance(v, (int, float))})
                 bar.set_postfix(postfix, refresh=False)
             bar.update(1)
             if (config.save_every and step % config.save_every == 0) or step == config.steps:
