@@ -10,7 +10,7 @@ from salr import ops, reference
 from conftest import DENSITIES, DTYPES, SHAPES, assert_matches_reference, make_generator, random_sparse
 
 # Rows of x exercised on the sparse-kernel path; 64 and above take the decode + dense GEMM path.
-KERNEL_ROWS = [0, 1, 3, 17]
+KERNEL_ROWS = [0, 1, 3, 12, 17]  # 12 and 17: staged 8-row blocks with R = 4 and R = 1 tails
 DENSE_PATH_ROWS = [64, 100]
 
 

@@ -157,12 +157,27 @@ __attribute__((always_inline)) inline int64_t enter_group(Walk& k, int64_t band,
   return v;
 }
 
-// Why: one tile of the dot form: expand rows 0-3 / 4-7 once, dp against R rows of x.
-template <int R>
+// Why: with more than 8 rows of x, a band is walked once per 8-row block. The first block expands
+// each tile and also stores it (128 B) into a per-thread band buffer (64 KB at K = 4096, L2);
+// later blocks load the expanded tiles back instead of repeating the expand-loads and group checks.
+enum class Stage { kDirect, kStore, kLoad };
+
+// Why: one tile of the dot form: expand rows 0-3 / 4-7 once (or load them staged), dp against R rows.
+template <int R, Stage S>
 __attribute__((target("avx512bf16"), always_inline)) inline void dot_tile(const uint16_t* p, uint64_t b,
-                                                                         const uint16_t* xt, __m512* a) {
+                                                                         const uint16_t* xt, __m512* a,
+                                                                         __m512i* staged) {
   __m512i lo, hi;
-  expand16(p, b, lo, hi);
+  if constexpr (S == Stage::kLoad) {
+    lo = _mm512_load_si512(staged);
+    hi = _mm512_load_si512(staged + 1);
+  } else {
+    expand16(p, b, lo, hi);
+    if constexpr (S == Stage::kStore) {
+      _mm512_store_si512(staged, lo);
+      _mm512_store_si512(staged + 1, hi);
+    }
+  }
   for (int r = 0; r < R; ++r) {
     const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_maskz_broadcast_i32x4(
         0xffff, _mm_loadu_si128(reinterpret_cast<const __m128i*>(xt + r * 8))));
@@ -174,31 +189,36 @@ __attribute__((target("avx512bf16"), always_inline)) inline void dot_tile(const 
 // Why: vdpbf16ps needs avx512bf16, which the file may not assume, so the whole band loop carries
 // the target. S accumulator sets hide the dp latency when R is small (tile t uses set t % S).
 // out[2r] = rows 0-3 (lane chunk q = row q), out[2r+1] = rows 4-7, for x row r of the block.
-template <int R>
+// kLoad reads tiles a kStore pass of the same band validated and expanded: no values, no checks.
+template <int R, Stage St>
 __attribute__((target("avx512bf16"))) int64_t dot_band(Walk& k, int64_t band, const uint16_t* x,
-                                                      __m512* out) {
+                                                      __m512* out, __m512i* staged) {
   constexpr int S = R >= 4 ? 1 : 4 / R;
   __m512 a[S][2 * R];
   for (int s = 0; s < S; ++s)
     for (int i = 0; i < 2 * R; ++i) a[s][i] = _mm512_setzero_ps();
   const uint16_t* values = static_cast<const uint16_t*>(k.w.values);
   const uint64_t* words = k.w.bitmap + band * k.geo.tiles;
-  const bool interior = band + 1 < k.geo.bands;
-  for (int64_t g = 0; g < k.geo.groups; ++g) {
-    const bool full = interior && g + 1 < k.geo.groups;
-    int64_t v = enter_group(k, band, g, full);
-    if (v < 0) return band * k.geo.groups + g;
-    const int64_t t0 = 8 * g;
-    if (full) {
+  if constexpr (St == Stage::kLoad) {
+    for (int64_t t = 0; t < k.geo.tiles; ++t) dot_tile<R, St>(nullptr, 0, x + t * R * 8, a[t % S], staged + 2 * t);
+  } else {
+    const bool interior = band + 1 < k.geo.bands;
+    for (int64_t g = 0; g < k.geo.groups; ++g) {
+      const bool full = interior && g + 1 < k.geo.groups;
+      int64_t v = enter_group(k, band, g, full);
+      if (v < 0) return band * k.geo.groups + g;
+      const int64_t t0 = 8 * g;
+      if (full) {
 #pragma GCC unroll 8
-      for (int i = 0; i < 8; ++i) {
-        dot_tile<R>(values + v, words[t0 + i], x + (t0 + i) * R * 8, a[i % S]);
-        v += _mm_popcnt_u64(words[t0 + i]);
-      }
-    } else {
-      for (int64_t t = t0; t < group_tile_end(k.geo, g); ++t) {
-        dot_tile<R>(values + v, words[t], x + t * R * 8, a[0]);
-        v += _mm_popcnt_u64(words[t]);
+        for (int i = 0; i < 8; ++i) {
+          dot_tile<R, St>(values + v, words[t0 + i], x + (t0 + i) * R * 8, a[i % S], staged + 2 * (t0 + i));
+          v += _mm_popcnt_u64(words[t0 + i]);
+        }
+      } else {
+        for (int64_t t = t0; t < group_tile_end(k.geo, g); ++t) {
+          dot_tile<R, St>(values + v, words[t], x + t * R * 8, a[0], staged + 2 * t);
+          v += _mm_popcnt_u64(words[t]);
+        }
       }
     }
   }
@@ -207,6 +227,23 @@ __attribute__((target("avx512bf16"))) int64_t dot_band(Walk& k, int64_t band, co
     for (int s = 1; s < S; ++s) out[i] = _mm512_add_ps(out[i], a[s][i]);
   }
   return -1;
+}
+
+// Why: picks the dot_band instantiation. Direct: R in {8,4,2,1} (M <= 8, one block per band);
+// with more rows the first block is always R = 8 (store) and the rest load: 4 + 1 + 4 instantiations.
+inline int64_t dot_dispatch(int R, Stage st, Walk& k, int64_t band, const uint16_t* x, __m512* out,
+                            __m512i* staged) {
+  if (st == Stage::kStore) return dot_band<8, Stage::kStore>(k, band, x, out, staged);
+  if (st == Stage::kLoad) {
+    return R == 8 ? dot_band<8, Stage::kLoad>(k, band, x, out, staged)
+         : R == 4 ? dot_band<4, Stage::kLoad>(k, band, x, out, staged)
+         : R == 2 ? dot_band<2, Stage::kLoad>(k, band, x, out, staged)
+                  : dot_band<1, Stage::kLoad>(k, band, x, out, staged);
+  }
+  return R == 8 ? dot_band<8, Stage::kDirect>(k, band, x, out, staged)
+       : R == 4 ? dot_band<4, Stage::kDirect>(k, band, x, out, staged)
+       : R == 2 ? dot_band<2, Stage::kDirect>(k, band, x, out, staged)
+                : dot_band<1, Stage::kDirect>(k, band, x, out, staged);
 }
 
 // Why: decodes one tile to fp32 rows 2p | 2p+1 (zmm p): the fma form's input for every dtype.
@@ -293,6 +330,14 @@ T* scratch(size_t count) {
   return reinterpret_cast<T*>(storage.data());
 }
 
+// Why: the per-thread band buffer of expanded tiles (Stage::kStore / kLoad), 64-byte aligned.
+inline __m512i* band_scratch(int64_t tiles) {
+  struct alignas(64) Zmm { uint64_t q[8]; };
+  thread_local std::vector<Zmm> storage;
+  if (storage.size() < static_cast<size_t>(2 * tiles)) storage.resize(static_cast<size_t>(2 * tiles));
+  return reinterpret_cast<__m512i*>(storage.data());
+}
+
 // Why: the row-block size for rows [r, mb): 8/4/2/1 for the dot form, 4/2/1 for the fma form.
 inline int block_rows(int left, bool dot) {
   return left >= 8 && dot ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
@@ -363,6 +408,8 @@ int64_t gemm_bands(const GemmArgs& a, int64_t band_begin, int64_t band_end) {
   const int64_t k8 = geo.tiles * 8;
   XT* xs = scratch<XT>(static_cast<size_t>(std::min<int64_t>(a.m, kRowBlock) * k8));
   alignas(64) __m512 acc[kRowBlock * kAcc];
+  // Expanded tiles of the current band, two zmm each (see Stage); only the dot form with M > 8 uses it.
+  __m512i* staged = kDot && a.m > 8 ? band_scratch(geo.tiles) : nullptr;
   for (int64_t i0 = 0; i0 < a.m; i0 += kRowBlock) {
     const int mb = static_cast<int>(std::min<int64_t>(kRowBlock, a.m - i0));
     load_x<kDot>(a, i0, mb, k8, xs);
@@ -375,13 +422,14 @@ int64_t gemm_bands(const GemmArgs& a, int64_t band_begin, int64_t band_end) {
         __m512* out = acc + r0 * kAcc;
         int64_t bad = -1;
         if constexpr (kDot) {
-          bad = R == 8 ? dot_band<8>(bw, band, xb, out) : R == 4 ? dot_band<4>(bw, band, xb, out)
-              : R == 2 ? dot_band<2>(bw, band, xb, out) : dot_band<1>(bw, band, xb, out);
+          const Stage st = mb <= 8 ? Stage::kDirect : r0 == 0 ? Stage::kStore : Stage::kLoad;
+          bad = dot_dispatch(R, st, bw, band, xb, out, staged);
         } else {
           bad = fma_dispatch(dt, R, bw, band, xb, out);
         }
         if (bad >= 0) return bad;
-        if (r0 + R < mb) bw.pf = nullptr;  // the next block re-reads this band: restart the cursor
+        // The next block re-reads this band's values (unless it loads staged tiles): restart the cursor.
+        if (staged == nullptr && r0 + R < mb) bw.pf = nullptr;
       }
       // Epilogue: 8 row sums + adapter + bias, rounded once into y.
       const int n_valid = static_cast<int>(std::min<int64_t>(8, w.rows - 8 * band));
