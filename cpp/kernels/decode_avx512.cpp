@@ -57,29 +57,20 @@ void decode_tile32(const float* values, uint64_t word, float* dst, int64_t ld, i
 }  // namespace
 
 int64_t decode_bands_avx512(const SparseWeightView& w, void* dense, int64_t band_begin, int64_t band_end) {
-  const GroupGeometry geo = geometry_of(w);
-  const bool wide = w.dtype == DType::kFloat32;
-  for (int64_t band = band_begin; band < band_end; ++band) {
-    const int rows = static_cast<int>(std::min<int64_t>(8, w.rows - 8 * band));
-    for (int64_t group = 0; group < geo.groups; ++group) {
-      int64_t v = checked_group_start(w, geo, band, group);
-      if (v < 0) return band * geo.groups + group;
-      for (int64_t t = group_tile_begin(group); t < group_tile_end(geo, group); ++t) {
-        const uint64_t word = w.bitmap[band * geo.tiles + t];
-        const int width = static_cast<int>(std::min<int64_t>(8, w.cols - 8 * t));
-        const int64_t first = 8 * band * w.cols + 8 * t;
-        if (wide) {
-          decode_tile32(static_cast<const float*>(w.values) + v, word, static_cast<float*>(dense) + first, w.cols,
-                        rows, width);
-        } else {
-          decode_tile16(static_cast<const uint16_t*>(w.values) + v, word, static_cast<uint16_t*>(dense) + first,
-                        w.cols, rows, width);
-        }
-        v += __builtin_popcountll(word);
-      }
-    }
+  if (w.dtype == DType::kFloat32) {
+    const float* values = static_cast<const float*>(w.values);
+    float* out = static_cast<float*>(dense);
+    return for_each_checked_tile(w, band_begin, band_end, [&](uint64_t word, int64_t v, int64_t first, int rows,
+                                                             int width) {
+      decode_tile32(values + v, word, out + first, w.cols, rows, width);
+    });
   }
-  return -1;
+  const uint16_t* values = static_cast<const uint16_t*>(w.values);
+  uint16_t* out = static_cast<uint16_t*>(dense);
+  return for_each_checked_tile(w, band_begin, band_end, [&](uint64_t word, int64_t v, int64_t first, int rows,
+                                                           int width) {
+    decode_tile16(values + v, word, out + first, w.cols, rows, width);
+  });
 }
 
 }  // namespace salr::kernels

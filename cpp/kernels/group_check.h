@@ -61,4 +61,28 @@ inline int64_t checked_group_start(const SparseWeightView& w, const GroupGeometr
   return start;
 }
 
+// Why: every decoder walks the same way — bands, checked groups, tiles — and differs only in how
+// it expands one tile. Calls tile(word, first_value, dense_offset, rows, width) for every tile of
+// bands [band_begin, band_end); dense_offset is the tile's first element in the row-major [rows, cols]
+// output. Returns -1, or the first inconsistent group (as the kernels do).
+template <class TileFn>
+inline int64_t for_each_checked_tile(const SparseWeightView& w, int64_t band_begin, int64_t band_end,
+                                     TileFn&& tile) {
+  const GroupGeometry geo = geometry_of(w);
+  for (int64_t band = band_begin; band < band_end; ++band) {
+    const int rows = static_cast<int>(w.rows - 8 * band < 8 ? w.rows - 8 * band : 8);
+    for (int64_t group = 0; group < geo.groups; ++group) {
+      int64_t v = checked_group_start(w, geo, band, group);
+      if (v < 0) return band * geo.groups + group;
+      for (int64_t t = group_tile_begin(group); t < group_tile_end(geo, group); ++t) {
+        const uint64_t word = w.bitmap[band * geo.tiles + t];
+        const int width = static_cast<int>(w.cols - 8 * t < 8 ? w.cols - 8 * t : 8);
+        tile(word, v, 8 * band * w.cols + 8 * t, rows, width);
+        v += format::popcount64(word);
+      }
+    }
+  }
+  return -1;
+}
+
 }  // namespace salr::kernels

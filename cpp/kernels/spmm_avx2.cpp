@@ -425,33 +425,22 @@ inline void decode_row32(const float* src, unsigned mask, float* dst, int width)
 template <class D>
 int64_t decode_bands_t(const SparseWeightView& w, void* dense, int64_t band_begin, int64_t band_end) {
   using T = typename D::T;
-  const GroupGeometry geo = geometry_of(w);
   const T* values = static_cast<const T*>(w.values);
   T* out = static_cast<T*>(dense);
   T bounce[8];
-  for (int64_t band = band_begin; band < band_end; ++band) {
-    const int rows = static_cast<int>(std::min<int64_t>(8, w.rows - 8 * band));
-    for (int64_t group = 0; group < geo.groups; ++group) {
-      int64_t v = checked_group_start(w, geo, band, group);
-      if (v < 0) return band * geo.groups + group;
-      for (int64_t t = group_tile_begin(group); t < group_tile_end(geo, group); ++t) {
-        const uint64_t word = w.bitmap[band * geo.tiles + t];
-        const int width = static_cast<int>(std::min<int64_t>(8, w.cols - 8 * t));
-        T* dst = out + 8 * band * w.cols + 8 * t;
-        for (int r = 0; r < rows; ++r) {  // rows past `rows` are padding: their bits are zero
-          const unsigned mask = static_cast<unsigned>(word >> (8 * r)) & 0xffu;
-          const T* src = row_source<D>(values, v, w.values_count, bounce);
-          if constexpr (sizeof(T) == 4) {
-            decode_row32(src, mask, dst + r * w.cols, width);
-          } else {
-            decode_row16(src, mask, dst + r * w.cols, width);
-          }
-          v += __builtin_popcount(mask);
-        }
+  return for_each_checked_tile(w, band_begin, band_end, [&](uint64_t word, int64_t v, int64_t first, int rows,
+                                                           int width) {
+    for (int r = 0; r < rows; ++r) {  // rows past `rows` are padding: their bits are zero
+      const unsigned mask = static_cast<unsigned>(word >> (8 * r)) & 0xffu;
+      const T* src = row_source<D>(values, v, w.values_count, bounce);
+      if constexpr (sizeof(T) == 4) {
+        decode_row32(src, mask, out + first + r * w.cols, width);
+      } else {
+        decode_row16(src, mask, out + first + r * w.cols, width);
       }
+      v += __builtin_popcount(mask);
     }
-  }
-  return -1;
+  });
 }
 
 int64_t decode_bands_avx2(const SparseWeightView& w, void* dense, int64_t band_begin, int64_t band_end) {
