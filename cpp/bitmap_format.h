@@ -61,4 +61,60 @@ SALR_HOST_DEVICE uint32_t row_mask(uint64_t tile_bitmap, int row_in_tile) {
   return static_cast<uint32_t>(tile_bitmap >> (row_in_tile * kTileEdge)) & 0xffu;
 }
 
+// ---- mma.sync.m16n8k16 geometry (16-bit A/B, fp32 accumulators; PTX ISA "Matrix Fragments for
+// mma.m16n8k16"). The A operand is 16 weight rows x 16 columns = 2 bands x 2 tile columns: four
+// 8x8 tiles, one per 32-bit A register. Lane l holds, in every register, the element pair at tile
+// row l/4, tile columns 2*(l%4) and 2*(l%4)+1: two adjacent bits of the tile's bitmap word.
+
+constexpr int kWarpLanes = 32;
+constexpr int kFragmentRegisters = 4;  // a0..a3 of mma.m16n8k16
+
+// The tile row (A), token column (B) and output row (C) a lane owns: its "group" in PTX terms.
+SALR_HOST_DEVICE int mma_lane_row(int lane) { return lane >> 2; }
+
+// The first of the two adjacent columns (A: tile columns, B: k rows, C: tokens) a lane owns.
+SALR_HOST_DEVICE int mma_lane_pair_col(int lane) { return 2 * (lane & 3); }
+
+// Which tile of the 2x2 tile block register `reg` covers: a0 = top-left, a1 = bottom-left
+// (rows 8..15), a2 = top-right (columns 8..15), a3 = bottom-right.
+SALR_HOST_DEVICE int fragment_band_of_register(int reg) { return reg & 1; }
+SALR_HOST_DEVICE int fragment_tile_col_of_register(int reg) { return reg >> 1; }
+
+// The bit of a lane's first element inside any tile (the second is the next bit).
+SALR_HOST_DEVICE int lane_first_bit(int lane) { return bit_of(mma_lane_row(lane), mma_lane_pair_col(lane)); }
+
+// A lane's two 16-bit elements of one tile, packed as one mma register (first column in the low
+// half); absent elements are +0. `tile_values` points at the tile's first stored value. Reads only
+// indices below popcount(tile_bitmap), so it stays inside the tile's values whatever the bitmap.
+SALR_HOST_DEVICE uint32_t lane_value_pair(uint64_t tile_bitmap, const uint16_t* tile_values, int lane) {
+  const int bit = lane_first_bit(lane);
+  const int index = values_before_bit(tile_bitmap, bit);
+  const uint32_t has_first = static_cast<uint32_t>(tile_bitmap >> bit) & 1u;
+  const uint32_t has_second = static_cast<uint32_t>(tile_bitmap >> (bit + 1)) & 1u;
+  const uint32_t first = has_first ? tile_values[index] : 0u;
+  const uint32_t second = has_second ? tile_values[index + static_cast<int>(has_first)] : 0u;
+  return first | (second << 16);
+}
+
+// One k16 step of a band pair: the four A registers of a lane for tile columns 2*step, 2*step+1.
+// top_* / bottom_* describe the upper and lower band of the pair: the tile words of one 64-column
+// group and the values that start at that group's first tile. The cursors count the values of the
+// tiles before column 2*step (start at 0 for step 0) and advance past this step's two tiles, so a
+// caller walks steps 0..3 in order: the popcount prefix of the earlier tiles in the group.
+SALR_HOST_DEVICE void a_fragment_k16(const uint64_t* top_bitmaps, const uint64_t* bottom_bitmaps,
+                                     const uint16_t* top_values, const uint16_t* bottom_values,
+                                     int step, int lane, int& top_cursor, int& bottom_cursor,
+                                     uint32_t fragment[kFragmentRegisters]) {
+  const uint64_t top_left = top_bitmaps[2 * step], top_right = top_bitmaps[2 * step + 1];
+  const uint64_t bottom_left = bottom_bitmaps[2 * step], bottom_right = bottom_bitmaps[2 * step + 1];
+  const int top_right_start = top_cursor + popcount64(top_left);
+  const int bottom_right_start = bottom_cursor + popcount64(bottom_left);
+  fragment[0] = lane_value_pair(top_left, top_values + top_cursor, lane);
+  fragment[1] = lane_value_pair(bottom_left, bottom_values + bottom_cursor, lane);
+  fragment[2] = lane_value_pair(top_right, top_values + top_right_start, lane);
+  fragment[3] = lane_value_pair(bottom_right, bottom_values + bottom_right_start, lane);
+  top_cursor = top_right_start + popcount64(top_right);
+  bottom_cursor = bottom_right_start + popcount64(bottom_right);
+}
+
 }  // namespace salr::format

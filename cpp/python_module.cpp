@@ -5,8 +5,10 @@
 
 #include <cstdlib>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "bitmap_format.h"
 #include "kernels/kernels.h"
 
 namespace py = pybind11;
@@ -41,6 +43,56 @@ std::vector<std::string> compiled_cpu_isas() {
   return names;
 }
 
+// The CUDA forward kernel's register decode, run on the host: for one band pair and one 64-column
+// group (two bands x up to 8 tiles), the four A registers of every lane at every k16 step, through
+// the very helper the kernel calls (format::a_fragment_k16). Lets the CPU test suite check the
+// lane -> fragment mapping and the popcount prefix without a GPU.
+//   bitmap_words  16 tile words, band-major (top band's 8 tiles, then the bottom band's); int64 bits
+//   values        the 16-bit value bit patterns of the weight
+//   band_starts   index in `values` of each band's first value in the group
+// Returns [4 steps][32 lanes][4 registers] of packed value pairs (first column in the low half).
+std::vector<std::vector<std::vector<uint32_t>>> mma_a_fragments(const std::vector<int64_t>& bitmap_words,
+                                                               const std::vector<uint16_t>& values,
+                                                               std::pair<int64_t, int64_t> band_starts) {
+  namespace fmt = salr::format;
+  constexpr int kTiles = static_cast<int>(fmt::kTilesPerGroup);
+  if (bitmap_words.size() != 2 * fmt::kTilesPerGroup) {
+    throw py::value_error("mma_a_fragments: bitmap_words must hold 16 tile words (2 bands x 8 tiles)");
+  }
+  uint64_t words[2 * kTiles];
+  int64_t needed[2] = {0, 0};
+  for (int i = 0; i < 2 * kTiles; ++i) {
+    words[i] = static_cast<uint64_t>(bitmap_words[i]);
+    needed[i / kTiles] += fmt::popcount64(words[i]);
+  }
+  const int64_t starts[2] = {band_starts.first, band_starts.second};
+  for (int band = 0; band < 2; ++band) {
+    if (starts[band] < 0 || starts[band] + needed[band] > static_cast<int64_t>(values.size())) {
+      throw py::value_error("mma_a_fragments: band_starts and the bitmap run past the end of values");
+    }
+  }
+  std::vector<std::vector<std::vector<uint32_t>>> out(fmt::kTilesPerGroup / 2);
+  for (int lane = 0; lane < fmt::kWarpLanes; ++lane) {
+    int top_cursor = 0, bottom_cursor = 0;
+    for (int step = 0; step < kTiles / 2; ++step) {
+      uint32_t fragment[fmt::kFragmentRegisters];
+      fmt::a_fragment_k16(words, words + kTiles, values.data() + starts[0], values.data() + starts[1],
+                          step, lane, top_cursor, bottom_cursor, fragment);
+      out[step].emplace_back(fragment, fragment + fmt::kFragmentRegisters);
+    }
+  }
+  return out;
+}
+
+// Whether this build contains the CUDA kernels (SALR_WITH_CUDA at configure time).
+bool cuda_compiled() {
+#if defined(SALR_WITH_CUDA)
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -50,4 +102,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("available_cpu_isas", &available_cpu_isas,
         "CPU kernel paths this build contains and this CPU can run.");
   m.def("compiled_cpu_isas", &compiled_cpu_isas, "CPU kernel paths this build contains.");
+  m.def("mma_a_fragments", &mma_a_fragments, py::arg("bitmap_words"), py::arg("values"),
+        py::arg("band_starts"),
+        "Host run of the CUDA kernel's lane -> mma A-fragment decode for one band pair and group.");
+  m.def("cuda_compiled", &cuda_compiled, "Whether this build contains the CUDA kernels.");
 }

@@ -1,0 +1,43 @@
+// salr.sparse_gemm_transposed on CUDA: dx = dy·W_s, the x-gradient of sparse_lowrank_gemm.
+//
+// Documented fallback (design.md §2 allows it for the backward products): decode W_s once into a
+// dense [out_features, in_features] scratch (bitmap_decode's kernel, no sync) and multiply with
+// cuBLAS (at::mm, fp32 accumulation, one rounding to dy's dtype). Costs one dense weight of
+// temporary memory and the decode's write + read; a fused transposed kernel (each block owning
+// 64-column groups, as the CPU kernel does) would avoid both and is future work.
+#include <ATen/ATen.h>
+#include <c10/util/accumulate.h>
+#include <torch/library.h>
+
+#include "cuda_common.cuh"
+
+namespace salr::cuda {
+namespace {
+
+constexpr const char* kOp = "sparse_gemm_transposed";
+
+at::Tensor sparse_gemm_transposed_cuda(const at::Tensor& grad_out, const at::Tensor& bitmap, const at::Tensor& values,
+                                       const at::Tensor& offsets, int64_t out_features, int64_t in_features) {
+  const int64_t rows = out_features, cols = in_features;
+  check_cuda(kOp, "grad_out", grad_out);
+  check_cuda(kOp, "values", values);
+  check_bitmap_weight(kOp, bitmap, values, offsets, rows, cols);
+  check_same_device(kOp, "grad_out", grad_out, values);
+  check_dtype(kOp, "grad_out", grad_out, values.scalar_type());
+  SALR_CHECK(grad_out.dim() >= 1 && grad_out.size(-1) == rows, kOp, "grad_out must have shape [..., ", rows,
+             "] (out_features), got ", grad_out.sizes());
+  const c10::cuda::CUDAGuard guard(values.device());
+  std::vector<int64_t> out_shape(grad_out.sizes().begin(), grad_out.sizes().end());
+  out_shape.back() = cols;
+  const int64_t leading = c10::multiply_integers(grad_out.sizes().begin(), grad_out.sizes().end() - 1);
+  if (leading == 0 || rows == 0 || cols == 0) return at::zeros(out_shape, grad_out.options());
+  const at::Tensor dy = grad_out.reshape({leading, rows});
+  const at::Tensor weight = decode_to_dense(bitmap, values, offsets, rows, cols, nullptr);
+  return at::mm(dy, weight).view(out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(salr, CUDA, m) { m.impl("sparse_gemm_transposed", &sparse_gemm_transposed_cuda); }
+
+}  // namespace salr::cuda
