@@ -1,6 +1,7 @@
 """GPU benchmark of salr.sparse_lowrank_gemm (CUDA) against cuBLAS dense F.linear, in one run.
 
-Method: CUDA-event timing; every case rotates over enough copies of its weight that the copies
+Method: CUDA-event timing, both of plain eager calls and of the same calls replayed from a CUDA graph
+(the kernels' own time, without the Python / dispatcher launch overhead); every case rotates over enough copies of its weight that the copies
 together exceed 2x the L2 cache (each call streams its weight from HBM); median of the repeats;
 dense F.linear timed the same way on the same shapes in the same run. GB/s counts the compressed
 bytes of the BM8x8 model, 2(1-s) + 0.125 bytes per weight in bf16 (1.125 at 50%), so the
@@ -10,6 +11,7 @@ reach; "% of copy" compares the achieved GB/s with a device-to-device copy measu
   python bench/bench_cuda.py --output bench-cuda.md            # LLaMA shapes x M x sparsity, bf16
   python bench/bench_cuda.py --quick --output bench-cuda.md    # 11008x4096, M in {1, 16, 64}
   python bench/bench_cuda.py --crossover                       # kernel vs decode+cuBLAS over M
+  python bench/bench_cuda.py --splits                          # split-K sweep of the mma kernel
 """
 
 from __future__ import annotations
@@ -50,6 +52,33 @@ def time_per_call(fn, calls: int, repeats: int) -> float:
         end.record()
         end.synchronize()
         samples.append(start.elapsed_time(end) / 1e3 / calls)
+    return statistics.median(samples)
+
+
+def graph_time_per_call(fn, calls: int, repeats: int) -> float:
+    """Like time_per_call, but the `calls` calls are captured once in a CUDA graph and replayed:
+    the kernels' own time, without Python / dispatcher launch overhead (how LLM decoding runs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(min(calls, 3)):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3 / calls)
+    del graph
     return statistics.median(samples)
 
 
@@ -100,32 +129,56 @@ def bench_case(case: Case, m: int, repeats: int, gen, copy: float) -> dict:
     rel_err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
     dense_s = time_per_call(lambda i: case.linear(x, i), calls, repeats)
     salr_s = time_per_call(lambda i: case.salr(x, i), calls, repeats)
-    lora_s = time_per_call(lambda i: case.salr(x, i, adapters=True), calls, repeats)
+    dense_g = graph_time_per_call(lambda i: case.linear(x, i), calls, repeats)
+    salr_g = graph_time_per_call(lambda i: case.salr(x, i), calls, repeats)
+    lora_g = graph_time_per_call(lambda i: case.salr(x, i, adapters=True), calls, repeats)
     model = rows * cols * model_bytes_per_weight(case.sparsity)
-    gbps = model / salr_s / 1e9
+    gbps = model / salr_g / 1e9
     return {
         "shape": f"{rows}x{cols}", "sparsity": case.sparsity, "m": m, "dense_us": dense_s * 1e6,
-        "salr_us": salr_s * 1e6, "lora_us": lora_s * 1e6, "speedup": dense_s / salr_s,
+        "salr_us": salr_s * 1e6, "dense_g_us": dense_g * 1e6, "salr_g_us": salr_g * 1e6, "lora_g_us": lora_g * 1e6,
+        "speedup": dense_s / salr_s, "speedup_g": dense_g / salr_g,
         "byte_limit": 2 / model_bytes_per_weight(case.sparsity), "gbps": gbps, "pct_copy": 100 * gbps / copy,
-        "dense_gbps": rows * cols * 2 / dense_s / 1e9, "rel_err": rel_err,
+        "dense_gbps": rows * cols * 2 / dense_g / 1e9, "rel_err": rel_err,
         "real_bpw": case.real_bytes / (rows * cols), "copies": len(case.sparse),
     }
 
 
-HEADER = ("| shape N×K | sparsity | M | cuBLAS dense µs | salr µs | speedup | byte limit | salr + LoRA r=32 µs | "
-          "salr GB/s (model) | % of copy | dense GB/s | bytes/weight | max rel err |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| shape N×K | sparsity | M | dense µs | salr µs | speedup | dense µs (graph) | salr µs (graph) | "
+          "speedup (graph) | byte limit | salr + LoRA r=32 µs (graph) | salr GB/s (model) | % of copy | "
+          "dense GB/s | bytes/weight | max rel err |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def format_row(r: dict) -> str:
     return (f"| {r['shape']} | {r['sparsity']:.0%} | {r['m']} | {r['dense_us']:.1f} | {r['salr_us']:.1f} | "
-            f"**{r['speedup']:.2f}×** | {r['byte_limit']:.2f}× | {r['lora_us']:.1f} | {r['gbps']:.0f} | "
-            f"{r['pct_copy']:.0f}% | {r['dense_gbps']:.0f} | {r['real_bpw']:.3f} | {r['rel_err']:.1e} |")
+            f"{r['speedup']:.2f}× | {r['dense_g_us']:.1f} | {r['salr_g_us']:.1f} | **{r['speedup_g']:.2f}×** | "
+            f"{r['byte_limit']:.2f}× | {r['lora_g_us']:.1f} | {r['gbps']:.0f} | {r['pct_copy']:.0f}% | "
+            f"{r['dense_gbps']:.0f} | {r['real_bpw']:.3f} | {r['rel_err']:.1e} |")
+
+
+def split_sweep(l2_bytes: int, repeats: int, gen) -> list[str]:
+    """mma-kernel time (CUDA graph) over forced split-K counts (SALR_CUDA_SPLIT_K)."""
+    lines = ["| shape | sparsity | M | split-K | salr µs (graph) |", "|---|---|---|---|---|"]
+    for rows, cols in [(11008, 4096), (4096, 4096)]:
+        case = Case(rows, cols, 0.5, torch.bfloat16, l2_bytes, gen)
+        calls = len(case.sparse) * 4
+        for m in [1, 16]:
+            x = torch.randn(m, cols, generator=gen, device="cuda").to(torch.bfloat16)
+            for splits in [0, 1, 2, 4, 8, 16, 32]:
+                if splits:
+                    os.environ["SALR_CUDA_SPLIT_K"] = str(splits)
+                t = graph_time_per_call(lambda i: case.salr(x, i), calls, repeats)
+                os.environ.pop("SALR_CUDA_SPLIT_K", None)
+                line = f"| {rows}x{cols} | 50% | {m} | {splits or 'default'} | {t * 1e6:.1f} |"
+                print(line, flush=True)
+                lines.append(line)
+    return lines
 
 
 def crossover(l2_bytes: int, repeats: int, gen) -> list[str]:
     """Kernel path vs decode + cuBLAS path over M (forced through SALR_CUDA_DENSE_CROSSOVER)."""
-    lines = ["| shape | sparsity | M | mma kernel µs | decode + cuBLAS µs | cuBLAS dense µs | faster path |",
+    lines = ["| shape | sparsity | M | mma kernel µs (graph) | decode + cuBLAS µs (graph) | cuBLAS dense µs (graph) | faster path |",
              "|---|---|---|---|---|---|---|"]
     for rows, cols in [(11008, 4096), (4096, 4096)]:
         case = Case(rows, cols, 0.5, torch.bfloat16, l2_bytes, gen)
@@ -135,9 +188,9 @@ def crossover(l2_bytes: int, repeats: int, gen) -> list[str]:
             times = {}
             for name, forced in [("kernel", str(1 << 30)), ("dense", "1")]:
                 os.environ["SALR_CUDA_DENSE_CROSSOVER"] = forced
-                times[name] = time_per_call(lambda i: case.salr(x, i), calls, repeats)
+                times[name] = graph_time_per_call(lambda i: case.salr(x, i), calls, repeats)
             os.environ.pop("SALR_CUDA_DENSE_CROSSOVER")
-            dense = time_per_call(lambda i: case.linear(x, i), calls, repeats)
+            dense = graph_time_per_call(lambda i: case.linear(x, i), calls, repeats)
             best = "kernel" if times["kernel"] <= times["dense"] else "decode + cuBLAS"
             line = (f"| {rows}x{cols} | 50% | {m} | {times['kernel'] * 1e6:.1f} | {times['dense'] * 1e6:.1f} | "
                     f"{dense * 1e6:.1f} | {best} |")
@@ -150,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="11008x4096, M in {1, 16, 64}, 50%% and 70%%")
     parser.add_argument("--crossover", action="store_true", help="time both GEMM paths over M instead")
+    parser.add_argument("--splits", action="store_true", help="sweep the split-K count instead")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--output", help="write the markdown table here")
     args = parser.parse_args(argv)
@@ -167,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     print(machine, flush=True)
     if args.crossover:
         lines = crossover(l2, args.repeats, gen)
+    elif args.splits:
+        lines = split_sweep(l2, args.repeats, gen)
     else:
         shapes, ms, sparsities = ([(11008, 4096)], [1, 16, 64], [0.5, 0.7]) if args.quick else (SHAPES, MS, SPARSITIES)
         lines = HEADER.splitlines()

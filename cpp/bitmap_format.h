@@ -83,27 +83,55 @@ SALR_HOST_DEVICE int fragment_tile_col_of_register(int reg) { return reg >> 1; }
 // The bit of a lane's first element inside any tile (the second is the next bit).
 SALR_HOST_DEVICE int lane_first_bit(int lane) { return bit_of(mma_lane_row(lane), mma_lane_pair_col(lane)); }
 
-// A lane's two 16-bit elements of one tile, packed as one mma register (first column in the low
-// half); absent elements are +0. `tile_values` points at the tile's first stored value. Reads only
-// indices below popcount(tile_bitmap), so it stays inside the tile's values whatever the bitmap.
-SALR_HOST_DEVICE uint32_t lane_value_pair(uint64_t tile_bitmap, const uint16_t* tile_values, int lane) {
+SALR_HOST_DEVICE int popcount32(uint32_t word) {
+#if defined(__CUDA_ARCH__)
+  return __popc(word);
+#else
+  return __builtin_popcount(word);
+#endif
+}
+
+// A lane's fixed view of every tile word, computed once per kernel: its two bits lie in one 32-bit
+// half (rows 0-3: low, rows 4-7: high), so the popcount below them is one masked popcount per half
+// and the pair itself one shift: ~5 integer ops per tile instead of 64-bit shifts per call.
+struct LaneDecode {
+  uint32_t low_mask;   // low-half bits counted before the lane's first bit (all of them for rows 4-7)
+  uint32_t high_mask;  // high-half bits counted before it (none for rows 0-3)
+  uint32_t shift;      // position of the first bit inside its half
+  bool high;           // the lane's bits are in the high half
+};
+
+SALR_HOST_DEVICE LaneDecode lane_decode(int lane) {
   const int bit = lane_first_bit(lane);
-  const int index = values_before_bit(tile_bitmap, bit);
-  const uint32_t has_first = static_cast<uint32_t>(tile_bitmap >> bit) & 1u;
-  const uint32_t has_second = static_cast<uint32_t>(tile_bitmap >> (bit + 1)) & 1u;
-  const uint32_t first = has_first ? tile_values[index] : 0u;
-  const uint32_t second = has_second ? tile_values[index + static_cast<int>(has_first)] : 0u;
-  return first | (second << 16);
+  const bool high = bit >= 32;
+  const uint32_t shift = static_cast<uint32_t>(bit & 31);
+  const uint32_t below = shift == 0 ? 0u : (~0u >> (32 - shift));
+  return {high ? ~0u : below, high ? below : 0u, shift, high};
+}
+
+// A lane's two 16-bit elements of one tile, packed as one mma register (first column in the low
+// half); absent elements are +0. `tile_values` points at the tile's first stored value. Both loads
+// are unconditional (no divergence): they read at most 2 elements past the tile's last value, so
+// callers keep 2 readable elements after every run of values (the kernel's slots have them).
+SALR_HOST_DEVICE uint32_t lane_value_pair(uint64_t tile_bitmap, const uint16_t* tile_values, const LaneDecode& d) {
+  const uint32_t low = static_cast<uint32_t>(tile_bitmap), high = static_cast<uint32_t>(tile_bitmap >> 32);
+  const int index = popcount32(low & d.low_mask) + popcount32(high & d.high_mask);
+  const uint32_t pair = ((d.high ? high : low) >> d.shift) & 3u;
+  const uint32_t first = tile_values[index];
+  const uint32_t second = tile_values[index + static_cast<int>(pair & 1u)];
+  const uint32_t keep = ((pair & 1u) ? 0x0000ffffu : 0u) | ((pair & 2u) ? 0xffff0000u : 0u);
+  return (first | (second << 16)) & keep;
 }
 
 // One k16 step of a band pair: the four A registers of a lane for tile columns 2*step, 2*step+1.
 // top_* / bottom_* describe the upper and lower band of the pair: the tile words of one 64-column
 // group and the values that start at that group's first tile. The cursors count the values of the
 // tiles before column 2*step (start at 0 for step 0) and advance past this step's two tiles, so a
-// caller walks steps 0..3 in order: the popcount prefix of the earlier tiles in the group.
+// caller walks steps 0..3 in order: the popcount prefix of the earlier tiles in the group. `lane` is
+// lane_decode(lane index).
 SALR_HOST_DEVICE void a_fragment_k16(const uint64_t* top_bitmaps, const uint64_t* bottom_bitmaps,
                                      const uint16_t* top_values, const uint16_t* bottom_values,
-                                     int step, int lane, int& top_cursor, int& bottom_cursor,
+                                     int step, const LaneDecode& lane, int& top_cursor, int& bottom_cursor,
                                      uint32_t fragment[kFragmentRegisters]) {
   const uint64_t top_left = top_bitmaps[2 * step], top_right = top_bitmaps[2 * step + 1];
   const uint64_t bottom_left = bottom_bitmaps[2 * step], bottom_right = bottom_bitmaps[2 * step + 1];

@@ -71,13 +71,17 @@ std::vector<std::vector<std::vector<uint32_t>>> mma_a_fragments(const std::vecto
       throw py::value_error("mma_a_fragments: band_starts and the bitmap run past the end of values");
     }
   }
+  // lane_value_pair may read 2 elements past a run of values (the kernel's slots have them).
+  std::vector<uint16_t> padded(values);
+  padded.resize(values.size() + 2, 0);
   std::vector<std::vector<std::vector<uint32_t>>> out(fmt::kTilesPerGroup / 2);
   for (int lane = 0; lane < fmt::kWarpLanes; ++lane) {
+    const fmt::LaneDecode decode = fmt::lane_decode(lane);
     int top_cursor = 0, bottom_cursor = 0;
     for (int step = 0; step < kTiles / 2; ++step) {
       uint32_t fragment[fmt::kFragmentRegisters];
-      fmt::a_fragment_k16(words, words + kTiles, values.data() + starts[0], values.data() + starts[1],
-                          step, lane, top_cursor, bottom_cursor, fragment);
+      fmt::a_fragment_k16(words, words + kTiles, padded.data() + starts[0], padded.data() + starts[1],
+                          step, decode, top_cursor, bottom_cursor, fragment);
       out[step].emplace_back(fragment, fragment + fmt::kFragmentRegisters);
     }
   }

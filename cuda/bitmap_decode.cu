@@ -1,7 +1,6 @@
 // salr.bitmap_decode on CUDA: BM8x8 -> dense [rows, cols]. One warp per (band, 64-column group);
-// lane l writes the group's columns 2l, 2l+1 of all 8 rows, finding each value with the popcount
-// of its tile's bitmap below its bit (cuda_common.cuh, lane_tile). Also the decoder behind the
-// dense (large-M) paths of the GEMM ops.
+// each lane expands two 8-element tile rows from the row's bitmap byte (decode_kernel). Also the
+// decoder behind the dense (large-M) paths of the GEMM ops and of sparse_gemm_transposed.
 //
 // Consistency: the op checks every group (popcounts against offsets, padding bits clear) on the
 // GPU and raises the CPU's error after one device->host read of the result. The internal decode of
@@ -10,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 
 #include "cuda_common.cuh"
@@ -21,46 +21,72 @@ constexpr const char* kOp = "bitmap_decode";
 
 // Element types are moved as raw bits: one instantiation per element size (2 bytes: bf16 and
 // fp16; 4 bytes: fp32), since decoding never does arithmetic on a value.
+//
+// Lane l owns tile (l % 8) of the warp's group, rows l / 8 and l / 8 + 4: it expands each row's
+// 8-bit mask from consecutive values (one popcount for the row's start) and writes the 8 outputs
+// with 16-byte stores when the rows allow it (vector_rows), so 8 lanes write one 128-byte row run.
 template <typename Bits>
 __global__ void __launch_bounds__(kCodecThreads) decode_kernel(const uint64_t* __restrict__ bitmap,
                                                               const Bits* __restrict__ values,
                                                               const int32_t* __restrict__ offsets,
                                                               int64_t nnz, int64_t rows, int64_t cols,
-                                                              Bits* __restrict__ dense,
+                                                              bool vector_rows, Bits* __restrict__ dense,
                                                               unsigned long long* bad_group) {
   const int lane = threadIdx.x & 31;
-  const int64_t bands = format::num_bands(rows), tiles = format::tiles_per_band(cols);
-  const int64_t groups = format::groups_per_band(cols);
+  const int64_t tiles = format::tiles_per_band(cols), groups = format::groups_per_band(cols);
   const int64_t index = static_cast<int64_t>(blockIdx.x) * kCodecWarpsPerBlock + (threadIdx.x >> 5);
-  if (index >= bands * groups) return;
+  if (index >= format::num_bands(rows) * groups) return;
   const int64_t band = index / groups, group = index % groups;
   const int64_t group_start = offsets[index];
-  const LaneTile tile = lane_tile(bitmap, band, tiles, group, group_start, lane);
-  const int64_t col0 = group * format::kGroupColumns + 2 * lane;
+  const int tile_in_group = lane & 7;
+  // The lane's tile word and where its values start (popcount prefix of the earlier tiles).
+  uint64_t word = 0;
+  int64_t tile_start = group_start;
+  for (int t = 0; t < format::kTilesPerGroup; ++t) {
+    const int64_t tile = group * format::kTilesPerGroup + t;
+    const uint64_t w = tile < tiles ? bitmap[band * tiles + tile] : 0;
+    if (t < tile_in_group) tile_start += format::popcount64(w);
+    if (t == tile_in_group) word = w;
+  }
+  const int64_t col0 = (group * format::kTilesPerGroup + tile_in_group) * format::kTileEdge;
+  const int64_t valid_cols = cols - col0 < 8 ? cols - col0 : 8;  // <= 0 past the band's last tile
   bool padding_bit_set = false;
-  for (int r = 0; r < format::kTileEdge; ++r) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = (lane >> 3) + 4 * half;
     const int64_t row = band * format::kTileEdge + r;
-    for (int j = 0; j < 2; ++j) {
-      const int bit = format::bit_of(r, format::mma_lane_pair_col(lane) + j);
-      const bool set = (tile.word >> bit) & 1;
-      const int64_t col = col0 + j;
-      if (row >= rows || col >= cols) {
-        padding_bit_set |= set;
-        continue;
+    const uint32_t mask = format::row_mask(word, r);
+    int64_t at = tile_start + format::values_before_bit(word, format::bit_of(r, 0));
+    Bits out[format::kTileEdge];
+#pragma unroll
+    for (int c = 0; c < format::kTileEdge; ++c) {
+      const bool set = (mask >> c) & 1u;
+      const int64_t clamped = at < 0 ? 0 : (at >= nnz ? nnz - 1 : at);  // bounds only
+      out[c] = set && nnz > 0 ? values[clamped] : Bits{0};
+      at += set;
+    }
+    if (row >= rows || valid_cols <= 0) {
+      padding_bit_set |= mask != 0;
+      continue;
+    }
+    if (valid_cols < 8) padding_bit_set |= (mask >> valid_cols) != 0;
+    Bits* dst = dense + row * cols + col0;
+    if (vector_rows && valid_cols == 8) {
+      if constexpr (sizeof(Bits) == 2) {
+        *reinterpret_cast<uint4*>(dst) =
+            make_uint4(out[0] | (uint32_t{out[1]} << 16), out[2] | (uint32_t{out[3]} << 16),
+                       out[4] | (uint32_t{out[5]} << 16), out[6] | (uint32_t{out[7]} << 16));
+      } else {
+        reinterpret_cast<uint4*>(dst)[0] = make_uint4(out[0], out[1], out[2], out[3]);
+        reinterpret_cast<uint4*>(dst)[1] = make_uint4(out[4], out[5], out[6], out[7]);
       }
-      Bits v = 0;
-      if (set && nnz > 0) {
-        int64_t at = tile.value_start + format::values_before_bit(tile.word, bit);
-        at = at < 0 ? 0 : (at >= nnz ? nnz - 1 : at);  // bounds only; a consistent weight never clamps
-        v = values[at];
-      }
-      dense[row * cols + col] = v;
+    } else {
+      for (int c = 0; c < valid_cols; ++c) dst[c] = out[c];
     }
   }
   if (bad_group == nullptr) return;
-  // The group's popcount must equal its offsets span (the first lane of each tile counts it).
-  int count = tile.exists ? format::popcount64(tile.word) : 0;
-  count = (lane & 3) == 0 ? count : 0;
+  // The group's popcount must equal its offsets span (lanes 0-7 count one tile each).
+  int count = lane < format::kTilesPerGroup ? format::popcount64(word) : 0;
   for (int step = 16; step > 0; step >>= 1) count += __shfl_xor_sync(0xffffffffu, count, step);
   const bool bad = __any_sync(0xffffffffu, padding_bit_set) || count != offsets[index + 1] - group_start;
   if (bad && lane == 0) atomicMin(bad_group, static_cast<unsigned long long>(index));
@@ -74,7 +100,7 @@ void launch_decode(const at::Tensor& bitmap, const at::Tensor& values, const at:
   decode_kernel<Bits><<<static_cast<unsigned>(blocks), kCodecThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const uint64_t*>(bitmap.const_data_ptr<int64_t>()),
       static_cast<const Bits*>(values.const_data_ptr()), offsets.const_data_ptr<int32_t>(), values.size(0), rows,
-      cols, static_cast<Bits*>(dense.data_ptr()),
+      cols, (cols * static_cast<int64_t>(sizeof(Bits))) % 16 == 0, static_cast<Bits*>(dense.data_ptr()),
       bad_group ? reinterpret_cast<unsigned long long*>(bad_group->data_ptr<int64_t>()) : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -94,7 +120,13 @@ at::Tensor bitmap_decode_cuda(const at::Tensor& bitmap, const at::Tensor& values
   SALR_CHECK(e[0] == 0, kOp, "offsets[0] must be 0, got ", e[0]);
   SALR_CHECK(e[1] == values.size(0), kOp, "offsets[-1] must equal the number of values (", values.size(0),
              "), got ", e[1], ": bitmap, values and offsets do not belong together");
-  if (e[2] != std::numeric_limits<int64_t>::max()) fail_inconsistent(kOp, e[2], cols);
+  // Inline rather than checks.h's [[noreturn]] fail_inconsistent: that call segfaulted while
+  // formatting its message when reached from this nvcc-compiled file (seen on the H100 image).
+  const int64_t groups = format::groups_per_band(cols);
+  SALR_CHECK(e[2] == std::numeric_limits<int64_t>::max(), kOp,
+             "bitmap, values and offsets are inconsistent at band ", e[2] / std::max<int64_t>(groups, 1),
+             ", column group ", e[2] % std::max<int64_t>(groups, 1),
+             " (the bitmap's popcount disagrees with offsets, or a padding bit is set)");
   return dense;
 }
 

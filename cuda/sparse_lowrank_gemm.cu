@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cstdlib>
 
 #include "sparse_mma_kernel.cuh"
 
@@ -29,7 +30,9 @@ constexpr const char* kOp = "sparse_lowrank_gemm";
 // LLaMA shapes and prints where the dense path starts to win); SALR_CUDA_DENSE_CROSSOVER overrides.
 constexpr int64_t kCudaDenseCrossoverRows = 64;
 
-// Resident mma blocks per SM (shared memory bound) times SMs: the split-K target for a full GPU.
+// The split-K target: two waves of resident mma blocks (4 per SM, shared-memory bound). Measured
+// on an H100 with `bench_cuda.py --splits` (11008x4096 and 4096x4096, M = 1 and 16): one wave left
+// SMs idle behind the slowest blocks, 2-3 waves were ~10% faster, more splits cost partial sums.
 int64_t target_blocks(int device) {
   static std::array<std::atomic<int>, 64> sm_counts{};
   int sms = device < 64 ? sm_counts[device].load() : 0;
@@ -37,7 +40,7 @@ int64_t target_blocks(int device) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     if (device < 64) sm_counts[device].store(sms);
   }
-  return static_cast<int64_t>(sms) * mma::kMinBlocksPerSm;
+  return 2 * static_cast<int64_t>(sms) * mma::kMinBlocksPerSm;
 }
 
 struct Adapter {
@@ -107,11 +110,15 @@ at::Tensor sparse_path(const at::Tensor& x2d_in, const at::Tensor& bitmap, const
   const int64_t band_blocks = (bands + mma::kBandsPerBlock - 1) / mma::kBandsPerBlock;
   const int64_t token_blocks = (m + mma::kTokensPerBlock - 1) / mma::kTokensPerBlock;
   // Split K until the grid fills the GPU, at most kMaxGroupsPerSplit groups per split and at least
-  // 2 per split (each split pays a pipeline fill and a partial-tile round trip).
+  // 4 per split (each split pays a pipeline fill and a partial-tile round trip).
   const int64_t min_splits = (groups + mma::kMaxGroupsPerSplit - 1) / mma::kMaxGroupsPerSplit;
   const int64_t wanted = (target_blocks(values.get_device()) + band_blocks * token_blocks - 1) /
                          (band_blocks * token_blocks);
-  int64_t splits = std::clamp<int64_t>(wanted, min_splits, std::max<int64_t>(min_splits, groups / 2));
+  int64_t splits = std::clamp<int64_t>(wanted, min_splits, std::max<int64_t>(min_splits, groups / 4));
+  // Tuning aid: SALR_CUDA_SPLIT_K forces the split count (bench/bench_cuda.py --splits sweeps it).
+  if (const char* forced = std::getenv("SALR_CUDA_SPLIT_K"); forced != nullptr && forced[0] != '\0') {
+    splits = std::clamp<int64_t>(std::atoll(forced), min_splits, groups);
+  }
   const int64_t groups_per_split = (groups + splits - 1) / splits;
   splits = (groups + groups_per_split - 1) / groups_per_split;  // no empty split
   TORCH_CHECK(band_blocks < (int64_t{1} << 31) && token_blocks < 65536 && splits < 65536, "salr.", kOp,

@@ -31,7 +31,9 @@ constexpr int kStages = 4;                  // cp.async ring depth: Hopper needs
 constexpr int kGroupTiles = static_cast<int>(format::kTilesPerGroup);
 constexpr int kGroupCols = static_cast<int>(format::kGroupColumns);
 constexpr int kMaxGroupValues = kGroupTiles * 64;      // full density
-constexpr int kValueSlot = kMaxGroupValues + 8;        // + up to 7 values below the aligned start
+// + up to 7 values below the aligned start; lane_value_pair's reads past a run (at most index 518)
+// stay inside the slot.
+constexpr int kValueSlot = kMaxGroupValues + 8;
 constexpr int kXRow = kGroupCols + 8;                  // +16 B: conflict-free B-fragment loads
 constexpr int kMaxGroupsPerSplit = 64;                 // bounds the per-block offsets table
 constexpr int kMinBlocksPerSm = 4;                     // 4 x ~46 KB shared memory per H100 SM
@@ -106,7 +108,8 @@ __device__ __forceinline__ void load_stage(const ForwardParams& p, SharedStorage
 // The warp's mma work for the K-step in ring slot `slot`: 4 k16 steps x (1 or 2) n8 tiles.
 template <typename Scalar>
 __device__ __forceinline__ void compute_stage(const ForwardParams& p, const SharedStorage& smem, int j, int slot,
-                                              bool second_token_tile, float acc[2][4]) {
+                                              const format::LaneDecode& decode, bool second_token_tile,
+                                              float acc[2][4]) {
   const Stage& st = smem.stages[slot];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int top = 2 * warp, bottom = top + 1;
@@ -121,8 +124,8 @@ __device__ __forceinline__ void compute_stage(const ForwardParams& p, const Shar
 #pragma unroll
   for (int step = 0; step < kGroupTiles / 2; ++step) {
     uint32_t a[format::kFragmentRegisters];
-    format::a_fragment_k16(st.bitmaps[top], st.bitmaps[bottom], top_values, bottom_values, step, lane, top_cursor,
-                           bottom_cursor, a);
+    format::a_fragment_k16(st.bitmaps[top], st.bitmaps[bottom], top_values, bottom_values, step, decode,
+                           top_cursor, bottom_cursor, a);
     const int k = 16 * step + k_pair;
     const uint32_t b0 = *reinterpret_cast<const uint32_t*>(&st.x[token_row][k]);
     const uint32_t b1 = *reinterpret_cast<const uint32_t*>(&st.x[token_row][k + 8]);
@@ -172,6 +175,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sparse_mma_forward_
 
   float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
   const bool second_token_tile = token0 + 8 < p.m;  // uniform over the block
+  const format::LaneDecode decode = format::lane_decode(threadIdx.x & 31);
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < steps) load_stage(p, smem, band0, token0, group_begin, s, s);
@@ -183,7 +187,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sparse_mma_forward_
     const int next = j + kStages - 1;
     if (next < steps) load_stage(p, smem, band0, token0, group_begin, next, next % kStages);
     cp_async_commit();
-    compute_stage<Scalar>(p, smem, j, j % kStages, second_token_tile, acc);
+    compute_stage<Scalar>(p, smem, j, j % kStages, decode, second_token_tile, acc);
   }
   cp_async_wait<0>();
 

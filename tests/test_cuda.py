@@ -183,6 +183,24 @@ def test_bad_devices_are_named():
                                            offsets, 16, 16, None, None, torch.zeros(16, dtype=torch.bfloat16))
 
 
+def test_shape_errors_name_the_argument():
+    # Messages with integers in them, raised from the CUDA glue (nvcc-compiled host code).
+    dense = random_sparse(20, 70, 0.5, torch.bfloat16, make_generator("shape-err"))
+    bitmap, values, offsets = encode_on(dense)
+    x = torch.randn(2, 70, dtype=torch.bfloat16, device=DEV)
+    with pytest.raises(RuntimeError, match=r"sparse_lowrank_gemm: x must have shape \[\.\.\., 71\]"):
+        torch.ops.salr.sparse_lowrank_gemm(torch.randn(2, 71, dtype=torch.bfloat16, device=DEV), bitmap, values,
+                                           offsets, 20, 71, None, None, None)
+    with pytest.raises(RuntimeError, match=r"sparse_lowrank_gemm: bitmap must have shape \[3, 10\] for a \[20, 78\]"):
+        torch.ops.salr.sparse_lowrank_gemm(torch.randn(2, 78, dtype=torch.bfloat16, device=DEV), bitmap, values,
+                                           offsets, 20, 78, None, None, None)
+    with pytest.raises(RuntimeError, match=r"sparse_lowrank_gemm: adapter_b must have shape \[20, 4\]"):
+        torch.ops.salr.sparse_lowrank_gemm(x, bitmap, values, offsets, 20, 70, x.new_zeros(4, 70),
+                                           x.new_zeros(20, 5), None)
+    with pytest.raises(RuntimeError, match=r"sampled_gemm: right must have shape \[3, 70\]"):
+        torch.ops.salr.sampled_gemm(x.new_zeros(3, 20), x.new_zeros(4, 70), bitmap, values, offsets, 20, 70)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck_every_op_on_cuda(dtype):
     rows, cols = 19, 70
@@ -218,10 +236,10 @@ def test_backward_matches_reference(dtype):
     b = (torch.randn(rows, 8, generator=gen) / 4).to(dtype)
     bias = torch.randn(rows, generator=gen).to(dtype)
     grad = torch.randn(2, m, rows, generator=gen).to(dtype)
-    leaves = [t.to(DEV).requires_grad_() for t in (x, values, a, b, bias)]
+    leaves = [t.detach().to(DEV).clone().requires_grad_() for t in (x, values, a, b, bias)]
     out = ops.sparse_lowrank_gemm(leaves[0], bitmap, leaves[1], offsets, rows, cols, *leaves[2:])
     out.backward(grad.to(DEV))
-    ref_leaves = [t.double().requires_grad_() for t in (x, values.cpu(), a, b, bias)]
+    ref_leaves = [t.detach().cpu().double().requires_grad_() for t in (x, values, a, b, bias)]
     ref = reference.sparse_lowrank_gemm(ref_leaves[0], bitmap.cpu(), ref_leaves[1], offsets.cpu(), rows, cols,
                                         *ref_leaves[2:])
     ref.backward(grad.double())
