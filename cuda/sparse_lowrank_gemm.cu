@@ -25,10 +25,12 @@ namespace {
 constexpr const char* kOp = "sparse_lowrank_gemm";
 
 // Rows of x from which decode + cuBLAS beats the mma kernel. The kernel re-reads the compressed
-// weight once per 16 tokens (grid.y), so its advantage shrinks as M grows. Measure with
-// `python bench/bench_cuda.py --crossover` (runs both paths through SALR_CUDA_DENSE_CROSSOVER on the
-// LLaMA shapes and prints where the dense path starts to win); SALR_CUDA_DENSE_CROSSOVER overrides.
-constexpr int64_t kCudaDenseCrossoverRows = 64;
+// weight once per 16 tokens (grid.y), so its time grows in steps of 16 rows while decode + cuBLAS
+// stays flat. Measured with `python bench/bench_cuda.py --crossover` (both paths forced through
+// SALR_CUDA_DENSE_CROSSOVER, CUDA graphs, 50% sparsity) on an H100: 11008x4096 kernel 96 µs vs
+// dense path 112 µs at M = 32, 134 vs 109 at M = 48; 4096x4096 42 vs 42 at 32, 60 vs 41 at 48.
+// SALR_CUDA_DENSE_CROSSOVER overrides it.
+constexpr int64_t kCudaDenseCrossoverRows = 48;
 
 // The split-K target: two waves of resident mma blocks (4 per SM, shared-memory bound). Measured
 // on an H100 with `bench_cuda.py --splits` (11008x4096 and 4096x4096, M = 1 and 16): one wave left
