@@ -26,7 +26,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -80,19 +80,31 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def _atomic_dir(final: Path, write) -> Path:
-    """Run write(tmp_dir) then rename tmp_dir to `final` (another process winning the race is fine)."""
+def write_directory_atomically(final: str | os.PathLike, write: Callable[[Path], None],
+                               overwrite: bool = False) -> Path:
+    """Run ``write(tmp)`` on a fresh directory next to `final`, then rename it into place.
+
+    A `final` that exists (non-empty) is replaced when `overwrite`, else kept: the new directory is
+    dropped (a concurrent writer finished first). A failed write leaves nothing behind.
+    """
+    final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         write(tmp)
-        try:
+        if final.exists() and overwrite:
+            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
             os.replace(tmp, final)
-        except OSError:
-            if not (final / "config.json").exists():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # a concurrent writer finished first
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            try:
+                os.replace(tmp, final)  # also replaces an empty directory
+            except OSError:
+                if not final.is_dir():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -129,7 +141,7 @@ def smollm2_dir(progress: bool = True) -> Path:
         tokenizer.save_pretrained(tmp)
         (tmp / "salr_source.json").write_text(json.dumps(stamp))
 
-    return _atomic_dir(final, write)
+    return write_directory_atomically(final, write)
 
 
 def resolve_model_dir(name_or_dir: str | os.PathLike) -> Path:

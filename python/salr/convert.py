@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import types
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from salr.assets import write_directory_atomically
 from salr.calibration import LinearStats, check_calibration, run_sequential
 from salr.models import block_linears, find_blocks, linear_dims, set_submodule, vocab_size, weight_view
 from salr.pruning import check_nm_width, parse_pattern, prune_weight
@@ -222,10 +221,8 @@ def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = Fa
               "hf_config": json.loads(hf_config.to_json_string(use_diff=False)),
               "salr_config": salr_config.to_dict() if isinstance(salr_config, SALRConfig) else None,
               "layers": {name: _layer_record(m) for name, m in salr_layers(model).items()}}
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+
+    def write(tmp: Path) -> None:
         save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": MODEL_FORMAT})
         with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1)
@@ -233,17 +230,8 @@ def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = Fa
             os.fsync(f.fileno())
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+
+    return write_directory_atomically(final, write, overwrite=overwrite)
 
 
 def read_record(directory: str | os.PathLike) -> dict[str, Any]:
