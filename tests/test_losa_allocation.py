@@ -13,7 +13,15 @@ from salr.losa.rmi import (StreamingCKA, block_importance, layerwise_sparsity, l
                            sparsity_delta, unbiased_hsic_matrix)
 from salr.losa.schedule import cubic_sparsity, sparsity_schedule, split_steps
 
-torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one thread is as fast, and far faster on a machine shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _orthogonal(d, gen):

@@ -9,7 +9,15 @@ import salr
 from salr import reference
 from salr.losa.masked_lora import LoSALinear, masked_lora_linear
 
-torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one thread is as fast, and far faster on a machine shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _sparse(n, k, density, gen, dtype=torch.float64):

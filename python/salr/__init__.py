@@ -34,3 +34,4 @@ __all__ = [
     "ops",
     "reference",
 ]
+from salr import losa  # noqa: E402,F401  (LoSA: salr.losa.run, LoSAConfig, LoSALinear; pipeline imported lazily)

@@ -20,7 +20,21 @@ from salr.losa.rmi import (StreamingCKA, block_importance, layerwise_sparsity, l
                            sparsity_delta)
 from salr.losa.schedule import cubic_sparsity, sparsity_schedule
 
+_PIPELINE = ("LoSAConfig", "LoSAReport", "RoundReport", "run", "block_cka", "wanda_keep")
+
+
+def __getattr__(name: str):
+    # The pipeline pulls in the training loop and calibration: imported on first use only, so
+    # ``import salr`` stays light.
+    if name in _PIPELINE:
+        from salr.losa import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'salr.losa' has no attribute {name!r}")
+
+
 __all__ = [
+    *_PIPELINE,
     "LoSALinear",
     "MaskedLoRAFunction",
     "StreamingCKA",

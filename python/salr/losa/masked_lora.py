@@ -54,19 +54,21 @@ class MaskedLoRAFunction(torch.autograd.Function):
         need_x, _, need_values, _, _, _, need_a, need_b, _, need_bias, _ = ctx.needs_input_grad
         grad = grad.contiguous()
         grad_x = grad_values = grad_a = grad_b = grad_bias = None
-        # Recomputed, not saved: keeps the graph free of a second copy of every layer's values.
-        w = _effective(impl, bitmap, values, offsets, n, k, lora_a, lora_b, scale)
         if need_x:
+            # w is recomputed, not saved (the graph keeps no second copy of the layer's values), and
+            # freed before G exists: one values-sized buffer at a time.
+            w = _effective(impl, bitmap, values, offsets, n, k, lora_a, lora_b, scale)
             grad_x = impl.sparse_gemm_transposed(grad, bitmap, w, offsets, n, k)
+            del w
         if need_values or need_a or need_b:
-            g = impl.sampled_gemm(grad.reshape(-1, n), x.reshape(-1, k).contiguous(), bitmap, w, offsets, n, k)
-            if need_values:
-                grad_values = g
+            # `values` only lends its shape and dtype here: G depends on the bitmap alone.
+            g = impl.sampled_gemm(grad.reshape(-1, n), x.reshape(-1, k).contiguous(), bitmap, values, offsets, n, k)
             if need_a:  # s·Bᵀ·G: [r, N] times the sparse [N, K]
-                grad_a = scale * impl.sparse_gemm_transposed(lora_b.t().contiguous(), bitmap, g, offsets, n, k)
+                grad_a = impl.sparse_gemm_transposed(lora_b.t().contiguous(), bitmap, g, offsets, n, k).mul_(scale)
             if need_b:  # s·G·Aᵀ = s·(A·Gᵀ)ᵀ: A [r, K] as the input of the sparse GEMM
-                grad_b = scale * impl.sparse_lowrank_gemm(lora_a.contiguous(), bitmap, g, offsets, n, k,
-                                                          None, None, None).t()
+                grad_b = impl.sparse_lowrank_gemm(lora_a.contiguous(), bitmap, g, offsets, n, k,
+                                                  None, None, None).t().mul_(scale)
+            grad_values = g if need_values else None
         if need_bias and ctx.has_bias:
             grad_bias = grad.reshape(-1, n).sum(0)
         return grad_x, None, grad_values, None, None, None, grad_a, grad_b, None, grad_bias, None
@@ -77,7 +79,7 @@ def _effective(impl, bitmap, values, offsets, n, k, lora_a, lora_b, scale) -> Te
     if lora_a.shape[0] == 0:
         return values
     delta = impl.sampled_gemm(lora_b.t().contiguous(), lora_a.contiguous(), bitmap, values, offsets, n, k)
-    return values + scale * delta
+    return delta.mul_(scale).add_(values)  # in place: one values-sized buffer
 
 
 def masked_lora_linear(x: Tensor, bitmap: Tensor, values: Tensor, offsets: Tensor, out_features: int,
