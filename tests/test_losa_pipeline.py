@@ -213,3 +213,39 @@ def test_public_entry_points():
     assert salr.losa.run is pipeline.run and salr.losa.LoSAConfig is pipeline.LoSAConfig
     with pytest.raises(AttributeError):
         salr.losa.no_such_thing  # noqa: B018
+
+
+def test_export_to_salr_linear_saves_and_loads_bit_for_bit(tmp_path):
+    from salr import convert
+    from salr.salr_linear import SALRLinear
+
+    model = tiny_llama(layers=2, seed=9)
+    toks = tokens(seed=10)
+    calib = toks[:4 * SEQ].reshape(4, SEQ)
+    pipeline.run(model, config(rounds=2, total_steps=4, sparsity=0.5), calib, TokenWindows(toks, SEQ))
+    ids = toks[:2 * SEQ].reshape(2, SEQ)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoSALinear)}
+    bitmaps = {n: m.bitmap.clone() for n, m in layers.items()}
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    assert pipeline.export_salr(model) == len(layers) == 14
+    assert not any(isinstance(m, LoSALinear) for m in model.modules())
+    for name, bitmap in bitmaps.items():
+        out = model.get_submodule(name)
+        assert isinstance(out, SALRLinear) and out.lora_rank == 0 and out.svd_rank == 0
+        assert torch.equal(out.bitmap, bitmap)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
+    convert.save(model, tmp_path / "losa")
+    loaded = convert.load(tmp_path / "losa")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def test_export_refuses_unmerged_layers():
+    model = tiny_llama(layers=1, seed=11)
+    toks = tokens(seed=12)
+    pipeline.run(model, config(rounds=1, total_steps=0, sparsity=0.3, final_merge=False),
+                 toks[:2 * SEQ].reshape(2, SEQ), toks)
+    with pytest.raises(ValueError, match="still have adapters"):
+        pipeline.export_salr(model)

@@ -20,7 +20,7 @@ from salr.losa.rmi import (StreamingCKA, block_importance, layerwise_sparsity, l
                            sparsity_delta)
 from salr.losa.schedule import cubic_sparsity, sparsity_schedule
 
-_PIPELINE = ("LoSAConfig", "LoSAReport", "RoundReport", "run", "block_cka", "wanda_keep")
+_PIPELINE = ("LoSAConfig", "LoSAReport", "RoundReport", "run", "block_cka", "wanda_keep", "export_salr")
 
 
 def __getattr__(name: str):

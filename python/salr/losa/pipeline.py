@@ -344,6 +344,29 @@ def run(model: nn.Module, config: LoSAConfig, calibration: Any, train_data: Any,
     return LoSAReport(config.to_dict(), reports, final, trainable)
 
 
+@torch.no_grad()
+def export_salr(model: nn.Module) -> int:
+    """Replace every merged (rank-0) :class:`LoSALinear` by an adapter-free ``SALRLinear`` holding the
+    same bitmap, values and offsets (no re-encode: bit for bit), so the model goes through
+    ``salr.save`` / ``salr.load``, generation and the CLI like any salr model. Returns the count.
+    ValueError for a layer that still has an adapter (call ``merge()`` or run with final_merge)."""
+    from salr.salr_linear import SALRLinear
+
+    layers = losa_layers(model)
+    unmerged = [name for name, m in layers.items() if m.rank > 0]
+    if unmerged:
+        raise ValueError(f"model: {len(unmerged)} LoSALinear layers still have adapters (first: {unmerged[0]}); "
+                         f"merge them before exporting")
+    for name, m in layers.items():
+        out = SALRLinear(m.in_features, m.out_features, bias=m.bias is not None, dtype=m.values.dtype,
+                         device=m.values.device)
+        out.bitmap, out.values, out.offsets = m.bitmap.clone(), m.values.detach().clone(), m.offsets.clone()
+        if m.bias is not None:
+            out.bias.copy_(m.bias.detach())
+        set_submodule(model, name, out)
+    return len(layers)
+
+
 def _block_sparsity(layers: Sequence[LoSALinear]) -> float:
     total = sum(m.out_features * m.in_features for m in layers)
     return 1.0 - sum(m.nnz for m in layers) / max(1, total)
