@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shlex
 import sys
 import time
 
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     _, tokenizer = assets.load_model(assets.SMOLLM2)
     splits = assets.text_splits(tokenizer)
     results = []
-    command = "python bench/pruning_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = shlex.join(["python", "bench/pruning_quality.py", *(argv if argv is not None else sys.argv[1:])])
     for name, settings in rows.items():
         print(f"== {name}", file=sys.stderr, flush=True)
         info = run_row(settings, splits, args, args.device)
