@@ -202,7 +202,7 @@ def run_sequential(model: nn.Module, calibration: Any, on_block: BlockCallback, 
             stats = {name: LinearStats(linear_dims(lin)[1], hessian) for name, lin in linears.items()}
             handles = [lin.register_forward_hook(_stats_hook(stats[name])) for name, lin in linears.items()]
             try:
-                for i, (args, kwargs) in enumerate(extras):
+                for i, (args, kwargs) in enumerate(extras if linears else ()):  # no targets: no stats pass
                     block(inps[i:i + 1], *args, **kwargs)
             finally:
                 for h in handles:
