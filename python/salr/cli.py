@@ -103,8 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     _add_run_args(p, "runs/finetune")
 
-    p = sub.add_parser("eval", help="perplexity of a model", description="Perplexity (design.md §5 protocol).")
+    p = sub.add_parser("eval", help="perplexity of a model (and lm-eval tasks)",
+                       description="Perplexity (design.md §5 protocol); with --tasks also lm-evaluation-harness "
+                                   "tasks on the same in-memory model (needs the `eval` extra).")
     _add_model_args(p)
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated lm-eval task names, e.g. arc_easy,hellaswag (data from the HF Hub "
+                        "unless the task is local, see --task-dir)")
+    p.add_argument("--task-dir", default=None, help="folder of extra lm-eval task YAML files (local datasets)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="at most this many documents per task")
     _add_run_args(p, "runs/eval")
 
     p = sub.add_parser("bench", help="kernel benchmark vs dense torch",

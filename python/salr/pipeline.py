@@ -87,11 +87,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         model, tokenizer, splits = workflow.load(args.model, args.text)
     ppl = workflow.evaluate(model, splits, budget, "perplexity")
+    sections = [("Perplexity", markdown_table(["model", "perplexity"], [(args.model, ppl)]))]
+    tasks = {}
+    if args.tasks:
+        from salr import lm_eval_adapter
+
+        tasks = lm_eval_adapter.evaluate_tasks(model, tokenizer, args.tasks, task_dir=args.task_dir,
+                                               limit=args.limit)
+        rows = [(task, metric, f"{value:.4f}") for task, metrics in tasks.items() for metric, value in metrics.items()]
+        sections.append(("lm-eval", markdown_table(["task", "metric", "value"], rows)))
     run.update_metrics(model=str(args.model), perplexity=ppl, eval_windows=budget.eval_windows,
-                       seq_len=budget.eval_seq_len)
-    run.write_report(f"salr eval: {args.model}", [("Perplexity", markdown_table(["model", "perplexity"],
-                                                                                   [(args.model, ppl)]))])
-    print(f"perplexity {ppl:.3f}; wrote {run.path}/")
+                       seq_len=budget.eval_seq_len, lm_eval=tasks)
+    run.write_report(f"salr eval: {args.model}", sections)
+    print(f"perplexity {ppl:.3f}" + "".join(f"; {t} {m} {v:.4f}" for t, ms in tasks.items() for m, v in ms.items())
+          + f"; wrote {run.path}/")
     return 0
 
 
