@@ -90,23 +90,21 @@ def quality(args: argparse.Namespace) -> dict:
                     m.merge()  # masked merge: keeps the bitmap, drops the off-mask part of BA
             row["lora_masked_merged"] = ppl(model, f"Wanda {sparsity:.0%} + LoRA, masked-merged")
             del model
-        if "losa" not in args.methods:
-            results["rows"].append(row)
-            continue
-        # LoSA.
-        model = copy.deepcopy(base)
-        t0 = time.perf_counter()
-        report = run(model, LoSAConfig(sparsity, rounds=args.rounds, total_steps=args.steps, mean_rank=args.rank,
-                                       r_max=args.r_max, lora_alpha=args.alpha, train=tcfg, cka_tokens=256,
-                                       final_share=args.final_share, layerwise=args.layerwise,
-                                       rank_allocation=args.rank_allocation, progress=True),
-                     calib, TokenWindows(splits.train, args.train_seq_len, seed=args.seed))
-        row["losa_seconds"] = time.perf_counter() - t0
-        row["losa_trainable"] = report.trainable_parameters
-        row["losa_final_sparsity"] = report.final_sparsity
-        row["losa_rounds"] = [{k: v for k, v in vars(r).items() if k != "cka"} for r in report.rounds]
-        row["losa"] = ppl(model, f"LoSA {sparsity:.0%}")
-        del model
+        if "losa" in args.methods:
+            # LoSA.
+            model = copy.deepcopy(base)
+            t0 = time.perf_counter()
+            config = LoSAConfig(sparsity, rounds=args.rounds, total_steps=args.steps, mean_rank=args.rank,
+                                r_max=args.r_max, lora_alpha=args.alpha, train=tcfg, cka_tokens=256,
+                                final_share=args.final_share or None, layerwise=args.layerwise,
+                                rank_allocation=args.rank_allocation, progress=True)
+            report = run(model, config, calib, TokenWindows(splits.train, args.train_seq_len, seed=args.seed))
+            row["losa_seconds"] = time.perf_counter() - t0
+            row["losa_trainable"] = report.trainable_parameters
+            row["losa_final_sparsity"] = report.final_sparsity
+            row["losa_rounds"] = [{k: v for k, v in vars(r).items() if k != "cka"} for r in report.rounds]
+            row["losa"] = ppl(model, f"LoSA {sparsity:.0%}")
+            del model
         results["rows"].append(row)
         if args.out:
             with open(args.out, "w") as f:
@@ -120,6 +118,7 @@ def quality_table(results: dict) -> str:
              "|---|---|---|---|---|---|"]
     for r in results["rows"]:
         losa_params = sorted(set(r.get("losa_trainable", [])))
+
         def cell(key, fmt="{:.2f}"):
             return fmt.format(r[key]) if key in r else "–"
         lines.append(f"| {r['sparsity']:.0%} | {cell('wanda')} | {cell('lora_dense_merged')} | "
@@ -222,7 +221,8 @@ def main() -> None:
     q.add_argument("--lr", type=float, default=1e-3)
     q.add_argument("--schedule", choices=["constant", "linear", "cosine"], default="constant")
     q.add_argument("--warmup", type=int, default=0, help="warmup steps over the run (LoSA: split over rounds)")
-    q.add_argument("--final-share", type=float, default=None, help="LoSA: the last round's fraction of the steps")
+    q.add_argument("--final-share", type=float, default=0.6,
+                   help="LoSA: the last round's fraction of the steps (0 = equal rounds)")
     q.add_argument("--layerwise", choices=["rmi", "uniform"], default="rmi")
     q.add_argument("--rank-allocation", choices=["error", "uniform"], default="error")
     q.add_argument("--methods", nargs="+", choices=["baseline", "losa"], default=["baseline", "losa"])
