@@ -196,7 +196,8 @@ def _finetune_losa(args: argparse.Namespace) -> int:
     plot_per_layer(run, "blocks.png", [str(i) for i in range(len(last.ranks))],
                    {"sparsity": last.block_sparsity, "LoRA rank (last round)": last.ranks})
     rows = [(r.round, r.target, f"{min(r.block_sparsity):.3f}-{max(r.block_sparsity):.3f}",
-             f"{min(r.ranks)}-{max(r.ranks)}", r.steps, *("–" if v is None else v for v in (r.first_loss, r.last_loss)))
+             f"{min(r.ranks)}-{max(r.ranks)}", r.steps,
+             *("–" if v is None else v for v in (r.first_loss, r.last_loss)))
             for r in report.rounds]
     table = markdown_table(["round", "target", "block sparsity min-max", "ranks min-max", "steps", "first loss",
                             "last loss"], rows)
