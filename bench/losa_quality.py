@@ -60,8 +60,8 @@ def quality(args: argparse.Namespace) -> dict:
     splits = assets.text_splits(tokenizer)
     calib = splits.calibration_windows(args.calib_windows, args.calib_seq_len, seed=0)
     evals = splits.eval_windows(args.eval_windows, 512)
-    tcfg = TrainConfig(lr=args.lr, steps=args.steps, batch_size=args.batch_size, schedule="constant",
-                       max_grad_norm=1.0, seed=0, progress=True)
+    tcfg = TrainConfig(lr=args.lr, steps=args.steps, batch_size=args.batch_size, schedule=args.schedule,
+                       warmup_steps=args.warmup, max_grad_norm=1.0, seed=args.seed, progress=True)
 
     def ppl(model, what):
         t0 = time.perf_counter()
@@ -70,37 +70,41 @@ def quality(args: argparse.Namespace) -> dict:
         return value
 
     results = {"machine": machine_line(), "args": vars(args), "eval_tokens": int(evals.numel()), "rows": []}
-    results["dense"] = ppl(base, "dense")
+    results["dense"] = ppl(base, "dense") if not args.skip_dense else None
     for sparsity in args.sparsities:
         row = {"sparsity": sparsity}
         # Wanda alone, then Wanda + plain LoRA on the same pruned model.
-        model = copy.deepcopy(base)
+        model = copy.deepcopy(base) if "baseline" in args.methods else None
         t0 = time.perf_counter()
-        run(model, LoSAConfig(sparsity, rounds=1, total_steps=0, layerwise="uniform", rank_allocation="uniform",
-                              masked=False, final_merge=False, mean_rank=args.rank, r_max=args.rank,
-                              lora_alpha=args.alpha, progress=True), calib, splits.train)
-        row["wanda"] = ppl(model, f"Wanda {sparsity:.0%}")
-        row["lora_trainable"] = trainable_count(model)
-        train(model, TokenWindows(splits.train, args.train_seq_len, seed=0), tcfg, resume=False)
-        row["lora_seconds"] = time.perf_counter() - t0
-        row["lora_dense_merged"] = ppl(model, f"Wanda {sparsity:.0%} + LoRA, dense-merged")
-        for m in model.modules():
-            if isinstance(m, LoSALinear):
-                m.merge()  # masked merge: keeps the bitmap, drops the off-mask part of BA
-        row["lora_masked_merged"] = ppl(model, f"Wanda {sparsity:.0%} + LoRA, masked-merged")
-        del model
-        # LoSA.
-        model = copy.deepcopy(base)
-        t0 = time.perf_counter()
-        report = run(model, LoSAConfig(sparsity, rounds=args.rounds, total_steps=args.steps, mean_rank=args.rank,
-                                       r_max=args.r_max, lora_alpha=args.alpha, train=tcfg, cka_tokens=256,
-                                       progress=True), calib, TokenWindows(splits.train, args.train_seq_len, seed=0))
-        row["losa_seconds"] = time.perf_counter() - t0
-        row["losa_trainable"] = report.trainable_parameters
-        row["losa_final_sparsity"] = report.final_sparsity
-        row["losa_rounds"] = [{k: v for k, v in vars(r).items() if k != "cka"} for r in report.rounds]
-        row["losa"] = ppl(model, f"LoSA {sparsity:.0%}")
-        del model
+        if model is not None:
+            run(model, LoSAConfig(sparsity, rounds=1, total_steps=0, layerwise="uniform", rank_allocation="uniform",
+                                  masked=False, final_merge=False, mean_rank=args.rank, r_max=args.rank,
+                                  lora_alpha=args.alpha, progress=True), calib, splits.train)
+            row["wanda"] = ppl(model, f"Wanda {sparsity:.0%}")
+            row["lora_trainable"] = trainable_count(model)
+            train(model, TokenWindows(splits.train, args.train_seq_len, seed=args.seed), tcfg, resume=False)
+            row["lora_seconds"] = time.perf_counter() - t0
+            row["lora_dense_merged"] = ppl(model, f"Wanda {sparsity:.0%} + LoRA, dense-merged")
+            for m in model.modules():
+                if isinstance(m, LoSALinear):
+                    m.merge()  # masked merge: keeps the bitmap, drops the off-mask part of BA
+            row["lora_masked_merged"] = ppl(model, f"Wanda {sparsity:.0%} + LoRA, masked-merged")
+            del model
+        if "losa" in args.methods:
+            # LoSA.
+            model = copy.deepcopy(base)
+            t0 = time.perf_counter()
+            config = LoSAConfig(sparsity, rounds=args.rounds, total_steps=args.steps, mean_rank=args.rank,
+                                r_max=args.r_max, lora_alpha=args.alpha, train=tcfg, cka_tokens=256,
+                                final_share=args.final_share or None, layerwise=args.layerwise,
+                                rank_allocation=args.rank_allocation, progress=True)
+            report = run(model, config, calib, TokenWindows(splits.train, args.train_seq_len, seed=args.seed))
+            row["losa_seconds"] = time.perf_counter() - t0
+            row["losa_trainable"] = report.trainable_parameters
+            row["losa_final_sparsity"] = report.final_sparsity
+            row["losa_rounds"] = [{k: v for k, v in vars(r).items() if k != "cka"} for r in report.rounds]
+            row["losa"] = ppl(model, f"LoSA {sparsity:.0%}")
+            del model
         results["rows"].append(row)
         if args.out:
             with open(args.out, "w") as f:
@@ -113,9 +117,12 @@ def quality_table(results: dict) -> str:
              "LoSA (merged, sparse) | trainable params LoRA / LoSA |",
              "|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        losa_params = sorted(set(r["losa_trainable"]))
-        lines.append(f"| {r['sparsity']:.0%} | {r['wanda']:.2f} | {r['lora_dense_merged']:.2f} | "
-                     f"{r['lora_masked_merged']:.2f} | {r['losa']:.2f} | {r['lora_trainable']:,} / "
+        losa_params = sorted(set(r.get("losa_trainable", [])))
+
+        def cell(key, fmt="{:.2f}"):
+            return fmt.format(r[key]) if key in r else "–"
+        lines.append(f"| {r['sparsity']:.0%} | {cell('wanda')} | {cell('lora_dense_merged')} | "
+                     f"{cell('lora_masked_merged')} | {cell('losa')} | {cell('lora_trainable', '{:,}')} / "
                      f"{', '.join(f'{p:,}' for p in losa_params)} |")
     return "\n".join(lines)
 
@@ -212,6 +219,14 @@ def main() -> None:
     q.add_argument("--r-max", type=int, default=32)
     q.add_argument("--alpha", type=float, default=16.0)
     q.add_argument("--lr", type=float, default=1e-3)
+    q.add_argument("--schedule", choices=["constant", "linear", "cosine"], default="constant")
+    q.add_argument("--warmup", type=int, default=0, help="warmup steps over the run (LoSA: split over rounds)")
+    q.add_argument("--final-share", type=float, default=0.6,
+                   help="LoSA: the last round's fraction of the steps (0 = equal rounds)")
+    q.add_argument("--layerwise", choices=["rmi", "uniform"], default="rmi")
+    q.add_argument("--rank-allocation", choices=["error", "uniform"], default="error")
+    q.add_argument("--methods", nargs="+", choices=["baseline", "losa"], default=["baseline", "losa"])
+    q.add_argument("--seed", type=int, default=0, help="training seed (LoRA init, data order)")
     q.add_argument("--batch-size", type=int, default=4)
     q.add_argument("--train-seq-len", type=int, default=256)
     q.add_argument("--calib-windows", type=int, default=8)
@@ -219,6 +234,7 @@ def main() -> None:
     q.add_argument("--eval-windows", type=int, default=64)
     q.add_argument("--threads", type=int, default=2)
     q.add_argument("--out", default=None)
+    q.add_argument("--skip-dense", action="store_true", help="do not evaluate the dense model")
     m = sub.add_parser("memory")
     m.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
     m.add_argument("--layers", type=int, nargs="+", default=[1, 4, 8])
@@ -238,7 +254,7 @@ def main() -> None:
     if args.cmd == "quality":
         torch.set_num_threads(args.threads)
         res = quality(args)
-        print(f"\n{res['machine']}\ndense perplexity {res['dense']:.2f}\n")
+        print(f"\n{res['machine']}\ndense perplexity {res['dense']}\n")
         print(quality_table(res))
     else:
         res = memory(args)

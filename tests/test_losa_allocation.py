@@ -240,3 +240,23 @@ def test_cubic_schedule():
     with pytest.raises(ValueError, match="total_steps"):
         split_steps(2, 3)
     assert math.isclose(sum(split_steps(100, 7)), 100)
+
+
+def test_final_share_split():
+    # The last round gets round(f·total), the rest is split evenly (earlier rounds take the remainder).
+    assert split_steps(30, 5, 0.6) == [3, 3, 3, 3, 18]
+    assert split_steps(31, 5, 0.6) == [3, 3, 3, 3, 19]  # 0.6·31 = 18.6 -> 19
+    assert split_steps(30, 3, 0.5) == [8, 7, 15]
+    assert split_steps(5, 5, 0.2) == [1, 1, 1, 1, 1]
+    assert split_steps(7, 1, 0.3) == [7]  # one round: it gets everything
+    assert split_steps(30, 5, None) == split_steps(30, 5) == [6] * 5
+    for total, rounds, share in [(100, 7, 0.55), (13, 4, 0.1), (9, 2, 0.9)]:
+        steps = split_steps(total, rounds, share)
+        assert sum(steps) == total and min(steps) >= 1 and steps[-1] == max(1, round(share * total))
+    with pytest.raises(ValueError, match="final_share.*every round needs"):
+        split_steps(5, 5, 0.5)  # 3 for the last round leaves 2 for 4 rounds
+    with pytest.raises(ValueError, match="final_share.*every round needs"):
+        split_steps(10, 2, 0.01)  # the last round would get 0
+    for bad in (0.0, 1.0, -0.2, True, "0.5"):
+        with pytest.raises(ValueError, match="final_share"):
+            split_steps(30, 5, bad)

@@ -193,6 +193,8 @@ def test_training_step_saves_no_tensor_of_the_weight_size():
     (dict(mean_rank=0), "mean_rank"), (dict(total_steps=2), "total_steps"),
     (dict(masked=False), "rank_allocation"), (dict(layerwise="x"), "layerwise"),
     (dict(train={"lr": 1}), "train"),
+    (dict(final_share=1.0), "final_share"), (dict(total_steps=3, final_share=0.5), "final_share"),
+    (dict(total_steps=5, train=TrainConfig(steps=10, warmup_steps=6)), "warmup_steps"),
 ])
 def test_bad_config(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -249,3 +251,23 @@ def test_export_refuses_unmerged_layers():
                  toks[:2 * SEQ].reshape(2, SEQ), toks)
     with pytest.raises(ValueError, match="still have adapters"):
         pipeline.export_salr(model)
+
+
+def test_round_warmup_and_steps_follow_the_final_share():
+    # The run's warmup is shared out in proportion to the rounds' steps (each round restarts AdamW).
+    assert [pipeline.round_warmup(6, r, 30) for r in (3, 3, 3, 3, 18)] == [1, 1, 1, 1, 4]
+    assert pipeline.round_warmup(0, 5, 30) == 0 and pipeline.round_warmup(30, 2, 30) == 2
+    model = tiny_llama(layers=2)
+    toks = tokens()
+    cfg = config(total_steps=10, final_share=0.6, train=TrainConfig(lr=5e-3, steps=10, warmup_steps=5,
+                                                                      schedule="constant", batch_size=4,
+                                                                      progress=False))
+    report = pipeline.run(model, cfg, toks[:4 * SEQ].reshape(4, SEQ), TokenWindows(toks, SEQ))
+    assert [r.steps for r in report.rounds] == [2, 2, 6]
+    assert [len(r.history) for r in report.rounds] == [2, 2, 6]
+    # Warmup 1, 1, 3 steps: lr = (i + 1)/warmup · lr over each round's first steps, then lr.
+    lrs = [[h["lr"] for h in r.history] for r in report.rounds]
+    assert lrs[0] == pytest.approx([5e-3, 5e-3]) and lrs[1] == pytest.approx([5e-3, 5e-3])
+    assert lrs[2] == pytest.approx([5e-3 / 3, 1e-2 / 3, 5e-3, 5e-3, 5e-3, 5e-3])
+    assert [r.first_loss for r in report.rounds] == [r.history[0]["loss"] for r in report.rounds]
+

@@ -83,6 +83,24 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
 
 
+def _add_losa_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LoSA (--method losa)",
+                             "T rounds of prune (Wanda on the merged weight, RMI layer-wise ratios) -> error-based "
+                             "ranks -> masked-LoRA fine-tune, then one merge into plain sparse layers. --lora-rank is "
+                             "the mean rank per block, --steps the total over all rounds; Wanda criterion only, no "
+                             "SVD adapter, no --pattern, no --resume.")
+    g.add_argument("--rounds", type=_positive_int, default=5, help="pruning rounds T (default 5)")
+    g.add_argument("--final-share", type=_fraction, default=0.6,
+                   help="fraction of --steps spent in the last round, at the target sparsity; the other rounds "
+                        "split the rest evenly (0 = all rounds equal; default 0.6)")
+    g.add_argument("--r-max", type=_positive_int, default=None,
+                   help="largest rank a block may get (default 4 x --lora-rank)")
+    g.add_argument("--layerwise", choices=["rmi", "uniform"], default="rmi",
+                   help="per-block sparsity: RMI (CKA importance) or the uniform target (default rmi)")
+    g.add_argument("--rank-allocation", choices=["error", "uniform"], default="error",
+                   help="per-block rank: proportional to the reconstruction error, or --lora-rank everywhere")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="salr", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_prune_args(p)
     _add_train_args(p)
+    _add_losa_args(p)
     _add_run_args(p, "runs/finetune")
 
     p = sub.add_parser("eval", help="perplexity of a model (and lm-eval tasks)",

@@ -130,6 +130,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from salr import convert, workflow
 
+    if args.method == "losa":
+        return _finetune_losa(args)
     if args.method not in METHOD_OPTIONS:
         raise ValueError(f"--method {args.method}: not wired into the CLI yet (available: {', '.join(METHOD_OPTIONS)})")
     run = _open_run(args)
@@ -152,6 +154,65 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     run.write_report(f"salr finetune --method {args.method}", [("Perplexity", _stage_table(stages))])
     print(f"pruned {stages['pruned']['perplexity']:.2f} -> fine-tuned {stages['fine-tuned']['perplexity']:.2f}; "
           f"merged model in {run.file('model')}; wrote {run.path}/")
+    return 0
+
+
+def _losa_config(args: argparse.Namespace, budget):
+    from salr.losa import LoSAConfig
+    from salr.training import TrainConfig
+
+    for flag, bad in (("--criterion", args.criterion != "wanda"), ("--pattern", args.pattern is not None),
+                      ("--resume", args.resume)):
+        if bad:
+            raise ValueError(f"{flag}: not available with --method losa (it prunes with Wanda, unstructured, "
+                             f"in rounds that do not checkpoint)")
+    train = TrainConfig(steps=budget.train_steps, batch_size=budget.train_batch, lr=budget.lr,
+                        warmup_steps=budget.warmup, schedule=args.schedule, grad_accum=args.grad_accum)
+    return LoSAConfig(sparsity=args.sparsity, rounds=args.rounds, total_steps=budget.train_steps,
+                      final_share=args.final_share or None, mean_rank=args.lora_rank,
+                      r_max=args.r_max or 4 * args.lora_rank, lora_alpha=args.lora_alpha, layerwise=args.layerwise,
+                      rank_allocation=args.rank_allocation, train=train)
+
+
+def _finetune_losa(args: argparse.Namespace) -> int:
+    """``salr finetune --method losa``: dense -> LoSA rounds -> merged plain sparse model, saved."""
+    from salr import convert, losa, workflow
+    from salr.batches import TokenWindows
+
+    budget = _budget(args)
+    config = _losa_config(args, budget)  # bad flags fail before the run directory is touched
+    run = _open_run(args)
+    run.write_config(vars(args))
+    model, tokenizer, splits = workflow.load(args.model, args.text)
+    stages = {"dense": {"perplexity": workflow.evaluate(model, splits, budget, "dense")}}
+    calibration = splits.calibration_windows(budget.calib_windows, budget.calib_seq_len)
+    report = losa.run(model, config, calibration, TokenWindows(splits.train, budget.train_seq_len,
+                                                               seed=config.train.seed))
+    losa.export_salr(model)
+    model.eval()
+    stages["LoSA (merged)"] = {"perplexity": workflow.evaluate(model, splits, budget, "LoSA (merged)")}
+    convert.save(model, run.file("model"), tokenizer=tokenizer, overwrite=True)
+    history, done = [], 0
+    for r in report.rounds:  # one step count over all rounds
+        history += [{**h, "step": done + h["step"], "round": r.round} for h in r.history]
+        done += r.steps
+    rounds = [{k: v for k, v in vars(r).items() if k not in ("cka", "history")} for r in report.rounds]
+    run.update_metrics(method="losa", stages=stages, history=history, losa=report.to_dict() | {"rounds": rounds},
+                       final_sparsity=report.final_sparsity, layers=workflow.layer_table(model))
+    plot_loss(run, history)
+    _plot_stages(run, stages)
+    last = report.rounds[-1]
+    plot_per_layer(run, "blocks.png", [str(i) for i in range(len(last.ranks))],
+                   {"sparsity": last.block_sparsity, "LoRA rank (last round)": last.ranks})
+    rows = [(r.round, r.target, f"{min(r.block_sparsity):.3f}-{max(r.block_sparsity):.3f}",
+             f"{min(r.ranks)}-{max(r.ranks)}", r.steps,
+             *("–" if v is None else v for v in (r.first_loss, r.last_loss)))
+            for r in report.rounds]
+    table = markdown_table(["round", "target", "block sparsity min-max", "ranks min-max", "steps", "first loss",
+                            "last loss"], rows)
+    run.write_report("salr finetune --method losa", [("Perplexity", _stage_table(stages)), ("Rounds", table)])
+    print(f"dense {stages['dense']['perplexity']:.2f} -> LoSA {report.final_sparsity:.1%} sparse "
+          f"{stages['LoSA (merged)']['perplexity']:.2f}; merged model in {run.file('model')}; wrote {run.path}/")
     return 0
 
 

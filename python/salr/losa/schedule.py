@@ -6,6 +6,8 @@ percent hurts most; s_T = S exactly.
 
 from __future__ import annotations
 
+import math
+
 
 def check_rounds(rounds: int) -> None:
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
@@ -30,12 +32,33 @@ def sparsity_schedule(target: float, rounds: int = 5) -> list[float]:
     return [cubic_sparsity(t, rounds, target) for t in range(1, rounds + 1)]
 
 
-def split_steps(total_steps: int, rounds: int) -> list[int]:
-    """Fine-tuning steps per round: total_steps split as evenly as possible (earlier rounds get the
-    remainder), every round at least one step."""
+def split_steps(total_steps: int, rounds: int, final_share: float | None = None) -> list[int]:
+    """Fine-tuning steps per round, every round at least one step.
+
+    final_share None: total_steps split as evenly as possible (earlier rounds get the remainder).
+    final_share f in (0, 1): the last round gets round(f·total_steps) steps (the recovery fine-tune at
+    the target sparsity; LoSA's reference code gives it 60 % of the data), the other rounds split the
+    rest evenly. With T = 1 the one round gets everything.
+    """
     check_rounds(rounds)
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < rounds:
         raise ValueError(f"total_steps: need an integer >= rounds ({rounds}) so every round trains, "
                          f"got {total_steps!r}")
-    base, extra = divmod(total_steps, rounds)
-    return [base + (1 if t < extra else 0) for t in range(rounds)]
+    if final_share is None or rounds == 1:
+        base, extra = divmod(total_steps, rounds)
+        return [base + (1 if t < extra else 0) for t in range(rounds)]
+    check_final_share(final_share)
+    last = int(math.floor(final_share * total_steps + 0.5))
+    if last < 1 or total_steps - last < rounds - 1:
+        raise ValueError(f"final_share: {final_share} of {total_steps} steps gives the last round {last} and "
+                         f"leaves {total_steps - last} for the other {rounds - 1} rounds; every round needs >= 1")
+    return split_steps(total_steps - last, rounds - 1) + [last]
+
+
+def check_final_share(final_share: float | None) -> None:
+    if final_share is None:
+        return
+    if (isinstance(final_share, bool) or not isinstance(final_share, (int, float))
+            or not 0.0 < final_share < 1.0):
+        raise ValueError(f"final_share: the last round's fraction of the steps must be None or in (0, 1), "
+                         f"got {final_share!r}")
