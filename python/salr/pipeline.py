@@ -13,7 +13,19 @@ from pathlib import Path
 from salr.runs import RunDirectory, markdown_table, plot_bars, plot_loss, plot_per_layer
 
 # "lora": the pruned base with a plain LoRA and no SVD residual adapter (the usual baseline).
-METHOD_OPTIONS = {"salr": {}, "lora": {"svd_rank": 0}}
+METHOD_OPTIONS = {"salr": {}, "lora": {"svd_rank": 0}, "salor": {"method": "salor"}}
+
+
+def _factor_options(args: argparse.Namespace, budget) -> dict:
+    """SALOR's convert options: the factor sparsity on a cubic ramp over the first half of the steps."""
+    sparsity, pattern = getattr(args, "factor_sparsity", None), getattr(args, "factor_pattern", None)
+    if args.method != "salor":
+        if sparsity is not None or pattern is not None:
+            raise ValueError(f"--factor-sparsity / --factor-pattern: only for --method salor, not {args.method}")
+        return {}
+    if sparsity is None and pattern is None:
+        sparsity = 0.5
+    return {"factor_sparsity": sparsity, "factor_pattern": pattern, "factor_end_step": budget.train_steps // 2}
 
 
 def _budget(args: argparse.Namespace):
@@ -128,7 +140,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     budget = _budget(args)
     model, tokenizer, splits = workflow.load(args.model, args.text)
     options = {"sparsity": args.sparsity, "criterion": args.criterion, "pattern": args.pattern,
-               "alpha": args.lora_alpha, **METHOD_OPTIONS[args.method]}
+               "alpha": args.lora_alpha, **METHOD_OPTIONS[args.method], **_factor_options(args, budget)}
     stages = {"pruned": {}}
     workflow.prune(model, splits, budget, **options)
     stages["pruned"]["perplexity"] = workflow.evaluate(model, splits, budget, "pruned")
