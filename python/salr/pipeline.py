@@ -23,9 +23,11 @@ def _factor_options(args: argparse.Namespace, budget) -> dict:
         if sparsity is not None or pattern is not None:
             raise ValueError(f"--factor-sparsity / --factor-pattern: only for --method salor, not {args.method}")
         return {}
-    if sparsity is None and pattern is None:
-        sparsity = 0.5
-    return {"factor_sparsity": sparsity, "factor_pattern": pattern, "factor_end_step": budget.train_steps // 2}
+    from salr.salor import FactorSparsityConfig
+
+    factor = FactorSparsityConfig(0.5 if sparsity is None and pattern is None else sparsity, pattern,
+                                  end_step=budget.train_steps // 2)
+    return {"factor_config": factor}
 
 
 def _budget(args: argparse.Namespace):
@@ -138,9 +140,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     run = _open_run(args)
     run.write_config(vars(args))
     budget = _budget(args)
+    factor_options = _factor_options(args, budget)  # checked before the model loads
     model, tokenizer, splits = workflow.load(args.model, args.text)
     options = {"sparsity": args.sparsity, "criterion": args.criterion, "pattern": args.pattern,
-               "alpha": args.lora_alpha, **METHOD_OPTIONS[args.method], **_factor_options(args, budget)}
+               "alpha": args.lora_alpha, **METHOD_OPTIONS[args.method], **factor_options}
     stages = {"pruned": {}}
     workflow.prune(model, splits, budget, **options)
     stages["pruned"]["perplexity"] = workflow.evaluate(model, splits, budget, "pruned")
