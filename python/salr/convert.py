@@ -11,7 +11,8 @@ On disk (``save`` / ``load``), a directory holding:
 * ``model.safetensors``: the whole state dict (compressed bases as bitmap/values/offsets; tied
   weights stored once), no pickle;
 * ``config.json``: ``{"format": "salr.model", "format_version", "model_class", "hf_config",
-  "salr_config", "layers": {name: shape, ranks, alpha, dropout, dtype}}``.
+  "salr_config", "layers": {name: shape, ranks, alpha, dropout, dtype}}``; a SALOR layer's entry
+  also holds ``factor_config`` and ``factor_rank`` (:mod:`salr.salor_linear`).
 
 The directory is written under a temporary name next to its destination and renamed into place.
 
