@@ -117,6 +117,45 @@ def run(args) -> dict:
     return results
 
 
+def timing(args) -> str:
+    """Forward time of one layer at SmolLM2's MLP shapes: SALR merged (base + [A_svd; A] in ONE fused
+    call) vs SALOR stored (fused base + A_svd call, then the BM8x8 factors in two sparse GEMMs)."""
+    from salr.salor import FactorSparsityConfig
+    from salr.salor_linear import SALORLinear
+    from salr.salr_linear import SALRLinear
+
+    def best_us(layer, x, repeats=30):
+        times = []
+        with torch.no_grad():
+            for _ in range(repeats + 3):
+                t0 = time.perf_counter()
+                layer(x)
+                times.append(time.perf_counter() - t0)
+        return min(times[3:]) * 1e6
+
+    lines = ["| shape N×K | M | SALR merged (µs) | " + " | ".join(f"SALOR {s:.0%} stored (µs)" for s in
+                                                              args.factor_sparsities) + " |",
+             "|---|---|---|" + "---|" * len(args.factor_sparsities)]
+    for n, k in ((1536, 576), (576, 1536)):
+        torch.manual_seed(0)
+        w = torch.randn(n, k)
+        w[torch.rand(n, k) < args.sparsity] = 0
+        base = SALRLinear.from_weights(w, None, torch.randn(args.svd_rank, k) / k, torch.randn(n, args.svd_rank),
+                                       lora_rank=args.rank, alpha=args.alpha)
+        with torch.no_grad():
+            base.lora_b.normal_()
+        variants = []
+        for s in args.factor_sparsities:
+            layer = SALORLinear.from_salr(base, FactorSparsityConfig(s))
+            variants.append(layer.merge().eval())
+        dense = copy.deepcopy(base).merge().eval()
+        for m in (1, 256):
+            x = torch.randn(m, k)
+            cells = [best_us(dense, x)] + [best_us(v, x) for v in variants]
+            lines.append(f"| {n}×{k} | {m} | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def table(results: dict) -> str:
     dense = results["rows"][0]["dense_lora_bytes"]
     lines = ["| method | perplexity (trained) | perplexity (stored form) | LoRA bytes fp32 | LoRA bytes bf16 | "
@@ -185,8 +224,13 @@ def main() -> None:
     parser.add_argument("--cache", default="runs/salor_base_wanda50",
                         help="where the converted base is saved once and reloaded from")
     parser.add_argument("--out", default="runs/salor_quality", help="results.json and ppl_vs_bytes.png go here")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="only time one layer's forward, SALR merged vs SALOR stored (no model, no training)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.timing_only:
+        print(f"{machine_line()}\nCommand: `{command_line()}`\n\n{timing(args)}")
+        return
     results = run(args)
     table_md = table(results)
     print(f"\n{results['machine']}\nCommand: `{results['command']}`\n\n{table_md}")
