@@ -84,7 +84,8 @@ def run(args) -> dict:
     results = {"machine": machine_line(), "args": vars(args), "command": command_line(),
                "eval_tokens": int(evals.numel()), "convert_seconds": convert_s, "rows": []}
     results["base"] = ppl(base, "base (no fine-tuning)")
-    config = TrainConfig(lr=args.lr, steps=args.steps, batch_size=args.batch_size, warmup_steps=min(args.warmup, args.steps),
+    config = TrainConfig(lr=args.lr, steps=args.steps, batch_size=args.batch_size,
+                         warmup_steps=min(args.warmup, args.steps),
                          seed=0, progress=True)
     for factor_sparsity in [None, *args.factor_sparsities]:
         name = "SALR (dense factors)" if factor_sparsity is None else f"SALOR {factor_sparsity:.0%} factors"

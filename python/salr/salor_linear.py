@@ -201,7 +201,8 @@ def pop_factor_config(method: str, factor_config: FactorSparsityConfig | None,
         data.pop("pattern", None)  # a new ratio alone replaces the base config's pattern
     data.update(given)
     if "sparsity" not in data and "pattern" not in data:
-        raise ValueError("factor_sparsity: method='salor' needs factor_sparsity (or factor_pattern, or a factor_config)")
+        raise ValueError("factor_sparsity: method='salor' needs factor_sparsity (or factor_pattern, or a "
+                         "factor_config)")
     return FactorSparsityConfig.from_dict(data)
 
 

@@ -36,6 +36,7 @@ from salr import checkpoint as ckpt
 from salr.batches import IterableBatches, TokenWindows, as_source, shard_batch  # noqa: F401 (re-exported)
 
 SCHEDULES = ("cosine", "linear", "constant")
+StepCallback = Callable[[torch.nn.Module, int], Any]  # train(on_step=...): fn(model, finished_steps)
 AUTOCAST_CHOICES = ("auto", "bfloat16", None)
 # Config fields that change the trajectory: a resume with other values is no longer "the same run".
 _TRAJECTORY_FIELDS = ("lr", "weight_decay", "warmup_steps", "schedule", "min_lr_ratio", "batch_size",
@@ -300,8 +301,7 @@ def _resolve_resume(resume: bool | str | os.PathLike, run_dir: Path | None, worl
 def train(model: torch.nn.Module, train_batches: Any, config: TrainConfig, run_dir: str | os.PathLike | None = None,
           eval_fn: Callable[[torch.nn.Module], Any] | None = None,
           resume: bool | str | os.PathLike = True,
-          on_step: Callable[[torch.nn.Module, int], Any] | Sequence[Callable[[torch.nn.Module, int], Any]] | None = None,
-          ) -> list[dict[str, Any]]:
+          on_step: StepCallback | Sequence[StepCallback] | None = None) -> list[dict[str, Any]]:
     """Fine-tunes the parameters of ``model`` that have requires_grad=True; returns the history.
 
     model: a causal LM called as ``model(input_ids=..., labels=...)`` returning ``.loss``; it is
