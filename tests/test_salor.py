@@ -101,12 +101,16 @@ def test_sparse_factors_apply_through_the_bm8x8_kernels(dtype):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"sparsity": 1.0}, "sparsity must be in"),
-    ({"sparsity": -0.1}, "sparsity must be in"),
-    ({"sparsity": 0.5, "pattern": "4:2"}, "0 < N < M"),
-    ({"sparsity": 0.5, "pattern": "2-4"}, "N:M"),
-    ({"sparsity": 0.3, "pattern": "2:4"}, "means sparsity 0.5"),
-    ({"sparsity": 0.5, "start_step": 5, "end_step": 2}, "start_step"),
+    ({"sparsity": 1.0}, r"factor_sparsity: must be in \[0, 1\).*got 1.0"),
+    ({"sparsity": -0.1}, r"factor_sparsity: must be in \[0, 1\)"),
+    ({"sparsity": float("nan")}, "factor_sparsity: expected a number"),
+    ({}, "factor_sparsity: required without an N:M factor_pattern"),
+    ({"sparsity": 0.5, "pattern": "4:2"}, "factor_pattern: '4:2' needs 0 < N < M"),
+    ({"sparsity": 0.5, "pattern": "2-4"}, "factor_pattern: expected 'N:M'"),
+    ({"sparsity": 0.3, "pattern": "2:4"}, r"factor_sparsity: factor_pattern '2:4'.*sparsity 0.5.*contradicts"),
+    ({"sparsity": 0.5, "start_step": 5, "end_step": 2}, "factor_start_step, factor_end_step"),
+    ({"sparsity": 0.5, "update_every": 0}, "factor_update_every: expected an integer >= 1"),
+    ({"sparsity": 0.5, "end_step": 2.5}, "factor_end_step: expected an integer"),
 ])
 def test_bad_config_is_a_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -114,8 +118,40 @@ def test_bad_config_is_a_clear_error(kwargs, match):
 
 
 def test_pattern_incompatible_with_rank_or_k_is_refused():
-    with pytest.raises(ValueError, match="rank .* multiple of 4"):
+    with pytest.raises(ValueError, match="factor_pattern: 2:4 needs the LoRA rank .* multiple of 4.* has 6"):
         SALORAdapter(64, 48, 6, 12, FactorSparsityConfig(0.5, pattern="2:4"))
-    with pytest.raises(ValueError, match="in_features .* multiple of 8"):
+    with pytest.raises(ValueError, match="factor_pattern: 2:8 needs in_features .* multiple of 8.* has 60"):
         SALORAdapter(60, 48, 16, 32, FactorSparsityConfig(0.75, pattern="2:8"))
+    with pytest.raises(ValueError, match="rank: must be in"):
+        SALORAdapter(8, 8, 9, 9, FactorSparsityConfig(0.5))
     assert magnitude_mask(torch.ones(3, 3), 0.0).all()
+
+
+def test_pattern_alone_gives_the_sparsity_and_rounding_is_half_up():
+    assert FactorSparsityConfig(pattern="1:4").sparsity == 0.75
+    # 0.5 of 5 entries: round-half-up prunes 3 (as salr.pruning counts), not banker's 2.
+    assert (~magnitude_mask(torch.arange(1.0, 6.0), 0.5)).sum() == 3
+
+
+def test_one_shot_config_masks_a_at_once_and_b_once_it_has_trained():
+    torch.manual_seed(0)
+    adapter = SALORAdapter(32, 24, 8, 16, FactorSparsityConfig(0.5))  # start = end = 0: one-shot
+    assert adapter.update_masks(0)
+    assert adapter.factor_sparsity() == (0.5, 0.0)  # B is all zero: no magnitudes to rank yet
+    with torch.no_grad():
+        adapter.lora_b.normal_()
+    assert adapter.update_masks(7) and adapter.factor_sparsity() == (0.5, 0.5)
+    assert not adapter.update_masks(8)  # frozen at the target
+
+
+def test_masks_are_rebuilt_exactly_from_the_zeros_after_a_resume():
+    cfg = FactorSparsityConfig(0.75, pattern="1:4", start_step=0, end_step=6, update_every=2)
+    adapter = trained_adapter(cfg)
+    for step in range(4):
+        adapter.update_masks(step)
+    fresh = SALORAdapter(64, 48, 16, 32, cfg)
+    fresh.load_state_dict({"lora_a": adapter.lora_a, "lora_b": adapter.lora_b,
+                           "mask_a": fresh.mask_a, "mask_b": fresh.mask_b})  # masks are not checkpointed
+    fresh.update_masks(3)  # the resume's first call: step 3 belongs to the update of step 2
+    assert torch.equal(fresh.mask_a, adapter.mask_a) and torch.equal(fresh.mask_b, adapter.mask_b)
+    assert cfg.last_update(3) == 2 and cfg.last_update(7) == 7 and cfg.ratio_at(cfg.last_update(3)) < 0.75

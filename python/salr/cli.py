@@ -78,8 +78,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=10, help="warmup steps (default 10)")
     p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine")
     p.add_argument("--train-seq-len", type=_positive_int, default=256, help="tokens per training window (default 256)")
-    p.add_argument("--factor-sparsity", type=_fraction, default=0.5,
-                   help="SALOR: sparsity of the LoRA factors A and B (default 0.5)")
+    p.add_argument("--factor-sparsity", type=_fraction, default=None,
+                   help="SALOR: sparsity of the LoRA factors A and B, reached by a cubic ramp over the first half "
+                        "of the steps (default 0.5, or 1 - N/M with --factor-pattern)")
+    p.add_argument("--factor-pattern", default=None,
+                   help="SALOR: N:M pattern of the factors (along K for A, along the rank for B), e.g. 2:4")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
 
 

@@ -11,7 +11,8 @@ On disk (``save`` / ``load``), a directory holding:
 * ``model.safetensors``: the whole state dict (compressed bases as bitmap/values/offsets; tied
   weights stored once), no pickle;
 * ``config.json``: ``{"format": "salr.model", "format_version", "model_class", "hf_config",
-  "salr_config", "layers": {name: shape, ranks, alpha, dropout, dtype}}``.
+  "salr_config", "layers": {name: shape, ranks, alpha, dropout, dtype}}``; a SALOR layer's entry
+  also holds ``factor_config`` and ``factor_rank`` (:mod:`salr.salor_linear`).
 
 The directory is written under a temporary name next to its destination and renamed into place.
 
@@ -37,6 +38,7 @@ from salr.assets import write_directory_atomically
 from salr.calibration import LinearStats, check_calibration, run_sequential
 from salr.models import block_linears, find_blocks, linear_dims, set_submodule, vocab_size, weight_view
 from salr.pruning import check_nm_width, parse_pattern, prune_weight
+from salr.salor_linear import SALORLinear, check_targets, layer_record_fields, layer_skeleton, pop_factor_config
 from salr.salr_linear import SALRConfig, SALRLinear
 from salr.svd_adapter import check_rank
 
@@ -44,7 +46,7 @@ MODEL_FORMAT = "salr.model"
 MODEL_FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-METHODS = ("salr",)
+METHODS = ("salr", "salor")
 
 
 def _make_config(config: SALRConfig | None, overrides: dict[str, Any]) -> SALRConfig:
@@ -120,17 +122,24 @@ def _stats_args(config: SALRConfig, stats: LinearStats | None) -> dict[str, Any]
 
 
 def convert(model: nn.Module, config: SALRConfig | None = None, calibration: Any = None, *,
-            method: str = "salr", progress: bool = True, **overrides: Any) -> nn.Module:
+            method: str = "salr", progress: bool = True, factor_config: Any = None, **overrides: Any) -> nn.Module:
     """Convert `model` in place to SALR and return it.
 
     ``config`` (a :class:`SALRConfig`) and/or keyword overrides of its fields (``sparsity=0.5,
     criterion="wanda", pattern="2:4", svd_rank=64, lora_rank=16, ...``). ``calibration``: token ids
     [n_windows, seq_len] (needed by Wanda, SparseGPT and the activation-aware SVD). Afterwards the
     LoRA (and the SVD adapter if ``trainable_svd``) are the only trainable parameters.
+
+    ``method="salor"``: the LoRA factors get masks (:class:`~salr.salor_linear.SALORLinear`), set by
+    ``factor_config`` (a :class:`~salr.salor.FactorSparsityConfig`) and/or ``factor_sparsity``,
+    ``factor_pattern``, ``factor_start_step``, ``factor_end_step``, ``factor_update_every``.
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    factor = pop_factor_config(method, factor_config, overrides)
     config = _make_config(config, overrides)
+    if factor is not None:
+        check_targets(model, config, factor)
 
     def act(index: int, name: str, lin: nn.Module, stats: LinearStats | None) -> None:
         module = SALRLinear.from_linear(
@@ -139,10 +148,12 @@ def convert(model: nn.Module, config: SALRConfig | None = None, calibration: Any
             lora_rank=config.lora_rank, alpha=config.alpha, dropout=config.dropout,
             trainable_svd=config.trainable_svd, activation_aware=config.activation_aware_svd,
             dtype=config.dtype, blocksize=config.blocksize, damping=config.damping, **_stats_args(config, stats))
+        if factor is not None:
+            module = SALORLinear.from_salr(module, factor)
         module.train(lin.training)
         set_submodule(model, name, module)
 
-    _run(model, config, calibration, progress, f"SALR: {config.criterion} {_ratio_text(config)}", act)
+    _run(model, config, calibration, progress, f"{method.upper()}: {config.criterion} {_ratio_text(config)}", act)
     freeze_all_but_adapters(model)
     model.salr_config = config
     return model
@@ -202,7 +213,7 @@ def _layer_record(module: SALRLinear) -> dict[str, Any]:
     return {"in_features": module.in_features, "out_features": module.out_features,
             "bias": module.bias is not None, "svd_rank": module.svd_rank, "lora_rank": module.lora_rank,
             "alpha": module.alpha, "dropout": module.dropout, "trainable_svd": module.trainable_svd,
-            "dtype": str(module.values.dtype).removeprefix("torch.")}
+            "dtype": str(module.values.dtype).removeprefix("torch."), **layer_record_fields(module)}
 
 
 def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False, tokenizer: Any = None) -> Path:
@@ -265,10 +276,7 @@ def load(directory: str | os.PathLike, device: torch.device | str = "cpu") -> nn
     hf_config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
     model = cls(hf_config)
     for name, info in record["layers"].items():
-        set_submodule(model, name, SALRLinear(
-            info["in_features"], info["out_features"], bias=info["bias"], svd_rank=info["svd_rank"],
-            lora_rank=info["lora_rank"], alpha=info["alpha"], dropout=info["dropout"],
-            trainable_svd=info["trainable_svd"], dtype=getattr(torch, info["dtype"])))
+        set_submodule(model, name, layer_skeleton(info))  # a SALRLinear or SALORLinear
     state = load_file(str(Path(directory) / WEIGHTS_FILE), device=str(device))
     # save_model stores tied tensors (e.g. lm_head = embed_tokens) once: give every missing alias
     # the tensor of its loaded partner, so assign=True ties them again.

@@ -13,7 +13,21 @@ from pathlib import Path
 from salr.runs import RunDirectory, markdown_table, plot_bars, plot_loss, plot_per_layer
 
 # "lora": the pruned base with a plain LoRA and no SVD residual adapter (the usual baseline).
-METHOD_OPTIONS = {"salr": {}, "lora": {"svd_rank": 0}}
+METHOD_OPTIONS = {"salr": {}, "lora": {"svd_rank": 0}, "salor": {"method": "salor"}}
+
+
+def _factor_options(args: argparse.Namespace, budget) -> dict:
+    """SALOR's convert options: the factor sparsity on a cubic ramp over the first half of the steps."""
+    sparsity, pattern = getattr(args, "factor_sparsity", None), getattr(args, "factor_pattern", None)
+    if args.method != "salor":
+        if sparsity is not None or pattern is not None:
+            raise ValueError(f"--factor-sparsity / --factor-pattern: only for --method salor, not {args.method}")
+        return {}
+    from salr.salor import FactorSparsityConfig
+
+    factor = FactorSparsityConfig(0.5 if sparsity is None and pattern is None else sparsity, pattern,
+                                  end_step=budget.train_steps // 2)
+    return {"factor_config": factor}
 
 
 def _budget(args: argparse.Namespace):
@@ -137,9 +151,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     run = _open_run(args)
     run.write_config(vars(args))
     budget = _budget(args)
+    factor_options = _factor_options(args, budget)  # checked before the model loads
     model, tokenizer, splits = workflow.load(args.model, args.text)
     options = {"sparsity": args.sparsity, "criterion": args.criterion, "pattern": args.pattern,
-               "alpha": args.lora_alpha, **METHOD_OPTIONS[args.method]}
+               "alpha": args.lora_alpha, **METHOD_OPTIONS[args.method], **factor_options}
     stages = {"pruned": {}}
     workflow.prune(model, splits, budget, **options)
     stages["pruned"]["perplexity"] = workflow.evaluate(model, splits, budget, "pruned")
@@ -166,6 +181,8 @@ def _losa_config(args: argparse.Namespace, budget):
         if bad:
             raise ValueError(f"{flag}: not available with --method losa (it prunes with Wanda, unstructured, "
                              f"in rounds that do not checkpoint)")
+    if getattr(args, "factor_sparsity", None) is not None or getattr(args, "factor_pattern", None) is not None:
+        raise ValueError("--factor-sparsity / --factor-pattern: only for --method salor, not losa")
     train = TrainConfig(steps=budget.train_steps, batch_size=budget.train_batch, lr=budget.lr,
                         warmup_steps=budget.warmup, schedule=args.schedule, grad_accum=args.grad_accum)
     return LoSAConfig(sparsity=args.sparsity, rounds=args.rounds, total_steps=budget.train_steps,

@@ -39,8 +39,8 @@ def count(fraction: float, size: int) -> int:
     return int(math.floor(fraction * size + 0.5))
 
 
-def parse_pattern(pattern: Any) -> tuple[int, int] | None:
-    """None -> None; "N:M" -> (N, M) with 0 < N < M. ValueError naming ``pattern`` otherwise."""
+def parse_pattern(pattern: Any, name: str = "pattern") -> tuple[int, int] | None:
+    """None -> None; "N:M" -> (N, M) with 0 < N < M. ValueError naming the argument `name` otherwise."""
     if pattern is None:
         return None
     if isinstance(pattern, (tuple, list)) and len(pattern) == 2:
@@ -49,11 +49,11 @@ def parse_pattern(pattern: Any) -> tuple[int, int] | None:
         try:
             n, m = (int(p) for p in pattern.split(":"))
         except ValueError:
-            raise ValueError(f"pattern: expected 'N:M' such as '2:4' or '4:8', got {pattern!r}") from None
+            raise ValueError(f"{name}: expected 'N:M' such as '2:4' or '4:8', got {pattern!r}") from None
     else:
-        raise ValueError(f"pattern: expected None or 'N:M' such as '2:4', got {pattern!r}")
+        raise ValueError(f"{name}: expected None or 'N:M' such as '2:4', got {pattern!r}")
     if not (isinstance(n, int) and isinstance(m, int)) or not 0 < n < m:
-        raise ValueError(f"pattern: {pattern!r} needs 0 < N < M (N weights kept out of every M), "
+        raise ValueError(f"{name}: {pattern!r} needs 0 < N < M (N weights kept out of every M), "
                          f"got N={n}, M={m}")
     return n, m
 
@@ -67,20 +67,22 @@ def check_sparsity(sparsity: Any, name: str = "sparsity") -> float:
     return float(sparsity)
 
 
-def resolve_sparsity(sparsity: Any, pattern: Any) -> float:
+def resolve_sparsity(sparsity: Any, pattern: Any, names: tuple[str, str] = ("sparsity", "pattern")) -> float:
     """The ratio a (sparsity, pattern) pair means; None takes it from the pattern.
 
-    ValueError when the ratio is out of [0, 1) or contradicts the N:M pattern.
+    ValueError when the ratio is out of [0, 1) or contradicts the N:M pattern; `names` are the
+    arguments the messages name (e.g. ("factor_sparsity", "factor_pattern") for SALOR).
     """
-    nm = parse_pattern(pattern)
+    sparsity_name, pattern_name = names
+    nm = parse_pattern(pattern, pattern_name)
     if sparsity is None:
         if nm is None:
-            raise ValueError("sparsity: required without an N:M pattern")
+            raise ValueError(f"{sparsity_name}: required without an N:M {pattern_name}")
         return 1.0 - nm[0] / nm[1]
-    s = check_sparsity(sparsity)
+    s = check_sparsity(sparsity, sparsity_name)
     if nm is not None and not math.isclose(s, 1.0 - nm[0] / nm[1], abs_tol=1e-9):
-        raise ValueError(f"sparsity: pattern {pattern!r} keeps {nm[0]} of every {nm[1]} weights "
-                         f"(sparsity {1 - nm[0] / nm[1]:g}), which contradicts sparsity={s:g}")
+        raise ValueError(f"{sparsity_name}: {pattern_name} {pattern!r} keeps {nm[0]} of every {nm[1]} weights "
+                         f"(sparsity {1 - nm[0] / nm[1]:g}), which contradicts {sparsity_name}={s:g}")
     return s
 
 

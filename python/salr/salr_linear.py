@@ -309,14 +309,19 @@ class SALRLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     # ---- compute -------------------------------------------------------------------------------
+    def _lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_lora, B_lora) as the forward uses them, unscaled (SALORLinear masks them here)."""
+        return self.lora_a, self.lora_b
+
     def _adapters(self, dtype: torch.dtype, with_lora: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         a_parts, b_parts = [], []
         if self.svd_a is not None:
             a_parts.append(self.svd_a.to(dtype))
             b_parts.append(self.svd_b.to(dtype))
         if with_lora and self.lora_a is not None:
-            a_parts.append(self.lora_a.to(dtype))
-            b_parts.append((self.lora_b * self.scale).to(dtype))
+            lora_a, lora_b = self._lora_factors()
+            a_parts.append(lora_a.to(dtype))
+            b_parts.append((lora_b * self.scale).to(dtype))
         if not a_parts:
             return None, None
         if len(a_parts) == 1:
@@ -332,8 +337,8 @@ class SALRLinear(nn.Module):
         y = ops.sparse_lowrank_gemm(xc, self.bitmap, self.values, self.offsets, self.out_features,
                                     self.in_features, a, b, bias)
         if separate_lora:
-            dropped = self.lora_dropout(xc)
-            y = y + (dropped @ self.lora_a.to(dtype).t()) @ (self.lora_b * self.scale).to(dtype).t()
+            lora_a, lora_b = self._lora_factors()
+            y = y + (self.lora_dropout(xc) @ lora_a.to(dtype).t()) @ (lora_b * self.scale).to(dtype).t()
         return y.to(x.dtype)
 
     @torch.no_grad()
@@ -343,7 +348,8 @@ class SALRLinear(nn.Module):
         if self.svd_a is not None:
             w = w + self.svd_b.float() @ self.svd_a.float()
         if self.lora_a is not None:
-            w = w + self.scale * (self.lora_b.float() @ self.lora_a.float())
+            lora_a, lora_b = self._lora_factors()
+            w = w + self.scale * (lora_b.float() @ lora_a.float())
         return w
 
     def base_dense(self) -> torch.Tensor:
@@ -357,8 +363,9 @@ class SALRLinear(nn.Module):
         merged adapter is frozen (an inference form); returns self."""
         if self.lora_a is None:
             return self
-        parts_a = [self.lora_a.float()]
-        parts_b = [self.lora_b.float() * self.scale]
+        lora_a, lora_b = self._lora_factors()
+        parts_a = [lora_a.float()]
+        parts_b = [lora_b.float() * self.scale]
         if self.svd_a is not None:
             parts_a.insert(0, self.svd_a.float())
             parts_b.insert(0, self.svd_b.float())

@@ -27,7 +27,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,7 @@ from salr import checkpoint as ckpt
 from salr.batches import IterableBatches, TokenWindows, as_source, shard_batch  # noqa: F401 (re-exported)
 
 SCHEDULES = ("cosine", "linear", "constant")
+StepCallback = Callable[[torch.nn.Module, int], Any]  # train(on_step=...): fn(model, finished_steps)
 AUTOCAST_CHOICES = ("auto", "bfloat16", None)
 # Config fields that change the trajectory: a resume with other values is no longer "the same run".
 _TRAJECTORY_FIELDS = ("lr", "weight_decay", "warmup_steps", "schedule", "min_lr_ratio", "batch_size",
@@ -299,7 +300,8 @@ def _resolve_resume(resume: bool | str | os.PathLike, run_dir: Path | None, worl
 
 def train(model: torch.nn.Module, train_batches: Any, config: TrainConfig, run_dir: str | os.PathLike | None = None,
           eval_fn: Callable[[torch.nn.Module], Any] | None = None,
-          resume: bool | str | os.PathLike = True) -> list[dict[str, Any]]:
+          resume: bool | str | os.PathLike = True,
+          on_step: StepCallback | Sequence[StepCallback] | None = None) -> list[dict[str, Any]]:
     """Fine-tunes the parameters of ``model`` that have requires_grad=True; returns the history.
 
     model: a causal LM called as ``model(input_ids=..., labels=...)`` returning ``.loss``; it is
@@ -312,6 +314,11 @@ def train(model: torch.nn.Module, train_batches: Any, config: TrainConfig, run_d
       eval mode, no grad, RNG untouched) on every rank.
     resume: True = continue from the newest complete checkpoint in run_dir if there is one; a path
       = from that checkpoint; False = start over.
+    on_step: ``fn(model, step)`` (or a list of them) with ``step`` = the optimizer steps finished:
+      once before the first step (0, or the resumed step) and after every optimizer update, before
+      that step is evaluated or checkpointed (e.g. :func:`salr.salor.update_all_masks`, the SALOR
+      mask schedule). What a callback changes outside the trainable parameters is not checkpointed:
+      it must be a function of the step and those parameters, so a resume rebuilds it.
 
     Seeds torch's global RNG with config.seed (a resume restores the saved RNG state instead).
 
@@ -321,6 +328,9 @@ def train(model: torch.nn.Module, train_batches: Any, config: TrainConfig, run_d
     """
     if not isinstance(config, TrainConfig):
         raise ValueError("config must be a TrainConfig")
+    callbacks = [on_step] if callable(on_step) else list(on_step or ())
+    if not all(callable(fn) for fn in callbacks):
+        raise ValueError("on_step: expected a callable fn(model, step) or a list of them")
     rank, world = distributed_context()
     is_main = rank == 0
     model = ckpt.unwrap_model(model)
@@ -355,6 +365,8 @@ def train(model: torch.nn.Module, train_batches: Any, config: TrainConfig, run_d
             warnings.warn(f"resuming {resume_from} with changed settings {changed}: the run will not "
                           f"match an uninterrupted one", stacklevel=2)
         _rewrite_log(log_path, history, config)
+    for fn in callbacks:
+        fn(model, step)
     if step >= config.steps:
         return history
 
@@ -421,6 +433,8 @@ def train(model: torch.nn.Module, train_batches: Any, config: TrainConfig, run_d
                 step += 1
                 data_state_done = source.state_dict()
                 rng_done = ckpt.capture_rng_state()  # a Ctrl-C mid-next-step must not save its RNG
+                for fn in callbacks:  # after the RNG capture, as the call a resume makes first
+                    fn(model, step)
                 elapsed = max(time.perf_counter() - started, 1e-9)
                 entry = {"step": step, "loss": step_loss, "lr": lr_now, "grad_norm": grad_norm,
                          "tokens": step_tokens, "tokens_per_s": step_tokens / elapsed, "eval": None}

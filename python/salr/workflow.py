@@ -76,13 +76,17 @@ def prune(model: nn.Module, splits: assets.TextSplits, budget: Budget, **salr_op
 
 def finetune(model: nn.Module, splits: assets.TextSplits, budget: Budget, run_dir=None,
              resume: bool = False, **train_options: Any) -> list[dict]:
-    """Train the adapters (whatever requires grad) on windows of the train pool."""
+    """Train the adapters (whatever requires grad) on windows of the train pool; a model with SALOR
+    layers follows their mask schedule (salr.salor.update_all_masks after every step)."""
+    from salr.salor import has_factor_masks, update_all_masks
+
     config = TrainConfig(steps=budget.train_steps, batch_size=budget.train_batch, lr=budget.lr,
                          warmup_steps=budget.warmup, **train_options)
     batches = TokenWindows(splits.train, budget.train_seq_len, seed=config.seed)
     model.train()
     try:
-        return train(model, batches, config, run_dir=run_dir, resume=resume)
+        return train(model, batches, config, run_dir=run_dir, resume=resume,
+                     on_step=update_all_masks if has_factor_masks(model) else None)
     finally:
         model.eval()
 
