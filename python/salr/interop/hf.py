@@ -192,6 +192,20 @@ def _check_tensors(state: dict[str, torch.Tensor], recorded: Any, path: Path) ->
                              f"{_dtype_name(tensor.dtype)} {list(tensor.shape)}")
 
 
+def fill_tied_aliases(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Tied tensors (e.g. lm_head = embed_tokens) are stored once: give every missing alias the
+    tensor of its loaded partner, so ``load_state_dict(assign=True)`` ties them again."""
+    shared: dict[int, list[str]] = {}
+    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(
+            model.named_buffers(remove_duplicate=False)):
+        shared.setdefault(id(tensor), []).append(name)
+    for names in shared.values():
+        present = [n for n in names if n in state]
+        for n in names:
+            if present and n not in state:
+                state[n] = state[present[0]]
+
+
 def load(directory: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:
     """Rebuild a model written by :func:`save` after verifying it (see the module doc), in eval mode
     with only the adapters trainable."""
@@ -204,17 +218,7 @@ def load(directory: str | os.PathLike, device: torch.device | str = "cpu") -> nn
     model = _skeleton(record, path)
     state = read_shards(directory, WEIGHTS_STEM)
     _check_tensors(state, section.get("tensors"), path)
-    # Tied tensors (e.g. lm_head = embed_tokens) were stored once: every missing alias gets the
-    # tensor of its loaded partner, so assign=True ties them again.
-    shared: dict[int, list[str]] = {}
-    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(
-            model.named_buffers(remove_duplicate=False)):
-        shared.setdefault(id(tensor), []).append(name)
-    for names in shared.values():
-        present = [n for n in names if n in state]
-        for n in names:
-            if present and n not in state:
-                state[n] = state[present[0]]
+    fill_tied_aliases(model, state)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
@@ -237,15 +241,25 @@ def load(directory: str | os.PathLike, device: torch.device | str = "cpu") -> nn
 
 # ------------------------------------------------------------------------------ to transformers
 
+def conv1d_layers(model: nn.Module) -> set[str]:
+    """Names of the SALRLinear layers that replaced a GPT-2 Conv1D (whose weight is stored [in, out]),
+    found on a weightless (meta-device) copy of the original architecture."""
+    import transformers
+
+    cls = getattr(transformers, type(model).__name__, None)
+    if cls is None or not hasattr(model, "config"):
+        return set()
+    with torch.device("meta"):
+        fresh = cls(model.config)
+    return {name for name in salr_layers(model) if is_conv1d(fresh.get_submodule(name))}
+
+
 @torch.no_grad()
 def dense_state_dict(model: nn.Module, merge_adapters: bool = True) -> dict[str, torch.Tensor]:
     """The state dict of the plain transformers model `model` was converted from: every SALRLinear
     becomes ``<name>.weight`` (the decoded base, plus B·A of its adapters when `merge_adapters`, in
     the layer dtype; transposed for GPT-2's Conv1D) and ``<name>.bias``."""
-    import transformers
-
-    with torch.device("meta"):  # only the layer classes are needed (GPT-2's Conv1D stores [in, out])
-        fresh = getattr(transformers, type(model).__name__)(model.config)
+    conv1d = conv1d_layers(model)
     state = {}
     for key, tensor in model.state_dict().items():
         owner = key.rpartition(".")[0]
@@ -253,7 +267,7 @@ def dense_state_dict(model: nn.Module, merge_adapters: bool = True) -> dict[str,
             state[key] = tensor
     for name, module in salr_layers(model).items():
         weight = module.to_dense() if merge_adapters else module.base_dense().float()
-        if is_conv1d(fresh.get_submodule(name)):
+        if name in conv1d:
             weight = weight.T
         state[f"{name}.weight"] = weight.to(module.values.dtype).contiguous()
         if module.bias is not None:
