@@ -40,7 +40,8 @@ from torch import nn
 
 from salr import reference
 from salr.format import BitmapSparseWeight
-from salr.interop.files import parse_size, read_json, read_shards, unique_tensors, write_json, write_shards
+from salr.interop.files import (check_destination, parse_size, read_json, read_shards, unique_tensors, write_json,
+                                write_shards)
 from salr.models import is_conv1d, is_linear, linear_dims, set_submodule
 from salr.salr_linear import SALRLinear
 
@@ -163,8 +164,7 @@ def export_compressed_tensors(model: nn.Module, directory: str | os.PathLike, *,
         raise ValueError(f"adapters: expected 'refuse' or 'drop', got {adapters!r}")
     final = Path(directory)
     max_bytes = parse_size(max_shard_size)
-    if final.exists() and not overwrite and (not final.is_dir() or any(final.iterdir())):
-        raise ValueError(f"directory: {final} exists and is not empty (pass overwrite=True to replace it)")
+    check_destination(final, overwrite)
     config = _hf_config(model)
     layers = salr_layers(model)
     if not layers:

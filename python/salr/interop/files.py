@@ -41,6 +41,12 @@ def parse_size(size: int | str, what: str = "max_shard_size") -> int:
     return value
 
 
+def check_destination(final: Path, overwrite: bool) -> None:
+    """Refuse to write over a non-empty `final` unless `overwrite` (ValueError naming `directory`)."""
+    if final.exists() and not overwrite and (not final.is_dir() or any(final.iterdir())):
+        raise ValueError(f"directory: {final} exists and is not empty (pass overwrite=True to replace it)")
+
+
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from salr import reference
-from salr.interop.files import (file_digest, parse_size, read_json, read_shards, unique_tensors,
+from salr.interop.files import (check_destination, file_digest, parse_size, read_json, read_shards, unique_tensors,
                                 verify_checksummed_json, verify_files, write_checksummed_json, write_shards)
 from salr.models import is_conv1d, set_submodule
 from salr.salr_linear import SALRConfig, SALRLinear
@@ -87,8 +87,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = Fa
 
     final = Path(directory)
     max_bytes = parse_size(max_shard_size)
-    if final.exists() and not overwrite and (not final.is_dir() or any(final.iterdir())):
-        raise ValueError(f"directory: {final} exists and is not empty (pass overwrite=True to replace it)")
+    check_destination(final, overwrite)
     hf_config = getattr(model, "config", None)
     if hf_config is None or not hasattr(hf_config, "to_dict"):
         raise ValueError("model: expected a Hugging Face model (with .config) to save")

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from salr.interop.files import read_json, write_json
+from salr.interop.files import check_destination, read_json, write_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -168,8 +168,7 @@ def export_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, base_
     from salr.convert import salr_layers
 
     final = Path(directory)
-    if final.exists() and not overwrite and (not final.is_dir() or any(final.iterdir())):
-        raise ValueError(f"directory: {final} exists and is not empty (pass overwrite=True to replace it)")
+    check_destination(final, overwrite)
     tensors, ranks = {}, {}
     for name, module in salr_layers(model).items():
         pair = combined_adapter(module)
