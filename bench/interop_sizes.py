@@ -72,7 +72,10 @@ def decompress_with_compressed_tensors(path: Path) -> tuple[torch.nn.Module, str
         how = f"compressed-tensors {compressed_tensors.__version__}: unpack_bitmasks + row-major scatter"
     else:
         ModelCompressor.from_pretrained(str(path)).decompress(str(path), model)
-        how = f"compressed-tensors {compressed_tensors.__version__}: ModelCompressor.decompress"
+        # decompress re-registers every parameter it loads, which unties lm_head from the embedding
+        # (stored once, as save_pretrained does); transformers' loader would tie them again
+        model.tie_weights()
+        how = f"compressed-tensors {compressed_tensors.__version__}: ModelCompressor.decompress + tie_weights"
     return model, how
 
 
