@@ -21,7 +21,8 @@ row-major and tile order, computed from per-(row, tile) popcounts. Neither direc
 dense matrix (:func:`bitmask_to_bm8x8`, :func:`bm8x8_to_bitmask`).
 
 Loading by the libraries: compressed-tensors up to 0.14 decompresses this format
-(``ModelCompressor.decompress``, and transformers 4.x's ``from_pretrained`` through it);
+(``ModelCompressor.decompress``, which unties a tied lm_head: call ``tie_weights()`` after it;
+and transformers 4.x's ``from_pretrained`` through it);
 compressed-tensors >= 0.15 keeps only its config class (``BitmaskConfig``) and its bit packing
 (``pack_bitmasks`` / ``unpack_bitmasks``), and transformers 5 no longer decompresses sparsity
 configs at all, so a transformers-5 ``from_pretrained`` of such a directory would leave the sparse
