@@ -6,15 +6,10 @@ blocks by a :class:`~salr.salr_linear.SALRLinear` (embeddings and lm_head stay d
 that need activations (Wanda, SparseGPT, the activation-aware SVD) calibrate sequentially, block by
 block (:mod:`salr.calibration`). Afterwards only the adapters are trainable.
 
-On disk (``save`` / ``load``), a directory holding:
-
-* ``model.safetensors``: the whole state dict (compressed bases as bitmap/values/offsets; tied
-  weights stored once), no pickle;
-* ``config.json``: ``{"format": "salr.model", "format_version", "model_class", "hf_config",
-  "salr_config", "layers": {name: shape, ranks, alpha, dropout, dtype}}``; a SALOR layer's entry
-  also holds ``factor_config`` and ``factor_rank`` (:mod:`salr.salor_linear`).
-
-The directory is written under a temporary name next to its destination and renamed into place.
+On disk (``save`` / ``load``): a ``save_pretrained``-style directory (HF config.json with a "salr"
+section, safetensors shards, tokenizer, every file's sha256), written atomically; see
+:mod:`salr.interop.hf`. A SALOR layer's record also holds ``factor_config`` and ``factor_rank``
+(:mod:`salr.salor_linear`).
 
 ``salr.convert`` is this module, and the module is callable: ``salr.convert(model, ...)`` is
 ``salr.convert.convert(model, ...)`` (so both the issue's ``salr.convert(model, config, data)`` and
@@ -23,7 +18,6 @@ The directory is written under a temporary name next to its destination and rena
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import types
@@ -34,7 +28,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from salr.assets import write_directory_atomically
 from salr.calibration import LinearStats, check_calibration, run_sequential
 from salr.models import block_linears, find_blocks, linear_dims, set_submodule, vocab_size, weight_view
 from salr.pruning import check_nm_width, parse_pattern, prune_weight
@@ -42,9 +35,6 @@ from salr.salor_linear import SALORLinear, check_targets, layer_record_fields, l
 from salr.salr_linear import SALRConfig, SALRLinear
 from salr.svd_adapter import check_rank
 
-MODEL_FORMAT = "salr.model"
-MODEL_FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 METHODS = ("salr", "salor")
 
@@ -156,6 +146,7 @@ def convert(model: nn.Module, config: SALRConfig | None = None, calibration: Any
     _run(model, config, calibration, progress, f"{method.upper()}: {config.criterion} {_ratio_text(config)}", act)
     freeze_all_but_adapters(model)
     model.salr_config = config
+    model.salr_method = method
     return model
 
 
@@ -208,97 +199,37 @@ def salr_layers(model: nn.Module) -> dict[str, SALRLinear]:
 
 
 # ------------------------------------------------------------------------------------------ files
+# The directory layout (format version 2: HF config.json + a "salr" section, safetensors shards,
+# tokenizer, checksums) lives in salr.interop.hf; these are its entry points under salr.convert.
 
-def _layer_record(module: SALRLinear) -> dict[str, Any]:
-    return {"in_features": module.in_features, "out_features": module.out_features,
-            "bias": module.bias is not None, "svd_rank": module.svd_rank, "lora_rank": module.lora_rank,
-            "alpha": module.alpha, "dropout": module.dropout, "trainable_svd": module.trainable_svd,
-            "dtype": str(module.values.dtype).removeprefix("torch."), **layer_record_fields(module)}
+def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False, tokenizer: Any = None,
+         max_shard_size: int | str = "2GB") -> Path:
+    """Write a converted model to `directory` (safetensors shards + config.json; atomic; see
+    :mod:`salr.interop.hf`). Returns the path."""
+    from salr.interop import hf
 
-
-def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False, tokenizer: Any = None) -> Path:
-    """Write a converted model to `directory` (safetensors + JSON; atomic). Returns the path."""
-    from safetensors.torch import save_model
-
-    final = Path(directory)
-    if final.exists() and not overwrite and any(final.iterdir()):
-        raise ValueError(f"directory: {final} exists and is not empty (pass overwrite=True to replace it)")
-    hf_config = getattr(model, "config", None)
-    if hf_config is None or not hasattr(hf_config, "to_json_string"):
-        raise ValueError("model: expected a Hugging Face model (with .config) to save")
-    salr_config = getattr(model, "salr_config", None)
-    record = {"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
-              "model_class": type(model).__name__,
-              "hf_config": json.loads(hf_config.to_json_string(use_diff=False)),
-              "salr_config": salr_config.to_dict() if isinstance(salr_config, SALRConfig) else None,
-              "layers": {name: _layer_record(m) for name, m in salr_layers(model).items()}}
-
-    def write(tmp: Path) -> None:
-        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": MODEL_FORMAT})
-        with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-
-    return write_directory_atomically(final, write, overwrite=overwrite)
+    return hf.save(model, directory, overwrite=overwrite, tokenizer=tokenizer, max_shard_size=max_shard_size)
 
 
 def read_record(directory: str | os.PathLike) -> dict[str, Any]:
-    """The config.json of a saved model, checked for format and version."""
-    path = Path(directory) / CONFIG_FILE
-    try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"directory: cannot read {path}: {exc}") from exc
-    if record.get("format") != MODEL_FORMAT:
-        raise ValueError(f"directory: {path} is not a saved salr model (format {record.get('format')!r})")
-    if record.get("format_version") != MODEL_FORMAT_VERSION:
-        raise ValueError(f"directory: {path} has format_version {record.get('format_version')!r}; "
-                         f"this salr reads {MODEL_FORMAT_VERSION}")
-    return record
+    """The config.json of a saved model, checked for format, version, checksum and file digests."""
+    from salr.interop import hf
+
+    return hf.read_record(directory)
+
+
+def is_saved_model(directory: str | os.PathLike) -> bool:
+    from salr.interop import hf
+
+    return hf.is_saved_model(directory)
 
 
 def load(directory: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:
-    """Rebuild a model written by :func:`save`: the architecture from its HF config, SALRLinear
-    skeletons at the recorded places, then every tensor from the file (dtypes and values exact)."""
-    import transformers
-    from safetensors.torch import load_file
+    """Rebuild a model written by :func:`save` after verifying every file (ValueError naming the file
+    and the field otherwise): SALRLinear layers at the recorded places, every tensor exact."""
+    from salr.interop import hf
 
-    record = read_record(directory)
-    cls = getattr(transformers, record["model_class"], None)
-    if cls is None:
-        raise ValueError(f"directory: model class {record['model_class']!r} is not in this transformers "
-                         f"({transformers.__version__})")
-    hf = dict(record["hf_config"])
-    hf_config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
-    model = cls(hf_config)
-    for name, info in record["layers"].items():
-        set_submodule(model, name, layer_skeleton(info))  # a SALRLinear or SALORLinear
-    state = load_file(str(Path(directory) / WEIGHTS_FILE), device=str(device))
-    # save_model stores tied tensors (e.g. lm_head = embed_tokens) once: give every missing alias
-    # the tensor of its loaded partner, so assign=True ties them again.
-    shared: dict[int, list[str]] = {}
-    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(
-            model.named_buffers(remove_duplicate=False)):
-        shared.setdefault(id(tensor), []).append(name)
-    for names in shared.values():
-        present = [n for n in names if n in state]
-        for n in names:
-            if present and n not in state:
-                state[n] = state[present[0]]
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise ValueError(f"directory: the weights file does not match the recorded model: {exc}") from exc
-    model.to(device)
-    freeze_all_but_adapters(model)
-    if record.get("salr_config") is not None:
-        model.salr_config = SALRConfig.from_dict(record["salr_config"])
-    model.eval()
-    return model
+    return hf.load(directory, device)
 
 
 class _CallableModule(types.ModuleType):

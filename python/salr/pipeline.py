@@ -74,14 +74,9 @@ def _plot_layers(run: RunDirectory, layers: list[dict]) -> None:
 
 
 def _is_salr_dir(path) -> bool:
-    import json
-
     from salr import convert
 
-    try:
-        return json.loads((Path(path) / convert.CONFIG_FILE).read_text()).get("format") == convert.MODEL_FORMAT
-    except (OSError, ValueError):
-        return False
+    return convert.is_saved_model(path)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
