@@ -2,11 +2,13 @@
 
 Holds ``bitmap`` / ``values`` / ``offsets`` and the logical shape, moves between devices, computes
 ``x·Wᵀ (+ adapters, bias)`` with the fused op, and saves/loads with safetensors (no pickle; writes
-are atomic; loads verify the format name, version, shapes, dtypes and the bitmap/offsets agreement).
+are atomic; loads verify the format name, version, shapes, dtypes, a sha256 of the contents and the
+bitmap/offsets agreement).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -22,6 +24,18 @@ FORMAT_NAME = "salr.bm8x8"
 FORMAT_VERSION = 1
 _TENSOR_NAMES = ("bitmap", "values", "offsets")
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor], header: str = "") -> str:
+    """sha256 of `header` and every tensor's name, dtype, shape and bytes, in name order: what a
+    safetensors file of ours stores in its metadata so a load can tell altered contents (the
+    safetensors format itself has no checksum)."""
+    digest = hashlib.sha256(header.encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -123,6 +137,7 @@ class BitmapSparseWeight:
         tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in _TENSOR_NAMES}
         metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
                     "shape": json.dumps([self.rows, self.cols]), "dtype": str(self.dtype).removeprefix("torch.")}
+        metadata["sha256"] = tensors_sha256(tensors, metadata["shape"] + metadata["dtype"])
         folder = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(prefix=".salr-", suffix=".tmp", dir=folder)
         os.close(fd)
@@ -151,8 +166,14 @@ class BitmapSparseWeight:
                     raise ValueError(f"{path}: expected tensors {sorted(_TENSOR_NAMES)}, found {sorted(names)}")
                 tensors = {name: f.get_tensor(name) for name in _TENSOR_NAMES}
                 rows, cols = json.loads(metadata.get("shape", "null"))
-        except (OSError, SafetensorError, RuntimeError, TypeError, json.JSONDecodeError) as exc:
+        except (OSError, SafetensorError, RuntimeError, TypeError, ValueError, json.JSONDecodeError) as exc:
+            if isinstance(exc, ValueError) and str(exc).startswith(path):
+                raise
             raise ValueError(f"{path}: cannot read a salr BM8x8 file: {exc}") from exc
+        # Files of salr < 0.1.1 have no sha256; a damaged key leaves the contents intact.
+        if "sha256" in metadata and metadata["sha256"] != tensors_sha256(
+                tensors, metadata.get("shape", "") + metadata.get("dtype", "")):
+            raise ValueError(f"{path}: the contents do not match the file's 'sha256' (truncated or altered)")
         if metadata.get("dtype") != str(tensors["values"].dtype).removeprefix("torch."):
             raise ValueError(f"{path}: metadata dtype {metadata.get('dtype')!r} disagrees with values "
                              f"{tensors['values'].dtype}")

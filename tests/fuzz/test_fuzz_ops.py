@@ -17,9 +17,12 @@ What "agrees with the reference" means (fuzz_cases.admissible implements it, per
   always stored (encode keeps every value != 0) and propagates like in a dense product.
 * bf16 only: an input below the smallest normal may be read as zero (vdpbf16ps and oneDNN's bf16
   GEMM have DAZ); the reference with those inputs flushed is admissible too.
-* Overflow: where Σ|terms| (or the fp32 adapter intermediate x·Aᵀ) exceeds half the largest finite
-  of fp32 or of the output dtype, the fp32 accumulation may overflow: a non-finite result is
+* Overflow: where Σ|terms| (or the fp32 adapter intermediate t = x·Aᵀ) exceeds half the largest
+  finite of fp32 or of the output dtype, the fp32 accumulation may overflow: a non-finite result is
   admissible there (a finite one must still be within tolerance).
+* Underflow of t = x·Aᵀ (fp32 by design): below fp32's smallest normal t keeps only an absolute
+  accuracy, which B scales (added to the bound); where such a t meets an infinite B, any non-finite
+  result is admissible (the sign and zero-ness of t are not determined).
 * bitmap_encode and bitmap_decode are exact: bit-identical to the reference (NaN payloads included).
 
 Profiles (hypothesis settings, fuzz_cases.py): ``ci`` (default; 100 cases per op and ISA path, ~30 s)
@@ -151,6 +154,11 @@ def test_sparse_lowrank_gemm(isa, case):
         # accuracy, which B scales.
         absolute = absolute + FP32_TINY * finite_abs(b).sum(1)
         may_overflow |= (t_magnitude > FP32_MAX / 2).any(1, keepdim=True)
+        # Where t underflows (|t| within fp32's accuracy of 0) its sign and zero-ness are not
+        # determined; times an infinite B that is any infinity or NaN (0·inf).
+        t_exact = x2 @ a.double().T
+        t_undetermined = t_exact.abs() <= TOLERANCE[torch.float32] * t_magnitude + FP32_TINY
+        may_overflow |= (t_undetermined.double() @ (~torch.isfinite(b)).double().T) > 0
     if bias is not None:
         magnitude = magnitude + finite_abs(bias)
     may_overflow |= magnitude > overflow_limit(dtype)
