@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from salr._checks import check_int, check_module, check_path
 from salr.format import tensors_sha256
 
 CHECKPOINT_FORMAT = "salr-train-checkpoint"
@@ -48,6 +49,7 @@ _TMP_PREFIX = ".tmp-"
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The module under a DDP / FSDP-style wrapper, so parameter names never carry 'module.'."""
+    check_module(model)
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
     return model
@@ -188,6 +190,10 @@ def capture_rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def restore_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    if not isinstance(tensors, dict) or not isinstance(tensors.get("rng.torch"), torch.Tensor):
+        raise ValueError("tensors: expected the tensors of capture_rng_state() (with 'rng.torch')")
+    if not isinstance(meta, dict):
+        raise ValueError(f"meta: expected the dict of capture_rng_state(), got {type(meta).__name__}")
     torch.set_rng_state(tensors["rng.torch"])
     cuda_states = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")),
                                               key=lambda k: int(k.rsplit(".", 1)[1]))]
@@ -242,7 +248,7 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
 # ----------------------------------------------------------------------------- save
 
 def checkpoint_root(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / CHECKPOINT_DIRNAME
+    return Path(check_path(run_dir, "run_dir")) / CHECKPOINT_DIRNAME
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Module,
@@ -257,6 +263,10 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
     rng_state: a :func:`capture_rng_state` taken earlier (at the end of the step being saved);
     None captures the generators as they are now.
     """
+    check_int(step, "step")
+    check_module(model)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_STEP_PREFIX}{step:08d}"
@@ -321,7 +331,7 @@ def _step_dirs(root: Path) -> list[Path]:
 
 def verify_checkpoint(path: str | os.PathLike, hashes: bool = True) -> str | None:
     """None when ``path`` is a complete checkpoint, else the reason it is not."""
-    path = Path(path)
+    path = Path(check_path(path, "path"))
     try:
         with open(path / STATE_FILE, encoding="utf-8") as f:
             state = json.load(f)
@@ -368,8 +378,12 @@ def find_latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 def read_checkpoint_state(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON part of a checkpoint (step, data position, history, config, ...)."""
-    with open(Path(path) / STATE_FILE, encoding="utf-8") as f:
-        return json.load(f)
+    file = Path(check_path(path, "path")) / STATE_FILE
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"path: cannot read {file}: {exc}") from exc
 
 
 # ----------------------------------------------------------------------------- load

@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from salr import ops, reference
+from salr._checks import check_path, check_tensor
 
 FORMAT_NAME = "salr.bm8x8"
 FORMAT_VERSION = 1
@@ -30,6 +31,10 @@ def tensors_sha256(tensors: dict[str, torch.Tensor], header: str = "") -> str:
     """sha256 of `header` and every tensor's name, dtype, shape and bytes, in name order: what a
     safetensors file of ours stores in its metadata so a load can tell altered contents (the
     safetensors format itself has no checksum)."""
+    if not isinstance(tensors, dict):
+        raise ValueError(f"tensors: expected a dict of name -> tensor, got {type(tensors).__name__}")
+    for name, t in tensors.items():
+        check_tensor(t, f"tensors[{name!r}]")
     digest = hashlib.sha256(header.encode())
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
@@ -114,6 +119,8 @@ class BitmapSparseWeight:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "BitmapSparseWeight":
         """Move to `device` and/or cast values to `dtype`. A cast that underflows a value to zero
         re-encodes, so the bitmap keeps meaning "nonzero"."""
+        if dtype is not None and dtype not in _WEIGHT_DTYPES:
+            raise ValueError(f"BitmapSparseWeight.to: dtype: must be float32, bfloat16 or float16, got {dtype}")
         moved = BitmapSparseWeight(self.bitmap.to(device), self.values.to(device), self.offsets.to(device),
                                    self.rows, self.cols)
         if dtype is None or dtype == self.dtype:
@@ -133,7 +140,9 @@ class BitmapSparseWeight:
     # ---- files ---------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write a safetensors file atomically (temp file in the same folder, then rename)."""
-        path = os.fspath(path)
+        path = check_path(path, "path")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise ValueError(f"path: the folder of {path} does not exist")
         tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in _TENSOR_NAMES}
         metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
                     "shape": json.dumps([self.rows, self.cols]), "dtype": str(self.dtype).removeprefix("torch.")}
@@ -152,7 +161,7 @@ class BitmapSparseWeight:
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "BitmapSparseWeight":
         """Read a file written by :meth:`save`, verifying format, version, shapes and consistency."""
-        path = os.fspath(path)
+        path = check_path(path, "path")
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 metadata = f.metadata() or {}

@@ -70,6 +70,8 @@ class FactorSparsityConfig:
 
     def ratio_at(self, step: int) -> float:
         """The scheduled sparsity at `step` (cubic ramp, then the target)."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step: must be an integer >= 0, got {step!r}")
         if step >= self.end_step:
             return self.sparsity
         if step < self.start_step:
@@ -80,6 +82,8 @@ class FactorSparsityConfig:
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep the largest-|w| entries so that exactly round(sparsity·numel) are pruned."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity: must be a number in [0, 1], got {sparsity!r}")
     prune = round(sparsity * weight.numel())
     mask = torch.ones_like(weight, dtype=torch.bool)
     if prune > 0:
@@ -138,6 +142,7 @@ class SALORAdapter(nn.Module):
     @torch.no_grad()
     def update_masks(self, step: int) -> bool:
         """Recompute both masks for `step` if the schedule says so. Returns whether they changed."""
+        self.config.ratio_at(step)  # validates step
         cfg = self.config
         if step > cfg.end_step or step < cfg.start_step:
             return False
@@ -164,6 +169,8 @@ class SALORAdapter(nn.Module):
         return self.lora_a * self.mask_a, (self.lora_b * self.mask_b) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.lora_a.shape[1]:
+            raise ValueError(f"x: last dimension {x.shape[-1]} != in_features {self.lora_a.shape[1]}")
         if self.training:
             self.apply_masks()
         a, b = self.masked_factors()
@@ -197,4 +204,6 @@ class SparseFactors:
 
 def update_all_masks(model: nn.Module, step: int) -> int:
     """Step every SALORAdapter of `model`; returns how many changed their masks."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     return sum(int(m.update_masks(step)) for m in model.modules() if isinstance(m, SALORAdapter))

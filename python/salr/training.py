@@ -136,6 +136,8 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     warmup-1 uses the full lr; afterwards cosine / linear decay from 1 towards min_lr_ratio over the
     remaining steps (reached one step after the last update), or constant.
     """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step: must be an integer >= 0, got {step!r}")
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     if config.schedule == "constant":
@@ -174,6 +176,8 @@ def init_distributed_from_env(backend: str | None = None) -> torch.device:
     Returns the device this rank should put its model on (cuda:LOCAL_RANK, or cpu). A no-op
     returning the default device when WORLD_SIZE is unset or 1.
     """
+    if backend is not None and backend not in ("gloo", "nccl", "mpi", "ucc", "xccl"):
+        raise ValueError(f"backend: must be None, 'gloo', 'nccl', 'mpi', 'ucc' or 'xccl', got {backend!r}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and backend != "gloo"
