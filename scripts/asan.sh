@@ -5,7 +5,9 @@
 #   bash scripts/asan.sh tests/test_gemm.py -x    # any pytest arguments
 # The installed salr is untouched: the sources under python/salr are copied next to the ASan
 # libraries (build/asan/pkg) and put first on PYTHONPATH. libasan is preloaded because python
-# itself is not instrumented; leak detection is off (CPython and torch keep allocations until exit).
+# itself is not instrumented, and libstdc++ with it (python does not link it: without it ASan's
+# __cxa_throw interceptor finds no real one and aborts on the first C++ exception); leak detection is
+# off (CPython and torch keep allocations until exit).
 # AVX-512 masked / expand loads are not instrumented by ASan (the scalar kernels and all the glue
 # are), and valgrind cannot run AVX-512 code at all, so SALR_CPU_ISA=scalar runs see the most.
 set -euo pipefail
@@ -25,6 +27,6 @@ cp "$build/libsalr_ops.so" "$build/pkg/salr/lib/"
 cp "$build"/_C*.so "$build/pkg/salr/"
 cd "$root"
 [ $# -gt 0 ] || set -- tests/test_errors.py tests/fuzz
-LD_PRELOAD="$(gcc -print-file-name=libasan.so)" ASAN_OPTIONS="detect_leaks=0:abort_on_error=1" \
+LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so.6)" ASAN_OPTIONS="detect_leaks=0:abort_on_error=1" \
   PYTHONPATH="$build/pkg" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" \
   "$python" -m pytest -q -p no:cacheprovider "$@"

@@ -159,7 +159,7 @@ CASES = [
     ("salr.losa.masked_lora.LoSALinear.from_linear", lambda: losa.LoSALinear.from_linear(torch.nn.Linear(8, 8), rank=-1), E, "rank"),
     ("salr.losa.masked_lora.LoSALinear.forward", lambda: losa.LoSALinear(torch.eye(8))(torch.ones(2, 7)), E, "x: last dimension 7"),
     ("salr.losa.masked_lora.LoSALinear.apply_mask", lambda: losa.LoSALinear(torch.eye(8)).apply_mask(torch.ones(3, 3, dtype=torch.bool)), E, "keep"),
-    ("salr.losa.masked_lora.LoSALinear.resize_rank", lambda: losa.LoSALinear(torch.eye(8)).resize_rank(0), E, "rank"),
+    ("salr.losa.masked_lora.LoSALinear.resize_rank", lambda: losa.LoSALinear(torch.eye(8)).resize_rank(-1), E, "rank: must be an integer >= 0"),
     ("salr.losa.masked_lora.masked_lora_linear", lambda: losa.masked_lora_linear(
         torch.ones(2, 8), *ops.bitmap_encode(torch.eye(8)), 8, 8, torch.ones(2, 8), torch.ones(8, 3), 1.0), E, "lora_a/lora_b"),
     ("salr.losa.rmi.StreamingCKA", lambda: losa.StreamingCKA(0), E, "num_blocks"),

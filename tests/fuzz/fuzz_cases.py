@@ -37,6 +37,13 @@ FP32_TINY = torch.finfo(torch.float32).smallest_normal
 SPECIAL_KINDS = ("nan", "+inf", "-inf", "subnormal", "-subnormal", "max", "-max", "half_max")
 
 
+def _put(key: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
+
+
 @contextmanager
 def env(**values: str | None):
     """Set (or, with None, unset) environment variables for the block: the ISA and crossover switches
@@ -44,17 +51,11 @@ def env(**values: str | None):
     saved = {k: os.environ.get(k) for k in values}
     try:
         for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+            _put(k, v)
         yield
     finally:
         for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+            _put(k, v)
 
 
 # ---- drawn tensor descriptions ---------------------------------------------------------------

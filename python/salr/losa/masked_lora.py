@@ -260,8 +260,8 @@ class LoSALinear(nn.Module):
         rest into the base values at the mask, so the masked layer's output is unchanged. Directions
         with no singular value (an untrained B) keep orthonormal A rows, so they still learn.
         """
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank: must be an integer >= 1, got {rank!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ValueError(f"rank: must be an integer >= 0, got {rank!r}")
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
             raise ValueError(f"rank: must be an integer >= 0, got {rank!r}")
         old = self.rank
