@@ -27,6 +27,7 @@ cp "$build/libsalr_ops.so" "$build/pkg/salr/lib/"
 cp "$build"/_C*.so "$build/pkg/salr/"
 cd "$root"
 [ $# -gt 0 ] || set -- tests/test_errors.py tests/fuzz
-LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so.6)" ASAN_OPTIONS="detect_leaks=0:abort_on_error=1" \
-  PYTHONPATH="$build/pkg" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" \
-  "$python" -m pytest -q -p no:cacheprovider "$@"
+export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so.6)"
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1" PYTHONPATH="$build/pkg" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+"$python" -c "import salr; assert salr.native_available(), salr.native_error(); print('salr from', salr.__file__)"
+"$python" -m pytest -q -p no:cacheprovider "$@"
