@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from salr._checks import check_fraction, check_int, check_module
 from salr.format import BitmapSparseWeight
 
 
@@ -70,8 +71,7 @@ class FactorSparsityConfig:
 
     def ratio_at(self, step: int) -> float:
         """The scheduled sparsity at `step` (cubic ramp, then the target)."""
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step: must be an integer >= 0, got {step!r}")
+        check_int(step, "step")
         if step >= self.end_step:
             return self.sparsity
         if step < self.start_step:
@@ -82,8 +82,7 @@ class FactorSparsityConfig:
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep the largest-|w| entries so that exactly round(sparsity·numel) are pruned."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"sparsity: must be a number in [0, 1], got {sparsity!r}")
+    check_fraction(sparsity, "sparsity")
     prune = round(sparsity * weight.numel())
     mask = torch.ones_like(weight, dtype=torch.bool)
     if prune > 0:
@@ -204,6 +203,5 @@ class SparseFactors:
 
 def update_all_masks(model: nn.Module, step: int) -> int:
     """Step every SALORAdapter of `model`; returns how many changed their masks."""
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    check_module(model)
     return sum(int(m.update_masks(step)) for m in model.modules() if isinstance(m, SALORAdapter))

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from salr import checkpoint as ckpt
+from salr._checks import check_int
 from salr.batches import IterableBatches, TokenWindows, as_source, shard_batch  # noqa: F401 (re-exported)
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -136,8 +137,7 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     warmup-1 uses the full lr; afterwards cosine / linear decay from 1 towards min_lr_ratio over the
     remaining steps (reached one step after the last update), or constant.
     """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step: must be an integer >= 0, got {step!r}")
+    check_int(step, "step")
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     if config.schedule == "constant":
