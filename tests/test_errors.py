@@ -106,3 +106,79 @@ def test_bad_isa_variable_is_an_error(monkeypatch, weight):
         gemm(torch.randn(1, COLS), *weight)
     with pytest.raises(ValueError, match="SALR_CPU_ISA"):
         salr.cpu_isa()
+
+
+# ---- malformed sparse weights, every op that takes one, every ISA path ------------------------
+# Weight [20, 70]: 3 bands x 9 tiles, 2 column groups per band, offsets has 7 entries.
+
+def _malformed_weight():
+    """A [20, 70] weight with a nonzero in the last row and in the last column (so shrinking the
+    logical shape puts set bits into the padding)."""
+    dense = random_sparse(ROWS, COLS, 0.5, torch.float32, make_generator("malformed"))
+    dense[ROWS - 1, 0] = dense[0, COLS - 1] = 1.0
+    return ops.bitmap_encode(dense)
+
+
+def _with(tensor, **edits):
+    out = tensor.clone()
+    for index, value in edits.items():
+        out[int(index.removeprefix("i"))] = value
+    return out
+
+
+INCONSISTENT = r"bitmap, values and offsets are inconsistent at band"
+# name -> (bitmap, values, offsets, rows, cols) edit, expected message after "salr.<op>: ".
+MALFORMED = {
+    "offsets not monotone": (lambda b, v, o: (b, v, _with(o, i2=o[3], i3=o[2]), ROWS, COLS), INCONSISTENT),
+    "offset negative": (lambda b, v, o: (b, v, _with(o, i1=-5), ROWS, COLS), INCONSISTENT),
+    "offset past the values": (lambda b, v, o: (b, v, _with(o, i5=v.numel() + 1000), ROWS, COLS), INCONSISTENT),
+    "offset int32 max": (lambda b, v, o: (b, v, _with(o, i3=2**31 - 1), ROWS, COLS), INCONSISTENT),
+    "offsets[0] not 0": (lambda b, v, o: (b, v, _with(o, i0=1), ROWS, COLS), r"offsets\[0\] must be 0, got 1"),
+    "values longer than offsets say": (lambda b, v, o: (b, torch.cat([v, v[:3]]), o, ROWS, COLS),
+                                       r"offsets\[-1\] must equal the number of values"),
+    "values empty": (lambda b, v, o: (b, v[:0], o, ROWS, COLS), r"offsets\[-1\] must equal the number of values \(0\)"),
+    "values 2-D": (lambda b, v, o: (b, v.view(1, -1), o, ROWS, COLS), r"values must be 1-D"),
+    "values float64": (lambda b, v, o: (b, v.double(), o, ROWS, COLS), r"values must be float32, bfloat16 or float16"),
+    "values int32": (lambda b, v, o: (b, v.int(), o, ROWS, COLS), r"values must be float32, bfloat16 or float16"),
+    "bitmap int32": (lambda b, v, o: (b.int(), v, o, ROWS, COLS), r"bitmap must have dtype Long"),
+    "bitmap 1-D": (lambda b, v, o: (b.view(-1), v, o, ROWS, COLS), r"bitmap must be 2-D"),
+    "offsets int64": (lambda b, v, o: (b, v, o.long(), ROWS, COLS), r"offsets must have dtype Int"),
+    "offsets 2-D": (lambda b, v, o: (b, v, o.view(1, -1), ROWS, COLS), r"offsets must be 1-D"),
+    "offsets too short": (lambda b, v, o: (b, v, o[:-2].contiguous(), ROWS, COLS), r"offsets must have 7 entries"),
+    "rows larger than the bitmap": (lambda b, v, o: (b, v, o, 40, COLS), r"bitmap must have shape \[5, 9\] for a \[40, 70\]"),
+    "cols smaller than the bitmap": (lambda b, v, o: (b, v, o, ROWS, 60), r"bitmap must have shape \[3, 8\] for a \[20, 60\]"),
+    "rows cut into the last band": (lambda b, v, o: (b, v, o, 17, COLS), INCONSISTENT + " 2, column group 0"),
+    "cols cut into the last tile": (lambda b, v, o: (b, v, o, ROWS, 65), INCONSISTENT + " 0, column group 1"),
+    "row padding bit (the sign bit)": (lambda b, v, o: (_with(b.view(-1), i26=b.view(-1)[26] | (-2**63)).view(b.shape),
+                                                        v, o, ROWS, COLS), INCONSISTENT + " 2, column group 1"),
+    "negative out_features": (lambda b, v, o: (b, v, o, -8, COLS), r"out_features and in_features must be >= 0"),
+}
+WEIGHT_OPS = {
+    "bitmap_decode": lambda b, v, o, n, k: torch.ops.salr.bitmap_decode(b, v, o, n, k),
+    "sparse_lowrank_gemm": lambda b, v, o, n, k: torch.ops.salr.sparse_lowrank_gemm(torch.randn(3, k), b, v, o, n, k),
+    "sparse_gemm_transposed": lambda b, v, o, n, k: torch.ops.salr.sparse_gemm_transposed(torch.randn(3, max(n, 0)), b, v, o, n, k),
+    "sampled_gemm": lambda b, v, o, n, k: torch.ops.salr.sampled_gemm(torch.randn(3, max(n, 0)), torch.randn(3, k), b, v, o, n, k),
+}
+
+
+@pytest.mark.parametrize("op", WEIGHT_OPS)
+def test_malformed_weights_raise_before_reading(isa, op):
+    """Every malformed weight is refused with the op's name and what is wrong, on every kernel
+    path (the per-group checks live in the ISA kernels); afterwards the op still works."""
+    good = _malformed_weight()
+    for name, (edit, message) in MALFORMED.items():
+        with pytest.raises(RuntimeError, match=rf"salr\.{op}: ({message})") as caught:
+            WEIGHT_OPS[op](*edit(*good))
+        assert "salr." + op in str(caught.value), name
+    dense = ops.bitmap_decode(*good, ROWS, COLS)
+    x = torch.randn(3, COLS, dtype=torch.float64)
+    torch.testing.assert_close(ops.sparse_lowrank_gemm(x.float(), *good, ROWS, COLS), (x @ dense.double().T).float())
+
+
+@pytest.mark.parametrize("name", [n for n in MALFORMED if n != "values float64"])  # the oracle computes in float64
+def test_reference_refuses_malformed_weights(name):
+    """The pure-PyTorch fallback refuses the same weights with a ValueError naming the op."""
+    edit, _ = MALFORMED[name]
+    b, v, o, n, k = edit(*_malformed_weight())
+    with pytest.raises(ValueError, match=r"salr\.bitmap_decode: "):
+        salr.reference.bitmap_decode(b, v, o, n, k)

@@ -12,6 +12,8 @@ from typing import Any, Iterable
 
 import torch
 
+from salr._checks import check_int
+
 
 class TokenWindows:
     """Deterministic, resumable [rows, seq_len] token windows cut from one 1-D token tensor.
@@ -54,6 +56,7 @@ class TokenWindows:
 
     def take(self, rows: int) -> torch.Tensor:
         """The next ``rows`` windows as a [rows, seq_len] int64 tensor."""
+        check_int(rows, "rows")
         out = torch.empty(rows, self.seq_len, dtype=torch.long)
         for r in range(rows):
             epoch, index = divmod(self.consumed, self.windows_per_epoch)
@@ -68,6 +71,8 @@ class TokenWindows:
                 "num_tokens": self.tokens.numel(), "shuffle": self.shuffle}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or not isinstance(state.get("consumed"), int) or state["consumed"] < 0:
+            raise ValueError(f"state: expected a TokenWindows.state_dict() with 'consumed' >= 0, got {state!r}")
         mine = self.state_dict()
         for key in ("seed", "seq_len", "num_tokens", "shuffle"):
             if state.get(key) != mine[key]:
@@ -84,6 +89,8 @@ class IterableBatches:
     """
 
     def __init__(self, iterable: Iterable[Any]) -> None:
+        if not isinstance(iterable, Iterable):
+            raise ValueError(f"iterable: expected an iterable of batches, got {type(iterable).__name__}")
         self.iterable = iterable
         self.consumed = 0
         self._iterator = iter(iterable)
@@ -104,6 +111,8 @@ class IterableBatches:
         return {"kind": "iterable", "consumed": self.consumed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or not isinstance(state.get("consumed"), int) or state["consumed"] < 0:
+            raise ValueError(f"state: expected an IterableBatches.state_dict() with 'consumed' >= 0, got {state!r}")
         self._iterator = iter(self.iterable)
         self.consumed = 0
         for _ in range(int(state["consumed"])):

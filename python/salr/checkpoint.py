@@ -6,7 +6,8 @@ Layout of one checkpoint (a directory under ``<run_dir>/checkpoints/``)::
         trainable.safetensors     the parameters with requires_grad=True, by name
         train_state.safetensors   optimizer state tensors + RNG state tensors
         state.json                everything else: step, scheduler, data position, history, config,
-                                  and the byte size + sha256 of the two tensor files
+                                  the byte size + sha256 of the two tensor files, and a sha256 of
+                                  its own contents (key "sha256")
 
 No pickle anywhere: tensors go to safetensors, the rest to JSON. A checkpoint is written into a
 temporary directory next to its final place, every file is fsync'ed, then the directory is renamed
@@ -27,7 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from salr._checks import check_int, check_module, check_path
+from salr.format import tensors_sha256
 
 CHECKPOINT_FORMAT = "salr-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -43,6 +49,7 @@ _TMP_PREFIX = ".tmp-"
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The module under a DDP / FSDP-style wrapper, so parameter names never carry 'module.'."""
+    check_module(model)
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
     return model
@@ -88,6 +95,13 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _state_sha256(state: dict[str, Any]) -> str:
+    """sha256 of state.json's contents without its own "sha256" key (canonical JSON), so an edit
+    that still parses (a flipped digit in the step, a learning rate) is caught too."""
+    body = {k: v for k, v in state.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=True).encode()).hexdigest()
+
+
 def _write_json(path: Path, obj: Any) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, sort_keys=True, allow_nan=True)
@@ -111,7 +125,8 @@ def save_trainable(model: torch.nn.Module, path: str | os.PathLike) -> Path:
     tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _save_tensors({n: _cpu_copy(p) for n, p in params.items()}, tmp, {"format": "salr-trainable"})
+        tensors = {n: _cpu_copy(p) for n, p in params.items()}
+        _save_tensors(tensors, tmp, {"format": "salr-trainable", "sha256": tensors_sha256(tensors)})
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
@@ -125,7 +140,15 @@ def load_trainable(model: torch.nn.Module, path: str | os.PathLike, strict: bool
     strict: every trainable parameter of the model must be in the file and every tensor in the file
     must be a trainable parameter of the model, with the same shape.
     """
-    saved = load_file(str(path))
+    try:
+        saved = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            digest = (f.metadata() or {}).get("sha256")
+    except (OSError, SafetensorError) as exc:
+        raise ValueError(f"load_trainable: {path}: cannot read the safetensors file: {exc}") from exc
+    # Files of salr < 0.1.1 have no sha256; a damaged key leaves the contents intact.
+    if digest is not None and digest != tensors_sha256(saved):
+        raise ValueError(f"load_trainable: {path}: the tensors do not match the file's 'sha256' (truncated or altered)")
     params = trainable_parameters(model)
     missing = sorted(set(params) - set(saved))
     unexpected = sorted(set(saved) - set(params))
@@ -167,6 +190,10 @@ def capture_rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def restore_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    if not isinstance(tensors, dict) or not isinstance(tensors.get("rng.torch"), torch.Tensor):
+        raise ValueError("tensors: expected the tensors of capture_rng_state() (with 'rng.torch')")
+    if not isinstance(meta, dict):
+        raise ValueError(f"meta: expected the dict of capture_rng_state(), got {type(meta).__name__}")
     torch.set_rng_state(tensors["rng.torch"])
     cuda_states = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")),
                                               key=lambda k: int(k.rsplit(".", 1)[1]))]
@@ -221,7 +248,7 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
 # ----------------------------------------------------------------------------- save
 
 def checkpoint_root(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / CHECKPOINT_DIRNAME
+    return Path(check_path(run_dir, "run_dir")) / CHECKPOINT_DIRNAME
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Module,
@@ -236,6 +263,10 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
     rng_state: a :func:`capture_rng_state` taken earlier (at the end of the step being saved);
     None captures the generators as they are now.
     """
+    check_int(step, "step")
+    check_module(model)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_STEP_PREFIX}{step:08d}"
@@ -243,8 +274,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
     tmp.mkdir()
     try:
         params = trainable_parameters(model)
-        _save_tensors({n: _cpu_copy(p) for n, p in params.items()}, tmp / TRAINABLE_FILE,
-                      {"format": "salr-trainable"})
+        trainable = {n: _cpu_copy(p) for n, p in params.items()}
+        _save_tensors(trainable, tmp / TRAINABLE_FILE, {"format": "salr-trainable", "sha256": tensors_sha256(trainable)})
         opt_tensors, opt_meta = _split_optimizer_state(optimizer)
         rng_tensors, rng_meta = rng_state if rng_state is not None else capture_rng_state()
         _save_tensors({**opt_tensors, **rng_tensors}, tmp / TRAIN_STATE_FILE)
@@ -257,6 +288,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
             "rng": rng_meta, "data": data_state, "history": history or [], "config": config or {},
             "extra": extra or {},
         }
+        state["sha256"] = _state_sha256(state)
         _write_json(tmp / STATE_FILE, state)  # last: its presence + hashes mark the set complete
         _fsync_dir(tmp)
         if final.exists():  # re-saving a step (e.g. Ctrl-C right after a periodic save)
@@ -299,7 +331,7 @@ def _step_dirs(root: Path) -> list[Path]:
 
 def verify_checkpoint(path: str | os.PathLike, hashes: bool = True) -> str | None:
     """None when ``path`` is a complete checkpoint, else the reason it is not."""
-    path = Path(path)
+    path = Path(check_path(path, "path"))
     try:
         with open(path / STATE_FILE, encoding="utf-8") as f:
             state = json.load(f)
@@ -311,6 +343,12 @@ def verify_checkpoint(path: str | os.PathLike, hashes: bool = True) -> str | Non
         return f"{STATE_FILE} is not a {CHECKPOINT_FORMAT}"
     if state.get("version") != CHECKPOINT_VERSION:
         return f"version {state.get('version')} (this salr reads {CHECKPOINT_VERSION})"
+    # Checkpoints of salr < 0.1.1 have no "sha256"; a damaged key leaves the contents intact.
+    if "sha256" in state and state["sha256"] != _state_sha256(state):
+        return f"{STATE_FILE} does not match its 'sha256' (altered)"
+    if not isinstance(state.get("files"), dict) or not all(
+            isinstance(info, dict) and {"bytes", "sha256"} <= set(info) for info in state["files"].values()):
+        return f"{STATE_FILE} has no valid 'files' record"
     for name, info in state.get("files", {}).items():
         file = path / name
         if not file.is_file():
@@ -340,8 +378,12 @@ def find_latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 def read_checkpoint_state(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON part of a checkpoint (step, data position, history, config, ...)."""
-    with open(Path(path) / STATE_FILE, encoding="utf-8") as f:
-        return json.load(f)
+    file = Path(check_path(path, "path")) / STATE_FILE
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"path: cannot read {file}: {exc}") from exc
 
 
 # ----------------------------------------------------------------------------- load

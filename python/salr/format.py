@@ -2,11 +2,13 @@
 
 Holds ``bitmap`` / ``values`` / ``offsets`` and the logical shape, moves between devices, computes
 ``x·Wᵀ (+ adapters, bias)`` with the fused op, and saves/loads with safetensors (no pickle; writes
-are atomic; loads verify the format name, version, shapes, dtypes and the bitmap/offsets agreement).
+are atomic; loads verify the format name, version, shapes, dtypes, a sha256 of the contents and the
+bitmap/offsets agreement).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -17,11 +19,28 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from salr import ops, reference
+from salr._checks import check_path, check_tensor
 
 FORMAT_NAME = "salr.bm8x8"
 FORMAT_VERSION = 1
 _TENSOR_NAMES = ("bitmap", "values", "offsets")
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor], header: str = "") -> str:
+    """sha256 of `header` and every tensor's name, dtype, shape and bytes, in name order: what a
+    safetensors file of ours stores in its metadata so a load can tell altered contents (the
+    safetensors format itself has no checksum)."""
+    if not isinstance(tensors, dict):
+        raise ValueError(f"tensors: expected a dict of name -> tensor, got {type(tensors).__name__}")
+    for name, t in tensors.items():
+        check_tensor(t, f"tensors[{name!r}]")
+    digest = hashlib.sha256(header.encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -100,6 +119,8 @@ class BitmapSparseWeight:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "BitmapSparseWeight":
         """Move to `device` and/or cast values to `dtype`. A cast that underflows a value to zero
         re-encodes, so the bitmap keeps meaning "nonzero"."""
+        if dtype is not None and dtype not in _WEIGHT_DTYPES:
+            raise ValueError(f"BitmapSparseWeight.to: dtype: must be float32, bfloat16 or float16, got {dtype}")
         moved = BitmapSparseWeight(self.bitmap.to(device), self.values.to(device), self.offsets.to(device),
                                    self.rows, self.cols)
         if dtype is None or dtype == self.dtype:
@@ -119,10 +140,13 @@ class BitmapSparseWeight:
     # ---- files ---------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write a safetensors file atomically (temp file in the same folder, then rename)."""
-        path = os.fspath(path)
+        path = check_path(path, "path")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise ValueError(f"path: the folder of {path} does not exist")
         tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in _TENSOR_NAMES}
         metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
                     "shape": json.dumps([self.rows, self.cols]), "dtype": str(self.dtype).removeprefix("torch.")}
+        metadata["sha256"] = tensors_sha256(tensors, metadata["shape"] + metadata["dtype"])
         folder = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(prefix=".salr-", suffix=".tmp", dir=folder)
         os.close(fd)
@@ -137,7 +161,7 @@ class BitmapSparseWeight:
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "BitmapSparseWeight":
         """Read a file written by :meth:`save`, verifying format, version, shapes and consistency."""
-        path = os.fspath(path)
+        path = check_path(path, "path")
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 metadata = f.metadata() or {}
@@ -151,8 +175,14 @@ class BitmapSparseWeight:
                     raise ValueError(f"{path}: expected tensors {sorted(_TENSOR_NAMES)}, found {sorted(names)}")
                 tensors = {name: f.get_tensor(name) for name in _TENSOR_NAMES}
                 rows, cols = json.loads(metadata.get("shape", "null"))
-        except (OSError, SafetensorError, RuntimeError, TypeError, json.JSONDecodeError) as exc:
+        except (OSError, SafetensorError, RuntimeError, TypeError, ValueError, json.JSONDecodeError) as exc:
+            if isinstance(exc, ValueError) and str(exc).startswith(path):
+                raise
             raise ValueError(f"{path}: cannot read a salr BM8x8 file: {exc}") from exc
+        # Files of salr < 0.1.1 have no sha256; a damaged key leaves the contents intact.
+        if "sha256" in metadata and metadata["sha256"] != tensors_sha256(
+                tensors, metadata.get("shape", "") + metadata.get("dtype", "")):
+            raise ValueError(f"{path}: the contents do not match the file's 'sha256' (truncated or altered)")
         if metadata.get("dtype") != str(tensors["values"].dtype).removeprefix("torch."):
             raise ValueError(f"{path}: metadata dtype {metadata.get('dtype')!r} disagrees with values "
                              f"{tensors['values'].dtype}")

@@ -9,7 +9,9 @@ and values share one dtype; accumulation is fp32.
 
 Non-finite inputs: NaN/inf in ``values``, adapters or bias propagate as in the dense product. NaN/inf
 in ``x`` propagate through stored nonzeros; whether they also reach outputs through pruned zeros
-(IEEE 0·inf = NaN) depends on the kernel path (SIMD paths multiply whole 8x8 tiles).
+(IEEE 0·inf = NaN) depends on the kernel path (SIMD paths multiply whole 8x8 tiles). bf16 inputs
+below the smallest normal (|v| < 2^-126) are read as zero by the AVX-512 BF16 kernel (vdpbf16ps) and
+by the large-M dense path (oneDNN), not by the scalar / AVX2 kernels. tests/fuzz states the contract.
 """
 
 from __future__ import annotations

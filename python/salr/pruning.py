@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from salr._checks import check_fraction, check_int, check_tensor
+
 CRITERIA = ("magnitude", "wanda", "sparsegpt")
 GROUPS = ("row", "layer")
 # Each criterion's comparison group as its paper uses it: magnitude per layer (the baseline of the
@@ -36,6 +38,8 @@ DEFAULT_GROUP = {"magnitude": "layer", "wanda": "row", "sparsegpt": "layer"}
 
 def count(fraction: float, size: int) -> int:
     """round-half-up(fraction·size): how many of `size` weights a ratio prunes."""
+    check_fraction(fraction, "fraction")
+    check_int(size, "size")
     return int(math.floor(fraction * size + 0.5))
 
 
@@ -116,6 +120,7 @@ def check_nm_width(in_features: int, nm: tuple[int, int] | None, what: str = "we
 # ---------------------------------------------------------------------------------------- scores
 
 def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
+    check_tensor(weight, "weight", dim=2)
     return weight.detach().float().abs()
 
 
@@ -184,4 +189,6 @@ def prune_weight(weight: torch.Tensor, criterion: str, sparsity: float | None, *
 
 def mask_sparsity(keep: torch.Tensor) -> float:
     """Fraction of pruned entries of a keep-mask."""
+    if check_tensor(keep, "keep").dtype != torch.bool:
+        raise ValueError(f"keep: must be a bool mask, got dtype {keep.dtype}")
     return 1.0 - keep.float().mean().item()

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from salr._checks import check_fraction, check_int, check_module
 from salr.format import BitmapSparseWeight
 from salr.pruning import _prune_smallest, count, parse_pattern, resolve_sparsity
 
@@ -70,6 +71,7 @@ class FactorSparsityConfig:
 
     def ratio_at(self, step: int) -> float:
         """The scheduled sparsity at `step` (cubic ramp, then the target)."""
+        check_int(step, "step")
         if step >= self.end_step:
             return self.sparsity
         if step < self.start_step:
@@ -116,6 +118,7 @@ class FactorSparsityConfig:
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep the largest-|w| entries so that exactly round(sparsity·numel) are pruned."""
+    check_fraction(sparsity, "sparsity")
     scores = weight.detach().abs().float().reshape(-1)
     return _prune_smallest(scores, count(sparsity, scores.numel()), dim=0).reshape(weight.shape)
 
@@ -208,6 +211,8 @@ class SALORAdapter(FactorMasks, nn.Module):
         self._register_masks(rank, in_features, out_features, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.lora_a.shape[1]:
+            raise ValueError(f"x: last dimension {x.shape[-1]} != in_features {self.lora_a.shape[1]}")
         if self.training:
             self.apply_masks()
         a, b = self.masked_factors()
@@ -246,6 +251,7 @@ def update_all_masks(model: nn.Module, step: int) -> int:
 
     Usable as a :func:`salr.training.train` ``on_step`` callback.
     """
+    check_module(model)
     return sum(int(m.update_masks(step)) for m in model.modules() if isinstance(m, FactorMasks))
 
 

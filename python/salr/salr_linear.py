@@ -139,8 +139,12 @@ class SALRConfig:
     def layer_sparsity(self, block_index: int, name: str) -> float:
         """The ratio for the linear `name` of decoder block `block_index`."""
         if isinstance(self.sparsity, dict):
+            if name not in self.sparsity:
+                raise ValueError(f"name: {name!r} has no entry in the per-layer sparsity mapping")
             return self.sparsity[name]
         if isinstance(self.sparsity, tuple):
+            if isinstance(block_index, bool) or not isinstance(block_index, int) or not 0 <= block_index < len(self.sparsity):
+                raise ValueError(f"block_index: must be an integer in [0, {len(self.sparsity)}), got {block_index!r}")
             return self.sparsity[block_index]
         return self.sparsity
 

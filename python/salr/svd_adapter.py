@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from salr._checks import check_tensor
+
 SVD_METHODS = ("exact", "randomized")
 
 
@@ -44,6 +46,7 @@ def randomized_svd(matrix: torch.Tensor, rank: int, oversample: int = 10, power_
     Q spans M·Ω for a Gaussian Ω with rank + oversample columns, refined by power iterations
     (re-orthonormalised each time for stability); then the small matrix QᵀM is decomposed exactly.
     """
+    check_rank(rank, *check_tensor(matrix, "matrix", dim=2).shape)
     rows, cols = matrix.shape
     width = min(rank + max(0, oversample), rows, cols)
     if generator is None:
@@ -107,4 +110,5 @@ def residual_adapter(weight: torch.Tensor, pruned: torch.Tensor, rank: int, **kw
 
 def eckart_young_bound(rank: int, rows: int, cols: int) -> float:
     """The guaranteed MSE reduction factor 1 − r/min(N, K) of a rank-r truncated SVD."""
+    check_rank(rank, rows, cols)
     return 1.0 - rank / min(rows, cols)

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from salr import checkpoint as ckpt
+from salr._checks import check_int
 from salr.batches import IterableBatches, TokenWindows, as_source, shard_batch  # noqa: F401 (re-exported)
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -137,6 +138,7 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     warmup-1 uses the full lr; afterwards cosine / linear decay from 1 towards min_lr_ratio over the
     remaining steps (reached one step after the last update), or constant.
     """
+    check_int(step, "step")
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
     if config.schedule == "constant":
@@ -175,6 +177,8 @@ def init_distributed_from_env(backend: str | None = None) -> torch.device:
     Returns the device this rank should put its model on (cuda:LOCAL_RANK, or cpu). A no-op
     returning the default device when WORLD_SIZE is unset or 1.
     """
+    if backend is not None and backend not in ("gloo", "nccl", "mpi", "ucc", "xccl"):
+        raise ValueError(f"backend: must be None, 'gloo', 'nccl', 'mpi', 'ucc' or 'xccl', got {backend!r}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and backend != "gloo"

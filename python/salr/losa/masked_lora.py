@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from salr import ops, reference
+from salr._checks import check_int
 
 Tensor = torch.Tensor
 _VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -260,8 +261,7 @@ class LoSALinear(nn.Module):
         rest into the base values at the mask, so the masked layer's output is unchanged. Directions
         with no singular value (an untrained B) keep orthonormal A rows, so they still learn.
         """
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-            raise ValueError(f"rank: must be an integer >= 0, got {rank!r}")
+        check_int(rank, "rank")
         old = self.rank
         a, b = self.lora_a.detach(), self.lora_b.detach()
         if rank > old:

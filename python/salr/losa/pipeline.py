@@ -202,6 +202,7 @@ class _StopForward(Exception):
 def block_cka(model: nn.Module, calibration: torch.Tensor, cka_tokens: int | None = 256, seed: int = 0,
               progress: bool = True) -> torch.Tensor:
     """Streaming linear CKA [L, L] between the decoder blocks' input features, one window at a time."""
+    check_calibration(calibration, vocab_size(model), name="calibration")
     _, blocks = find_blocks(model)
     device = model_device(model)
     feats: list[torch.Tensor | None] = [None] * len(blocks)
@@ -237,6 +238,9 @@ def wanda_keep(weight: torch.Tensor, column_norms: torch.Tensor, sparsity: float
                current: torch.Tensor | None = None) -> torch.Tensor:
     """Keep-mask pruning round(sparsity·K) entries per output row by |W|·‖X_j‖ (Wanda's rule);
     entries outside ``current`` are pruned first, so the result lies inside it (masks only grow)."""
+    if weight.dim() != 2 or column_norms.shape != (weight.shape[1],):
+        raise ValueError(f"column_norms: need one norm per column of the [N, K] weight, got {tuple(column_norms.shape)} "
+                         f"for {tuple(weight.shape)}")
     scores = weight.detach().float().abs() * column_norms.to(weight.device).float()[None, :]
     if current is not None:
         scores = scores.masked_fill(~current, -1.0)  # below every real score (scores are >= 0)
@@ -371,7 +375,9 @@ def export_salr(model: nn.Module) -> int:
     same bitmap, values and offsets (no re-encode: bit for bit), so the model goes through
     ``salr.save`` / ``salr.load``, generation and the CLI like any salr model. Returns the count.
     ValueError for a layer that still has an adapter (call ``merge()`` or run with final_merge)."""
+    from salr._checks import check_module
     from salr.salr_linear import SALRLinear
+    check_module(model)
 
     layers = losa_layers(model)
     unmerged = [name for name, m in layers.items() if m.rank > 0]
