@@ -14,12 +14,18 @@ import torch
 import salr
 from salr import BitmapSparseWeight, checkpoint, ops, pruning, salor, svd_adapter
 from salr import batches, evaluate, generation, losa, training
+from salr import lm_eval_adapter as lea
+from salr import salor_linear as sl
+from salr.interop import compressed_tensors as ict
+from salr.interop import hf
+from salr.interop import peft as ipeft
 from salr.salr_linear import SALRConfig, SALRLinear, dtype_from_name
 from salr_helpers import one_thread, tiny_model  # noqa: F401  (autouse fixture)
 
 PUBLIC_MODULES = ["salr", "salr.ops", "salr.format", "salr.convert", "salr.pruning", "salr.svd_adapter",
                   "salr.salr_linear", "salr.training", "salr.batches", "salr.evaluate", "salr.losa", "salr.salor",
-                  "salr.generation", "salr.checkpoint"]
+                  "salr.generation", "salr.checkpoint", "salr.salor_linear", "salr.interop.hf", "salr.interop.peft",
+                  "salr.interop.compressed_tensors", "salr.lm_eval_adapter"]
 
 # Callables with nothing a caller could get wrong (no arguments, or only `self`), and result records.
 NO_ARGUMENTS_TO_CHECK = {
@@ -37,8 +43,12 @@ NO_ARGUMENTS_TO_CHECK = {
     "salr.losa.masked_lora.LoSALinear.mask", "salr.losa.masked_lora.LoSALinear.delta_values",
     "salr.losa.masked_lora.LoSALinear.merged_values", "salr.losa.masked_lora.LoSALinear.effective_weight",
     "salr.losa.masked_lora.LoSALinear.merge", "salr.losa.rmi.StreamingCKA.matrix",
-    "salr.salor.SALORAdapter.apply_masks", "salr.salor.SALORAdapter.masked_factors",
-    "salr.salor.SALORAdapter.factor_sparsity", "salr.salor.SALORAdapter.to_sparse",
+    "salr.salor.FactorMasks", "salr.salor.FactorMasks.apply_masks", "salr.salor.FactorMasks.masked_factors",
+    "salr.salor.FactorMasks.factor_sparsity", "salr.salor.SALORAdapter.to_sparse",
+    "salr.salor.FactorSparsityConfig.to_dict", "salr.salor_linear.SALORLinear.compressed_bytes",
+    "salr.salor_linear.SALORLinear.lora_bytes", "salr.salor_linear.SALORLinear.merge",
+    "salr.salor_linear.SALORLinear.to_dense", "salr.salor_linear.SALORLinear.extra_repr",
+    "salr.lm_eval_adapter.available",
     # Result records filled in by salr itself, not by callers.
     "salr.losa.pipeline.LoSAReport", "salr.losa.pipeline.RoundReport", "salr.generation.DecodeResult",
     "salr.salor.SparseFactors",
@@ -57,6 +67,10 @@ def weight():
 
 def layer():
     return SALRLinear.from_weights(torch.eye(16), svd_a=torch.randn(2, 16), svd_b=torch.randn(16, 2))
+
+
+def fc():
+    return salor.FactorSparsityConfig(0.5)
 
 
 def model():
@@ -93,7 +107,7 @@ CASES = [
     ("salr.salr_linear.SALRLinear.set_base", lambda: layer().set_base(torch.zeros(8, 16)), E, "pruned_weight"),
     ("salr.salr_linear.SALRLinear.forward", lambda: layer()(torch.ones(2, 15)), (RuntimeError, E), "x must have shape"),
     ("salr.salr_linear.dtype_from_name", lambda: dtype_from_name("float7"), E, "dtype"),
-    # ---- whole models (convert.py: validation as it is; h9 owns the file)
+    # ---- whole models
     ("salr.convert.convert", lambda: salr.convert.convert(model(), sparsity=-0.5, progress=False), E, "sparsity"),
     ("salr.convert.convert", lambda: salr.convert.convert(model(), method="dense", progress=False), E, "method"),
     ("salr.convert.prune_model", lambda: salr.convert.prune_model(model(), criterion="wanda", progress=False), E, "calibration"),
@@ -177,23 +191,52 @@ CASES = [
     ("salr.salor.FactorSparsityConfig", lambda: salor.FactorSparsityConfig(sparsity=1.0), E, "sparsity"),
     ("salr.salor.FactorSparsityConfig.ratio_at", lambda: salor.FactorSparsityConfig(0.5).ratio_at(-1), E, "step"),
     ("salr.salor.SALORAdapter", lambda: salor.SALORAdapter(8, 8, 0, 1.0, salor.FactorSparsityConfig(0.5)), E, "rank"),
-    ("salr.salor.SALORAdapter.update_masks", lambda: salor.SALORAdapter(8, 8, 2, 1.0, salor.FactorSparsityConfig(0.5)).update_masks(-1), E, "step"),
+    ("salr.salor.FactorMasks.update_masks", lambda: salor.SALORAdapter(8, 8, 2, 1.0, salor.FactorSparsityConfig(0.5)).update_masks(-1), E, "step"),
     ("salr.salor.SALORAdapter.forward", lambda: salor.SALORAdapter(8, 8, 2, 1.0, salor.FactorSparsityConfig(0.5))(torch.ones(2, 7)), E, "x: last dimension 7"),
     ("salr.salor.magnitude_mask", lambda: salor.magnitude_mask(torch.ones(4), 1.5), E, "sparsity"),
     ("salr.salor.nm_mask", lambda: salor.nm_mask(torch.ones(2, 8), 2, 3), E, "M=3"),
-    ("salr.salor.parse_pattern", lambda: salor.parse_pattern("4:2"), E, "pattern"),
+    # ---- SALOR layers, files and interop, lm-eval
+    ("salr.convert.is_saved_model", lambda: salr.convert.is_saved_model(None), E, "directory"),
+    ("salr.interop.hf.is_saved_model", lambda: hf.is_saved_model(None), E, "directory"),
+    ("salr.interop.hf.load", lambda: hf.load("/nonexistent/model"), E, "directory"),
+    ("salr.interop.hf.read_record", lambda: hf.read_record("/nonexistent/model"), E, "directory"),
+    ("salr.interop.hf.save", lambda: hf.save(torch.nn.Linear(2, 2), "/tmp/salr-never-written"), E, "model"),
+    ("salr.interop.hf.salr_layers", lambda: hf.salr_layers("model"), E, "model: expected a torch.nn.Module"),
+    ("salr.interop.hf.conv1d_layers", lambda: hf.conv1d_layers("model"), E, "model: expected a torch.nn.Module"),
+    ("salr.interop.hf.dense_state_dict", lambda: hf.dense_state_dict("model"), E, "model: expected a torch.nn.Module"),
+    ("salr.interop.hf.fill_tied_aliases", lambda: hf.fill_tied_aliases(model(), None), E, "state"),
+    ("salr.interop.hf.to_transformers", lambda: hf.to_transformers("/nonexistent/model"), E, "directory"),
+    ("salr.interop.compressed_tensors.bitmask_to_bm8x8", lambda: ict.bitmask_to_bm8x8(torch.ones(3), torch.zeros(4, 1, dtype=torch.uint8), None, (4, 8)), E, "compressed"),
+    ("salr.interop.compressed_tensors.bm8x8_to_bitmask", lambda: ict.bm8x8_to_bitmask(torch.eye(8)), E, "weight"),
+    ("salr.interop.compressed_tensors.export_compressed_tensors", lambda: ict.export_compressed_tensors(torch.nn.Linear(2, 2), "/tmp/salr-never-written"), E, "model"),
+    ("salr.interop.compressed_tensors.import_compressed_tensors", lambda: ict.import_compressed_tensors("/nonexistent/ct"), E, "/nonexistent/ct"),
+    ("salr.interop.compressed_tensors.read_sparsity_config", lambda: ict.read_sparsity_config("/nonexistent/ct"), E, "/nonexistent/ct"),
+    ("salr.interop.peft.combined_adapter", lambda: ipeft.combined_adapter("layer"), E, "module"),
+    ("salr.interop.peft.export_peft_adapter", lambda: ipeft.export_peft_adapter(model(), "/tmp/salr-never-written"), E, "model"),
+    ("salr.interop.peft.load_peft_adapter", lambda: ipeft.load_peft_adapter(model(), "/nonexistent/peft"), E, "/nonexistent/peft"),
+    ("salr.interop.peft.read_adapter_config", lambda: ipeft.read_adapter_config("/nonexistent/peft"), E, "/nonexistent/peft"),
+    ("salr.lm_eval_adapter.evaluate_tasks", lambda: lea.evaluate_tasks(model(), None, []), E, "tasks"),
+    ("salr.lm_eval_adapter.lm_eval_model", lambda: lea.lm_eval_model(model(), None), E, "tokenizer"),
+    ("salr.salor.FactorSparsityConfig.check_dims", lambda: salor.FactorSparsityConfig(0.5, "2:4").check_dims(10, 4), E, "10"),
+    ("salr.salor.FactorSparsityConfig.from_dict", lambda: salor.FactorSparsityConfig.from_dict({"sparsity": 0.5, "colour": 1}), E, "colour"),
+    ("salr.salor.FactorSparsityConfig.last_update", lambda: fc().last_update(-1), E, "step"),
+    ("salr.salor.FactorSparsityConfig.pruned_count", lambda: fc().pruned_count(-1, 0.5), E, "numel"),
+    ("salr.salor.SparseFactors.from_dense", lambda: salor.SparseFactors.from_dense(torch.ones(3), torch.ones(2, 2)), E, "a"),
+    ("salr.salor.has_factor_masks", lambda: salor.has_factor_masks("model"), E, "model: expected a torch.nn.Module"),
+    ("salr.salor_linear.SALORLinear", lambda: sl.SALORLinear(16, 16, factor_config=None, lora_rank=4), E, "factor_config"),
+    ("salr.salor_linear.SALORLinear.from_salr", lambda: sl.SALORLinear.from_salr(torch.nn.Linear(8, 8), fc()), E, "layer"),
+    ("salr.salor_linear.SALORLinear.forward", lambda: sl.SALORLinear(16, 16, factor_config=fc(), lora_rank=4)(torch.ones(2, 15)), (RuntimeError, E), "x must have shape"),
+    ("salr.salor_linear.check_targets", lambda: sl.check_targets(model(), SALRConfig(lora_rank=0), fc()), E, "lora_rank"),
+    ("salr.salor_linear.layer_record_fields", lambda: sl.layer_record_fields("layer"), E, "module"),
+    ("salr.salor_linear.layer_skeleton", lambda: sl.layer_skeleton({"in_features": 8}), E, "info"),
+    ("salr.salor_linear.pop_factor_config", lambda: sl.pop_factor_config("salr", fc(), {}), E, "factor_config"),
+    ("salr.salor_linear.salor_layers", lambda: sl.salor_layers("model"), E, "model: expected a torch.nn.Module"),
+    ("salr.salor_linear.to_salor", lambda: sl.to_salor(model(), None), E, "factor_config"),
     ("salr.salor.update_all_masks", lambda: salor.update_all_masks("model", 1), E, "model: expected a torch.nn.Module"),
 ]
 
 
-# convert.py is being rewritten by another change: these two still fail with AttributeError. strict:
-# once they pass, this list must shrink.
-KNOWN_GAPS = {"salr.convert.salr_layers", "salr.convert.freeze_all_but_adapters"}
-
-
-@pytest.mark.parametrize("name, call, error, fragment", [
-    pytest.param(*case, marks=pytest.mark.xfail(strict=True, reason="convert.py: no model check yet"))
-    if case[0] in KNOWN_GAPS else case for case in CASES], ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize("name, call, error, fragment", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 def test_bad_argument_is_named(name, call, error, fragment):
     with pytest.raises(error) as caught:
         call()

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from salr._checks import check_module
 from salr.calibration import LinearStats, check_calibration, run_sequential
 from salr.models import block_linears, find_blocks, linear_dims, set_submodule, vocab_size, weight_view
 from salr.pruning import check_nm_width, parse_pattern, prune_weight
@@ -181,6 +182,7 @@ def _ratio_text(config: SALRConfig) -> str:
 
 def freeze_all_but_adapters(model: nn.Module) -> list[str]:
     """requires_grad only on LoRA factors (and SVD factors of trainable_svd layers); returns their names."""
+    check_module(model)
     for p in model.parameters():
         p.requires_grad_(False)
     trainable = []
@@ -195,6 +197,7 @@ def freeze_all_but_adapters(model: nn.Module) -> list[str]:
 
 
 def salr_layers(model: nn.Module) -> dict[str, SALRLinear]:
+    check_module(model)
     return {name: m for name, m in model.named_modules() if isinstance(m, SALRLinear)}
 
 

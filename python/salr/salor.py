@@ -81,12 +81,15 @@ class FactorSparsityConfig:
 
     def last_update(self, step: int) -> int:
         """The latest mask-update step at or before `step` (updates every update_every in the ramp)."""
+        check_int(step, "step")
         if step >= self.end_step or step < self.start_step:
             return step
         return self.start_step + (step - self.start_step) // self.update_every * self.update_every
 
     def pruned_count(self, numel: int, ratio: float) -> int:
         """How many entries of a factor with `numel` entries a mask at `ratio` prunes."""
+        check_int(numel, "numel")
+        check_fraction(ratio, "ratio")
         nm = self.nm
         if nm is None:
             return count(ratio, numel)
@@ -256,4 +259,6 @@ def update_all_masks(model: nn.Module, step: int) -> int:
 
 
 def has_factor_masks(model: nn.Module) -> bool:
+    """Whether `model` holds a masked-factor module whose masks are still live (not merged)."""
+    check_module(model)
     return any(isinstance(m, FactorMasks) and getattr(m, "mask_a", None) is not None for m in model.modules())

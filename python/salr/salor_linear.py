@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from salr._checks import check_module
 from salr.format import BitmapSparseWeight
 from salr.models import block_linears, linear_dims
 from salr.salor import FactorMasks, FactorSparsityConfig, SparseFactors
@@ -83,6 +84,8 @@ class SALORLinear(FactorMasks, SALRLinear):
     def from_salr(cls, layer: SALRLinear, factor_config: FactorSparsityConfig) -> "SALORLinear":
         """The same layer (base, SVD adapter, LoRA values and init) with masked LoRA factors (all
         ones until the first mask update)."""
+        if not isinstance(layer, SALRLinear):
+            raise ValueError(f"layer: expected a SALRLinear, got {type(layer).__name__}")
         if layer.lora_a is None:
             raise ValueError("layer: SALOR needs a layer with a LoRA (lora_rank >= 1) to sparsify")
         module = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, svd_rank=layer.svd_rank,
@@ -220,6 +223,9 @@ def to_salor(model: nn.Module, factor_config: FactorSparsityConfig) -> nn.Module
     LoRA values, and which parameters train, are kept)."""
     from salr.models import set_submodule
 
+    check_module(model)
+    if not isinstance(factor_config, FactorSparsityConfig):
+        raise ValueError(f"factor_config: expected a salr.salor.FactorSparsityConfig, got {type(factor_config).__name__}")
     layers = {name: m for name, m in model.named_modules()
               if isinstance(m, SALRLinear) and not isinstance(m, SALORLinear)}
     for name, layer in layers.items():
@@ -230,6 +236,7 @@ def to_salor(model: nn.Module, factor_config: FactorSparsityConfig) -> nn.Module
 
 
 def salor_layers(model: nn.Module) -> dict[str, SALORLinear]:
+    check_module(model)
     return {name: m for name, m in model.named_modules() if isinstance(m, SALORLinear)}
 
 
@@ -237,13 +244,23 @@ def salor_layers(model: nn.Module) -> dict[str, SALORLinear]:
 
 def layer_record_fields(module: SALRLinear) -> dict[str, Any]:
     """The fields a SALOR layer adds to its salr.convert.save record (none for a SALR layer)."""
+    check_module(module, "module")
     if not isinstance(module, SALORLinear):
         return {}
     return {"factor_config": module.factor_config.to_dict(), "factor_rank": module.factor_rank}
 
 
+_SKELETON_FIELDS = ("in_features", "out_features", "bias", "svd_rank", "lora_rank", "alpha", "dropout",
+                    "trainable_svd", "dtype")
+
+
 def layer_skeleton(info: dict[str, Any]) -> SALRLinear:
     """An empty layer of the recorded kind and shape, for load_state_dict to fill."""
+    missing = [f for f in _SKELETON_FIELDS if f not in info] if isinstance(info, dict) else list(_SKELETON_FIELDS)
+    if missing:
+        raise ValueError(f"info: a layer record needs the fields {missing}")
+    if not isinstance(getattr(torch, str(info["dtype"]), None), torch.dtype):
+        raise ValueError(f"info: field 'dtype' {info['dtype']!r} is not a torch dtype")
     kwargs = dict(bias=info["bias"], svd_rank=info["svd_rank"], lora_rank=info["lora_rank"], alpha=info["alpha"],
                   dropout=info["dropout"], trainable_svd=info["trainable_svd"], dtype=getattr(torch, info["dtype"]))
     if "factor_config" in info:

@@ -124,6 +124,8 @@ def bitmask_to_bm8x8(compressed: torch.Tensor, bitmask: torch.Tensor, row_offset
 def bm8x8_to_bitmask(weight: BitmapSparseWeight) -> dict[str, torch.Tensor]:
     """A BM8x8 weight as compressed-tensors' ``{"shape", "compressed", "bitmask", "row_offsets"}``
     (the tensors stored under ``<layer>.<part>``), without a dense matrix."""
+    if not isinstance(weight, BitmapSparseWeight):
+        raise ValueError(f"weight: expected a salr.BitmapSparseWeight, got {type(weight).__name__}")
     rows, cols = weight.shape
     bands, tiles = weight.bitmap.shape
     shifts = torch.arange(0, 64, 8, device=weight.device)

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from salr import reference
+from salr._checks import check_module, check_path
 from salr.interop.files import (check_destination, file_digest, parse_size, read_json, read_shards, unique_tensors,
                                 verify_checksummed_json, verify_files, write_checksummed_json, write_shards)
 from salr.models import is_conv1d, set_submodule
@@ -46,8 +47,6 @@ CONFIG_FILE = "config.json"
 WEIGHTS_STEM = "salr-model"
 SECTION = "salr"
 DEFAULT_MAX_SHARD_SIZE = "2GB"
-_LAYER_FIELDS = ("in_features", "out_features", "bias", "svd_rank", "lora_rank", "alpha", "dropout",
-                 "trainable_svd", "dtype")
 
 
 def salr_layers(model: nn.Module) -> dict[str, SALRLinear]:
@@ -116,6 +115,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = Fa
 
 def is_saved_model(directory: str | os.PathLike) -> bool:
     """Whether `directory` looks like a salr-saved model (any format version); no verification."""
+    check_path(directory, "directory")
     try:
         record = read_json(Path(directory) / CONFIG_FILE)
     except ValueError:
@@ -167,9 +167,6 @@ def _skeleton(record: dict[str, Any], path: Path) -> nn.Module:
         raise ValueError(f"{path}: field '{SECTION}.layers' must map layer names to records")
     for name, info in layers.items():
         try:
-            missing = [f for f in _LAYER_FIELDS if f not in info]
-            if missing or not isinstance(getattr(torch, str(info["dtype"]), None), torch.dtype):
-                raise ValueError(f"missing {missing}" if missing else f"dtype {info['dtype']!r}")
             module = layer_skeleton(info)  # a SALRLinear, or a SALORLinear when the record has factor fields
             model.get_submodule(name)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -195,6 +192,9 @@ def _check_tensors(state: dict[str, torch.Tensor], recorded: Any, path: Path) ->
 def fill_tied_aliases(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Tied tensors (e.g. lm_head = embed_tokens) are stored once: give every missing alias the
     tensor of its loaded partner, so ``load_state_dict(assign=True)`` ties them again."""
+    check_module(model)
+    if not isinstance(state, dict):
+        raise ValueError(f"state: expected a dict of tensors, got {type(state).__name__}")
     shared: dict[int, list[str]] = {}
     for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(
             model.named_buffers(remove_duplicate=False)):
@@ -244,6 +244,7 @@ def load(directory: str | os.PathLike, device: torch.device | str = "cpu") -> nn
 def conv1d_layers(model: nn.Module) -> set[str]:
     """Names of the SALRLinear layers that replaced a GPT-2 Conv1D (whose weight is stored [in, out]),
     found on a weightless (meta-device) copy of the original architecture."""
+    check_module(model)
     import transformers
 
     cls = getattr(transformers, type(model).__name__, None)
@@ -259,6 +260,7 @@ def dense_state_dict(model: nn.Module, merge_adapters: bool = True) -> dict[str,
     """The state dict of the plain transformers model `model` was converted from: every SALRLinear
     becomes ``<name>.weight`` (the decoded base, plus B·A of its adapters when `merge_adapters`, in
     the layer dtype; transposed for GPT-2's Conv1D) and ``<name>.bias``."""
+    check_module(model)
     conv1d = conv1d_layers(model)
     state = {}
     for key, tensor in model.state_dict().items():

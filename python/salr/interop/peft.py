@@ -146,6 +146,10 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, trainab
 
 def combined_adapter(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(A [R, K], B [N, R]) in fp32 with B·A = B_svd·A_svd + s·B_lora·A_lora, or None without adapters."""
+    from salr.salr_linear import SALRLinear
+
+    if not isinstance(module, SALRLinear):
+        raise ValueError(f"module: expected a salr SALRLinear, got {type(module).__name__}")
     parts_a, parts_b = [], []
     if module.svd_a is not None:
         parts_a.append(module.svd_a.detach().float())
