@@ -18,9 +18,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
-import salr  # noqa: E402
-from salr import ops  # noqa: E402
+import salr
+from salr import ops
 
 ROWS, COLS, RANK = 256, 320, 16
 

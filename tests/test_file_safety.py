@@ -212,9 +212,6 @@ def saved_model(tmp_path_factory):
     return directory, dict(salr.load(directory).state_dict())
 
 
-@pytest.mark.xfail(strict=True, reason="salr.load has no per-file checksums yet: a flipped tensor byte loads "
-                                       "silently and a cut weights file raises SafetensorError (helper h9 adds "
-                                       "sha256 verification; remove this mark when it lands)")
 def test_model_directory_damage(saved_model, tmp_path):
     source, expected = saved_model
     directory = tmp_path / "m"
@@ -229,18 +226,18 @@ def test_model_directory_damage(saved_model, tmp_path):
 
 
 def test_model_save_is_atomic(saved_model, tmp_path, monkeypatch):
-    import safetensors.torch
+    import salr.interop.files as files
 
     source, expected = saved_model
     directory = tmp_path / "m"
     shutil.copytree(source, directory)
     model = salr.load(directory)
 
-    def dies_midway(model, filename, metadata=None, **kwargs):
+    def dies_midway(tensors, filename, metadata=None, **kwargs):
         Path(filename).write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_model", dies_midway)
+    monkeypatch.setattr(files, "save_file", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         salr.save(model, directory, overwrite=True)
     with pytest.raises(KeyboardInterrupt):

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_resident_memory_is_flat_over_repeated_calls():
     """bench/rss_soak.py (10,000 calls per op for RESULTS.md) at 1,000 calls per op, in a fresh
     process: a leaked 1 KB per call would add ~1 MB."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "python")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the salr this test imports (installed, or on PYTHONPATH)
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "rss_soak.py"), "--calls", "1000", "--warmup", "100",
                            "--json"], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr

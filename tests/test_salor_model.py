@@ -152,7 +152,7 @@ def test_convert_train_merge_save_load(tmp_path):
     merged = model(input_ids=ids).logits
     torch.testing.assert_close(merged, trained, rtol=1e-4, atol=1e-4)
     convert_mod.save(model, tmp_path / "merged")
-    record = convert_mod.read_record(tmp_path / "merged")["layers"]["model.layers.0.self_attn.q_proj"]
+    record = convert_mod.read_record(tmp_path / "merged")["salr"]["layers"]["model.layers.0.self_attn.q_proj"]
     assert record["factor_rank"] == 8 and record["lora_rank"] == 0 and record["factor_config"]["sparsity"] == 0.5
     loaded = convert_mod.load(tmp_path / "merged")
     assert torch.equal(loaded(input_ids=ids).logits, merged)
