@@ -6,6 +6,7 @@ so Python users can compose them without the CLI.
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,13 +39,13 @@ class Budget:
     svd_rank: int = 64
     lora_rank: int = 16
     new_tokens: int = 32
-    decode_repeats: int = 3
+    decode_repeats: int = 5
 
     @classmethod
     def quick(cls) -> "Budget":
         return cls(eval_windows=4, eval_seq_len=256, calib_windows=4, calib_seq_len=256, train_steps=8,
                    train_batch=2, train_seq_len=128, lr=2e-3, warmup=1, svd_rank=16, lora_rank=8,
-                   new_tokens=16, decode_repeats=2)
+                   new_tokens=16, decode_repeats=3)
 
 
 @dataclass
@@ -108,13 +109,19 @@ def reload_matches(model: nn.Module, directory, splits: assets.TextSplits) -> tu
     return reloaded, diff
 
 
-def speed(model: nn.Module, tokenizer, budget: Budget, dtype: torch.dtype | None = None) -> tuple[float, str]:
-    """Decode tokens/s and the greedy text; with `dtype`, measured on a copy cast to it (dense and
-    salr models alike: the comparison is in one dtype, as the kernel benchmark's)."""
-    if dtype is not None:
-        model = copy.deepcopy(model).to(dtype)
-    result = decode_speed(model, tokenizer, PROMPT, budget.new_tokens, budget.decode_repeats)
-    return result.tokens_per_s, result.text
+def compare_speed(dense: nn.Module, sparse: nn.Module, tokenizer, budget: Budget,
+                  dtype: torch.dtype | None = None) -> tuple[tuple[float, str], tuple[float, str]]:
+    """((dense tokens/s, text), (sparse tokens/s, text)), measured alternately, one decode of each per
+    round over ``budget.decode_repeats`` rounds, medians: a shared machine's load drifts over minutes,
+    and alternating makes the drift hit both models alike (measuring dense at the start of a run and
+    sparse at its end does not)."""
+    models = [copy.deepcopy(m).to(dtype) if dtype is not None else m for m in (dense, sparse)]
+    runs: list[list] = [[], []]
+    for _ in range(budget.decode_repeats):
+        for model, results in zip(models, runs):
+            results.append(decode_speed(model, tokenizer, PROMPT, budget.new_tokens, 1))
+    return tuple((statistics.median(r.tokens_per_s for r in results), results[-1].text)  # type: ignore[return-value]
+                 for results in runs)
 
 
 def layer_table(model: nn.Module) -> list[dict[str, Any]]:
