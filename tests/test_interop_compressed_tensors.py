@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import DENSITIES, SHAPES, make_generator, random_sparse
-from safetensors.torch import load_file, save_file
-from salr_helpers import one_thread, tiny_model, token_ids  # noqa: F401  (autouse fixture)
+from safetensors.torch import load_file
+from salr_helpers import edit_saved_files, one_thread, tiny_model, token_ids  # noqa: F401  (autouse fixture)
 
 from salr.convert import convert, salr_layers
 from salr.format import BitmapSparseWeight
@@ -156,14 +156,7 @@ def test_adapters_are_refused_or_dropped(tmp_path):
 def _broken_copy(tmp_path, edit_config=None, edit_state=None):
     copy = tmp_path / "broken"
     shutil.copytree(FIXTURE, copy)
-    if edit_config:
-        config = json.loads((copy / "config.json").read_text())
-        edit_config(config)
-        (copy / "config.json").write_text(json.dumps(config))
-    if edit_state:
-        state = load_file(str(copy / "model.safetensors"))
-        edit_state(state)
-        save_file(state, str(copy / "model.safetensors"))
+    edit_saved_files(copy, "config.json", edit_config, "model.safetensors", edit_state)
     return copy
 
 

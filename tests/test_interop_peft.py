@@ -8,8 +8,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from salr_helpers import one_thread, tiny_model, token_ids  # noqa: F401  (autouse fixture)
+from salr_helpers import edit_saved_files, one_thread, tiny_model, token_ids  # noqa: F401  (autouse fixture)
 
 from salr.convert import convert, salr_layers
 from salr.interop import hf
@@ -107,14 +106,7 @@ def test_adapter_saved_by_peft_loads_onto_salr(tmp_path, rslora):
 def _write(tmp_path, config_edit=None, tensor_edit=None):
     model = salr_model(svd_rank=0, lora_rank=2)
     path = export_peft_adapter(model, tmp_path / "a")
-    if config_edit:
-        config = json.loads((path / "adapter_config.json").read_text())
-        config_edit(config)
-        (path / "adapter_config.json").write_text(json.dumps(config))
-    if tensor_edit:
-        tensors = load_file(str(path / "adapter_model.safetensors"))
-        tensor_edit(tensors)
-        save_file(tensors, str(path / "adapter_model.safetensors"))
+    edit_saved_files(path, "adapter_config.json", config_edit, "adapter_model.safetensors", tensor_edit)
     return salr_model(svd_rank=0, lora_rank=0), path
 
 
