@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from salr import checkpoint as ckpt
 from salr.training import TokenWindows, TrainConfig, init_distributed_from_env, train
+from salr_helpers import TINY_VOCAB, tiny_model
 from tiny_lm import make_tiny_lm, make_tokens, trainable_snapshot
 
 WORLD = 2
@@ -43,6 +44,22 @@ def config(**overrides) -> TrainConfig:
 
 def data() -> TokenWindows:
     return TokenWindows(make_tokens(), 16, seed=11)
+
+
+def salr_model() -> torch.nn.Module:
+    """A tiny Llama converted to SALR: the sparse bases are buffers, the LoRA factors the trainable parameters."""
+    from salr.convert import convert
+    model = tiny_model("llama")
+    convert(model, sparsity=0.5, criterion="magnitude", svd_rank=4, lora_rank=2, progress=False)
+    return model.train()
+
+
+def train_salr(parallel: str = "ddp") -> tuple[torch.nn.Module, list[dict]]:
+    model = salr_model()
+    windows = TokenWindows(make_tokens() % TINY_VOCAB, 16, seed=3)
+    # No clipping here (the tiny-LM runs clip): the norm is still computed and logged, from DTensors under FSDP.
+    return model, train(model, windows, config(steps=3, save_every=0, max_grad_norm=None, parallel=parallel),
+                        resume=False)
 
 
 def _free_port() -> int:
@@ -85,7 +102,12 @@ def _worker(rank: int, port: int, out: str, parallel: str, single_run: str) -> N
             save_file(full_snapshot(model), str(out_dir / f"{name}.rank{rank}.safetensors"))
             if rank == 0:
                 (out_dir / f"{name}_history.json").write_text(json.dumps(resumed))
-        # 3. A micro-batch that does not split over the ranks is refused, naming the field.
+        # 3. A SALR-converted model: its sparse bases are buffers, which stay whole on every rank.
+        model, salr_history = train_salr(parallel)
+        save_file(full_snapshot(model), str(out_dir / f"salr.rank{rank}.safetensors"))
+        buffers = {n: [type(b).__name__, list(b.shape)] for n, b in model.named_buffers()}
+        (out_dir / f"salr.rank{rank}.json").write_text(json.dumps({"history": salr_history, "buffers": buffers}))
+        # 4. A micro-batch that does not split over the ranks is refused, naming the field.
         try:
             train(make_tiny_lm(), data(), config(batch_size=3, parallel=parallel), resume=False)
         except ValueError as e:
@@ -164,6 +186,20 @@ def test_checkpoints_hold_the_single_process_tensors(two_ranks, single):
         assert any(n.endswith("exp_avg_sq") for n in tensors)
         state, ref_state = ckpt.read_checkpoint_state(mine), ckpt.read_checkpoint_state(ref)
         assert state["optimizer"] == ref_state["optimizer"] and state["trainable_names"] == ref_state["trainable_names"]
+
+
+def test_salr_model_matches_one_process(two_ranks):
+    """SALR layers under DDP / FSDP: the adapters train as in one process, the sparse-base buffers stay replicated."""
+    out, parallel = two_ranks
+    model, ref_history = train_salr()
+    ref_buffers = {n: [type(b).__name__, list(b.shape)] for n, b in model.named_buffers()}
+    assert any(n.endswith(".bitmap") for n in ref_buffers)
+    for rank in range(WORLD):
+        record = json.loads((out / f"salr.rank{rank}.json").read_text())
+        _assert_same_curve(record["history"], ref_history)
+        assert record["buffers"] == ref_buffers  # plain tensors, full shape: never sharded
+        _assert_params_close(load_file(str(out / f"salr.rank{rank}.safetensors")), trainable_snapshot(model))
+    assert all(e["grad_norm"] > 0 for e in ref_history)
 
 
 def test_only_rank_0_writes(two_ranks):
