@@ -46,17 +46,21 @@ def data() -> TokenWindows:
     return TokenWindows(make_tokens(), 16, seed=11)
 
 
-def salr_model() -> torch.nn.Module:
+def salr_model(**method) -> torch.nn.Module:
     """A tiny Llama converted to SALR: the sparse bases are buffers, the LoRA factors the trainable parameters."""
     from salr.convert import convert
     model = tiny_model("llama")
-    convert(model, sparsity=0.5, criterion="magnitude", svd_rank=4, lora_rank=2, progress=False)
+    convert(model, sparsity=0.5, criterion="magnitude", svd_rank=4, lora_rank=2, progress=False, **method)
     return model.train()
+
+
+def salr_data() -> TokenWindows:
+    return TokenWindows(make_tokens() % TINY_VOCAB, 16, seed=3)
 
 
 def train_salr(parallel: str = "ddp") -> tuple[torch.nn.Module, list[dict]]:
     model = salr_model()
-    windows = TokenWindows(make_tokens() % TINY_VOCAB, 16, seed=3)
+    windows = salr_data()
     # No clipping here (the tiny-LM runs clip): the norm is still computed and logged, from DTensors under FSDP.
     return model, train(model, windows, config(steps=3, save_every=0, max_grad_norm=None, parallel=parallel),
                         resume=False)
@@ -112,6 +116,12 @@ def _worker(rank: int, port: int, out: str, parallel: str, single_run: str) -> N
             train(make_tiny_lm(), data(), config(batch_size=3, parallel=parallel), resume=False)
         except ValueError as e:
             (out_dir / f"error.rank{rank}.txt").write_text(str(e))
+        if parallel == "fsdp":  # SALOR's mask updates would mix plain masks with DTensor factors: refused
+            model = salr_model(method="salor", factor_sparsity=0.5)
+            try:
+                train(model, salr_data(), config(parallel=parallel), resume=False)
+            except ValueError as e:
+                (out_dir / f"salor_error.rank{rank}.txt").write_text(str(e))
     finally:
         dist.destroy_process_group()
 
@@ -228,6 +238,9 @@ def test_resume_under_two_ranks_and_across_world_sizes(two_ranks, single, tmp_pa
     _assert_params_close(trainable_snapshot(model), ref_params)
 
 
-def test_uneven_micro_batch_is_refused(two_ranks):
+def test_uneven_micro_batch_and_fsdp_salor_are_refused(two_ranks):
+    out, parallel = two_ranks
     for rank in range(WORLD):
-        assert "TrainConfig.batch_size" in (two_ranks[0] / f"error.rank{rank}.txt").read_text()
+        assert "TrainConfig.batch_size" in (out / f"error.rank{rank}.txt").read_text()
+        if parallel == "fsdp":
+            assert "TrainConfig.parallel='fsdp': SALOR" in (out / f"salor_error.rank{rank}.txt").read_text()

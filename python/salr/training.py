@@ -209,8 +209,13 @@ def _fully_shard(model: torch.nn.Module, device: torch.device, world: int) -> No
 
     from salr.models import find_blocks
 
+    from salr.salor import has_factor_masks
+
     if isinstance(model, FSDPModule):
         return  # sharded by an earlier train() call
+    if has_factor_masks(model):  # its mask updates would mix plain mask buffers with DTensor factors
+        raise ValueError("TrainConfig.parallel='fsdp': SALOR factor masks are not supported under FSDP; "
+                         "use parallel='ddp'")
     try:
         _, blocks = find_blocks(model)
     except ValueError as exc:
