@@ -67,6 +67,8 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind a DTensor (FSDP2 shard: a collective, every rank must call it); any
     other tensor as it is."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"t: expected a torch.Tensor, got {type(t).__name__}")
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
@@ -295,6 +297,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
     check_module(model)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ValueError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if not isinstance(write, bool):
+        raise ValueError(f"write: expected True or False, got {write!r}")
     root = checkpoint_root(run_dir)
     params = trainable_parameters(model)
     trainable = {n: _cpu_copy(p) for n, p in params.items()}  # same order on every rank: collectives
