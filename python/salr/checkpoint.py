@@ -23,6 +23,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-try:
-    from torch.distributed.tensor import DTensor, distribute_tensor
-except ImportError:  # torch without torch.distributed: nothing is sharded, isinstance(t, ()) is False
-    DTensor = ()  # type: ignore[assignment,misc]
 
 from salr._checks import check_int, check_module, check_path
 from salr.format import tensors_sha256
@@ -64,19 +61,27 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
     return {name: p for name, p in unwrap_model(model).named_parameters() if p.requires_grad}
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    # A DTensor exists only once its module is loaded (FSDP loads it): importing it here would
+    # cost every `import salr` most of a second.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind a DTensor (FSDP2 shard: a collective, every rank must call it); any
     other tensor as it is."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"t: expected a torch.Tensor, got {type(t).__name__}")
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return t.full_tensor() if _is_dtensor(t) else t
 
 
 def _shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``full`` laid out like ``like``: this rank's slice when ``like`` is a DTensor. Every rank
     holds the whole tensor (read from the file), so it is split locally, without communication."""
-    if not isinstance(like, DTensor):
+    if not _is_dtensor(like):
         return full
+    from torch.distributed.tensor import distribute_tensor
     return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
 
 

@@ -208,7 +208,6 @@ def _fully_shard(model: torch.nn.Module, device: torch.device, world: int) -> No
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     from salr.models import find_blocks
-
     from salr.salor import has_factor_masks
 
     if isinstance(model, FSDPModule):
