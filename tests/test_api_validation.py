@@ -152,6 +152,7 @@ CASES = [
     ("salr.batches.shard_batch", lambda: batches.shard_batch({"labels": 1}, 0, 1, torch.device("cpu")), E, "input_ids"),
     ("salr.checkpoint.save_checkpoint", lambda: checkpoint.save_checkpoint("/tmp/salr-never", -1, torch.nn.Linear(2, 2), None, None,
                                                                           data_state={}), E, "step"),
+    ("salr.checkpoint.full_tensor", lambda: checkpoint.full_tensor([1.0]), E, "t: expected a torch.Tensor"),
     ("salr.checkpoint.load_checkpoint", lambda: checkpoint.load_checkpoint("/nonexistent", torch.nn.Linear(2, 2)), E, "not a complete checkpoint"),
     ("salr.checkpoint.save_trainable", lambda: checkpoint.save_trainable(torch.nn.Linear(2, 2).requires_grad_(False), "/tmp/x"), E,
      "no parameter with requires_grad"),

@@ -226,3 +226,17 @@ def test_resume_with_changed_settings_warns_and_a_bad_path_fails(uninterrupted, 
         train(model(), data(), config(lr=5e-3, steps=4), run_dir=tmp_path / "a", resume=step3)
     with pytest.raises(ValueError, match="resume: .* is not a complete checkpoint"):
         train(model(), data(), config(), run_dir=tmp_path / "b", resume=tmp_path / "nowhere")
+
+
+def test_save_with_write_false_gathers_but_writes_nothing(tmp_path):
+    """What every rank but rank 0 does under FSDP: join the gather, leave the disk alone."""
+    m = make_tiny_lm()
+    optimizer = torch.optim.AdamW(ckpt.trainable_parameters(m).values())
+    m(input_ids=make_tokens()[:16][None], labels=make_tokens()[:16][None]).loss.backward()
+    optimizer.step()
+    assert ckpt.save_checkpoint(tmp_path / "run", 1, m, optimizer, None, data_state={}, write=False) is None
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="write: expected True or False"):
+        ckpt.save_checkpoint(tmp_path / "run", 1, m, optimizer, None, data_state={}, write="rank0")
+    t = torch.ones(3)
+    assert ckpt.full_tensor(t) is t  # a plain tensor is already whole

@@ -35,6 +35,7 @@ def losses(history):
     ("grad_accum", 0), ("max_grad_norm", 0.0), ("max_grad_norm", -1.0), ("autocast_dtype", "float8"),
     ("eval_every", -1), ("save_every", -2), ("seed", -1), ("log_every", 0), ("min_lr_ratio", 1.5),
     ("betas", (0.9,)), ("grad_checkpointing", "yes"), ("keep_checkpoints", -1), ("eps", 0.0),
+    ("parallel", "zero3"), ("parallel", None),
 ])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=rf"TrainConfig\.{field}\b"):

@@ -23,6 +23,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -60,9 +61,33 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
     return {name: p for name, p in unwrap_model(model).named_parameters() if p.requires_grad}
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    # A DTensor exists only once its module is loaded (FSDP loads it): importing it here would
+    # cost every `import salr` most of a second.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a DTensor (FSDP2 shard: a collective, every rank must call it); any
+    other tensor as it is."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"t: expected a torch.Tensor, got {type(t).__name__}")
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out like ``like``: this rank's slice when ``like`` is a DTensor. Every rank
+    holds the whole tensor (read from the file), so it is split locally, without communication."""
+    if not _is_dtensor(like):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
 def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
     # safetensors refuses views and shared storage: an owned contiguous CPU copy is always safe.
-    return t.detach().to("cpu", copy=True).contiguous()
+    return full_tensor(t.detach()).to("cpu", copy=True).contiguous()
 
 
 def _fsync_file(path: Path) -> None:
@@ -165,7 +190,7 @@ def load_trainable(model: torch.nn.Module, path: str | os.PathLike, strict: bool
             if t.shape != p.shape:
                 raise ValueError(f"load_trainable: {path}: '{name}' has shape {tuple(t.shape)} in the "
                                  f"file, {tuple(p.shape)} in the model")
-            p.copy_(t)
+            p.copy_(_shard_like(t, p))
             loaded.append(name)
     return loaded
 
@@ -228,11 +253,17 @@ def _split_optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, 
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                          params: list[torch.Tensor]) -> dict[str, Any]:
+    """The optimizer.state_dict() split by :func:`_split_optimizer_state`; ``params`` (the optimizer's
+    parameters in state_dict order) give sharded ones their slice of the per-parameter tensors."""
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
             _, idx, name = key.split(".", 2)
+            param = params[int(idx)] if int(idx) < len(params) else None
+            if param is not None and value.shape == param.shape:  # exp_avg, exp_avg_sq; not "step"
+                value = _shard_like(value, param)
             state.setdefault(int(idx), {})[name] = value
     for idx, values in meta["scalars"].items():
         state.setdefault(int(idx), {}).update(values)
@@ -255,8 +286,12 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
                     optimizer: torch.optim.Optimizer, scheduler: Any, *, data_state: dict[str, Any],
                     history: list[dict[str, Any]] | None = None, config: dict[str, Any] | None = None,
                     extra: dict[str, Any] | None = None, keep: int = 2,
-                    rng_state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> Path:
+                    rng_state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
+                    write: bool = True) -> Path | None:
     """Writes ``<run_dir>/checkpoints/step-<step>/`` atomically and returns its path.
+
+    write: False gathers the tensors (the part of a sharded save every rank must join) and returns
+    None without touching the disk; the rank with write=True writes.
 
     keep: how many complete checkpoints to keep (the newest); 0 keeps all. Leftover temporary
     directories from an interrupted save are removed here too.
@@ -267,16 +302,20 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
     check_module(model)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ValueError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if not isinstance(write, bool):
+        raise ValueError(f"write: expected True or False, got {write!r}")
     root = checkpoint_root(run_dir)
+    params = trainable_parameters(model)
+    trainable = {n: _cpu_copy(p) for n, p in params.items()}  # same order on every rank: collectives
+    opt_tensors, opt_meta = _split_optimizer_state(optimizer)
+    if not write:
+        return None
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_STEP_PREFIX}{step:08d}"
     tmp = root / f"{_TMP_PREFIX}{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        params = trainable_parameters(model)
-        trainable = {n: _cpu_copy(p) for n, p in params.items()}
         _save_tensors(trainable, tmp / TRAINABLE_FILE, {"format": "salr-trainable", "sha256": tensors_sha256(trainable)})
-        opt_tensors, opt_meta = _split_optimizer_state(optimizer)
         rng_tensors, rng_meta = rng_state if rng_state is not None else capture_rng_state()
         _save_tensors({**opt_tensors, **rng_tensors}, tmp / TRAIN_STATE_FILE)
         files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
@@ -407,7 +446,8 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     load_trainable(model, path / TRAINABLE_FILE, strict=True)
     tensors = load_file(str(path / TRAIN_STATE_FILE))
     if optimizer is not None:
-        optimizer.load_state_dict(_join_optimizer_state(tensors, state["optimizer"]))
+        in_order = [p for group in optimizer.param_groups for p in group["params"]]
+        optimizer.load_state_dict(_join_optimizer_state(tensors, state["optimizer"], in_order))
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng:

@@ -10,8 +10,9 @@ at ``requires_grad`` and calls ``model(input_ids=..., labels=...)`` (HF style, `
   part of the checkpoint, so a resumed run reproduces the uninterrupted loss curve exactly.
 - Checkpoints (:mod:`salr.checkpoint`) are atomic; Ctrl-C saves one at the last finished step and
   re-raises; ``resume=True`` continues from the newest complete one in ``run_dir``.
-- Under torch.distributed (torchrun / accelerate launch) the model is wrapped in DDP, every rank
-  takes its slice of each global micro-batch, and only rank 0 writes checkpoints and logs.
+- Under torch.distributed (torchrun / accelerate launch) the model is wrapped in DDP, or sharded
+  with FSDP2 ``fully_shard`` (``TrainConfig.parallel="fsdp"``); every rank takes its slice of each
+  global micro-batch, and only rank 0 writes checkpoints (gathered from all ranks under FSDP) and logs.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from salr._checks import check_int
 from salr.batches import IterableBatches, TokenWindows, as_source, shard_batch  # noqa: F401 (re-exported)
 
 SCHEDULES = ("cosine", "linear", "constant")
+PARALLEL = ("ddp", "fsdp")
 StepCallback = Callable[[torch.nn.Module, int], Any]  # train(on_step=...): fn(model, finished_steps)
 AUTOCAST_CHOICES = ("auto", "bfloat16", None)
 # Config fields that change the trajectory: a resume with other values is no longer "the same run".
@@ -52,6 +54,8 @@ class TrainConfig:
     step sees batch_size * grad_accum rows. eval_every / save_every = 0: only at the end.
     autocast_dtype: "auto" = bf16 on a CUDA device that supports it, off elsewhere (CPU autocast
     would hand bf16 activations to modules holding fp32 weights); "bfloat16" forces it; None = off.
+    parallel: with more than one rank, "ddp" replicates the model, "fsdp" shards its parameters
+    (FSDP2, one unit per decoder block + the root); ignored in a single process.
     """
 
     lr: float = 2e-4
@@ -74,6 +78,7 @@ class TrainConfig:
     eps: float = 1e-8
     progress: bool = True
     ddp_find_unused_parameters: bool = False
+    parallel: str = "ddp"
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> ValueError:
@@ -109,6 +114,8 @@ class TrainConfig:
             raise bad("warmup_steps", f"must be <= steps ({self.steps})")
         if self.schedule not in SCHEDULES:
             raise bad("schedule", f"must be one of {', '.join(SCHEDULES)}")
+        if self.parallel not in PARALLEL:
+            raise bad("parallel", f"must be one of {', '.join(PARALLEL)}")
         if self.max_grad_norm is not None:
             check_float("max_grad_norm", 0.0, open_min=True)
         if self.autocast_dtype in ("bf16", torch.bfloat16):
@@ -188,6 +195,43 @@ def init_distributed_from_env(backend: str | None = None) -> torch.device:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"))
     return device
+
+
+def _fully_shard(model: torch.nn.Module, device: torch.device, world: int) -> None:
+    """FSDP2 in place: each decoder block is one unit (its parameters gathered just before it runs,
+    freed after), the root unit holds the rest (embeddings, final norm, head).
+
+    Only nn.Parameters are sharded: a SALR layer's sparse base (bitmap, values, offsets) is made of
+    buffers and stays replicated on every rank; adapters, embeddings and norms are sharded.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    from salr.models import find_blocks
+    from salr.salor import has_factor_masks
+
+    if isinstance(model, FSDPModule):
+        return  # sharded by an earlier train() call
+    if has_factor_masks(model):  # its mask updates would mix plain mask buffers with DTensor factors
+        raise ValueError("TrainConfig.parallel='fsdp': SALOR factor masks are not supported under FSDP; "
+                         "use parallel='ddp'")
+    try:
+        _, blocks = find_blocks(model)
+    except ValueError as exc:
+        raise ValueError(f"TrainConfig.parallel='fsdp': {exc}") from exc
+    mesh = init_device_mesh(device.type, (world,))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _grad_sync(train_model: torch.nn.Module, fsdp: bool, sync: bool):
+    """Gradient accumulation: ranks exchange gradients only on the micro-batch that ends a step."""
+    if fsdp:
+        train_model.set_requires_gradient_sync(sync)
+    elif not sync:
+        return train_model.no_sync()  # DDP
+    return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- interrupts
@@ -309,7 +353,9 @@ def train(model: torch.nn.Module, train_batches: Any, config: TrainConfig, run_d
     """Fine-tunes the parameters of ``model`` that have requires_grad=True; returns the history.
 
     model: a causal LM called as ``model(input_ids=..., labels=...)`` returning ``.loss``; it is
-      trained on the device it is on (under DDP, put it on this rank's device first).
+      trained on the device it is on (with several ranks, put it on this rank's device first).
+      Under FSDP it is sharded in place and stays so (its parameters are DTensors; the rank-0
+      checkpoints hold the full tensors, :func:`salr.checkpoint.full_tensor` gathers one).
     train_batches: a :class:`TokenWindows` (or any object with ``take(rows)``, ``state_dict()``,
       ``load_state_dict()``), or an iterable whose items are global micro-batches (token tensors
       or dicts with input_ids / labels / attention_mask).
@@ -354,6 +400,10 @@ def train(model: torch.nn.Module, train_batches: Any, config: TrainConfig, run_d
     torch.manual_seed(config.seed)  # dropout etc.; a resume replaces it with the saved RNG state
     if config.grad_checkpointing:
         _enable_grad_checkpointing(model)
+    fsdp = world > 1 and config.parallel == "fsdp"
+    if fsdp:  # before the optimizer, which must hold the sharded parameters
+        _fully_shard(model, device, world)
+        params = ckpt.trainable_parameters(model)
     optimizer = _make_optimizer(params, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
 
@@ -375,7 +425,7 @@ def train(model: torch.nn.Module, train_batches: Any, config: TrainConfig, run_d
         return history
 
     train_model: torch.nn.Module = model
-    if world > 1:
+    if world > 1 and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_model = DDP(model, device_ids=[device] if device.type == "cuda" else None,
                           find_unused_parameters=config.ddp_find_unused_parameters)
@@ -393,9 +443,10 @@ def train(model: torch.nn.Module, train_batches: Any, config: TrainConfig, run_d
 
     def save(at_step: int) -> None:
         nonlocal last_saved
-        if run_path is not None and is_main and at_step != last_saved:
-            ckpt.save_checkpoint(run_path, at_step, model, optimizer, scheduler, data_state=data_state_done,
-                                 history=history, rng_state=rng_done, **save_kwargs)
+        if run_path is not None and at_step != last_saved:
+            if is_main or fsdp:  # under FSDP every rank joins the gather, rank 0 writes
+                ckpt.save_checkpoint(run_path, at_step, model, optimizer, scheduler, data_state=data_state_done,
+                                     history=history, rng_state=rng_done, write=is_main, **save_kwargs)
             last_saved = at_step
 
     try:
@@ -408,11 +459,10 @@ def train(model: torch.nn.Module, train_batches: Any, config: TrainConfig, run_d
                 kwargs, n_tokens = shard_batch(source.take(config.batch_size), rank, world, device)
                 tokens += n_tokens
                 sync = micro == config.grad_accum - 1
-                no_sync = train_model.no_sync() if world > 1 and not sync else contextlib.nullcontext()
-                with no_sync:
+                with _grad_sync(train_model, fsdp, sync) if world > 1 else contextlib.nullcontext():
                     with _autocast(config, device):
                         loss = _loss_of(train_model(**kwargs))
-                    # Mean over micro-batches (DDP averages over ranks): the gradient of the
+                    # Mean over micro-batches (DDP / FSDP average over ranks): the gradient of the
                     # global-batch mean when every micro-batch holds the same number of tokens.
                     (loss.float() / config.grad_accum).backward()
                 loss_sum += loss.detach().double()
@@ -426,11 +476,13 @@ def train(model: torch.nn.Module, train_batches: Any, config: TrainConfig, run_d
                 raise FloatingPointError(f"train: the loss became {step_loss} at step {step + 1} "
                                          f"(lower lr, enable clipping, or check the data)")
             with _defer_sigint():
+                # Under FSDP the gradients are DTensor shards: the norm comes back replicated.
                 if config.max_grad_norm is not None:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm))
+                    norm = torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
                 else:
                     grads = [p.grad for p in params.values() if p.grad is not None]
-                    grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+                    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+                grad_norm = float(ckpt.full_tensor(norm))
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -459,9 +511,13 @@ def train(model: torch.nn.Module, train_batches: Any, config: TrainConfig, run_d
                     save(step)
     except KeyboardInterrupt:
         # The last finished step is consistent (updates are shielded from Ctrl-C): save it so the
-        # run resumes exactly there; gradients of the unfinished step are dropped.
-        if step > 0:
+        # run resumes exactly there; gradients of the unfinished step are dropped. Not under FSDP:
+        # the save gathers from every rank, and interrupted ranks are not in step to do that.
+        if step > 0 and not fsdp:
             save(step)
+        elif step > 0 and is_main and run_path is not None and last_saved != step:
+            warnings.warn(f"train: interrupted at step {step} under FSDP: no checkpoint saved there; a "
+                          f"resume continues from the last periodic one (save_every)", stacklevel=2)
         raise
     finally:
         bar.close()
