@@ -73,3 +73,35 @@ def edit_saved_files(directory, json_name: str, json_edit=None, tensors_name: st
         tensors = load_file(str(directory / tensors_name))
         tensors_edit(tensors)
         save_file(tensors, str(directory / tensors_name))
+
+
+CLI_WORDS = [f"w{i}" for i in range(60)]
+
+
+def write_tiny_cli_assets(root):
+    """(model directory, text file) for CLI tests: a 3-block Llama-like LM with a word-level tokenizer
+    saved by save_pretrained, and 24 documents of a repeating phrase with noise (learnable in a few steps)."""
+    import random
+
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    tokenizers = pytest.importorskip("tokenizers", reason="tokenizers is not installed")
+    rng = random.Random(0)
+    docs = []
+    for _ in range(24):
+        phrase = rng.sample(CLI_WORDS, 7)
+        docs.append(" ".join(phrase[i % 7] if rng.random() > 0.1 else rng.choice(CLI_WORDS) for i in range(120)))
+    text = root / "text.txt"
+    text.write_text("\n\n".join(docs), encoding="utf-8")
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", *CLI_WORDS])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=48, intermediate_size=80,
+                                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model_dir = root / "model"
+    transformers.LlamaForCausalLM(config).save_pretrained(model_dir)
+    fast.save_pretrained(model_dir)
+    return model_dir, text

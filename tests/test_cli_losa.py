@@ -6,45 +6,23 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import pytest
 import torch
 
 from salr import cli
+from salr_helpers import write_tiny_cli_assets
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 tokenizers = pytest.importorskip("tokenizers", reason="tokenizers is not installed")
 
-WORDS = [f"w{i}" for i in range(60)]
 SEQ = ["--seq-len", "32", "--eval-windows", "4", "--calib-windows", "4", "--train-seq-len", "32",
        "--batch-size", "2", "--warmup", "2", "--lr", "3e-3"]
 
 
 @pytest.fixture(scope="module")
 def tiny_assets(tmp_path_factory):
-    """(model directory, text file): a 2-block Llama-like LM and 24 documents of patterned words."""
-    root = tmp_path_factory.mktemp("tiny_losa")
-    rng = random.Random(0)
-    docs = []
-    for _ in range(24):  # a repeating phrase with noise: learnable in a few steps
-        phrase = rng.sample(WORDS, 7)
-        docs.append(" ".join(phrase[i % 7] if rng.random() > 0.1 else rng.choice(WORDS) for i in range(120)))
-    text = root / "text.txt"
-    text.write_text("\n\n".join(docs), encoding="utf-8")
-
-    vocab = {w: i for i, w in enumerate(["[UNK]", *WORDS])}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
-    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=48, intermediate_size=80,
-                                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=64, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model_dir = root / "model"
-    transformers.LlamaForCausalLM(config).save_pretrained(model_dir)
-    fast.save_pretrained(model_dir)
-    return model_dir, text
+    return write_tiny_cli_assets(tmp_path_factory.mktemp("tiny_losa"))
 
 
 def finetune(tiny_assets, out, *extra):

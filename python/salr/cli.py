@@ -84,6 +84,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--factor-pattern", default=None,
                    help="SALOR: N:M pattern of the factors (along K for A, along the rank for B), e.g. 2:4")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--seed", type=int, default=0, help="seeds the LoRA initialization and the training data order "
+                                                       "(default 0)")
 
 
 def _add_losa_args(p: argparse.ArgumentParser) -> None:
@@ -118,7 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune the adapters (salr / losa / salor / lora)",
                        description="Prune (unless --model is already converted) and fine-tune the adapters; "
-                                   "evaluate before and after; save the merged sparse model.")
+                                   "evaluate before and after; save the merged sparse model. Under torchrun "
+                                   "(e.g. torchrun --nproc-per-node 2 -m salr finetune ...) the ranks train with "
+                                   "DDP, --batch-size is the global batch, and rank 0 writes the run directory "
+                                   "(salr, lora and salor; losa runs on one process).")
     _add_model_args(p)
     _add_prune_args(p)
     _add_train_args(p)

@@ -136,25 +136,64 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_finetune(args: argparse.Namespace) -> int:
-    from salr import convert, workflow
+def _launched_ranks() -> int:
+    """WORLD_SIZE as torchrun / accelerate launch set it (1 when started as a plain process)."""
+    import os
 
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r}: must be an integer (set by torchrun)") from None
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Under torchrun the ranks train with DDP: each loads and prunes the same model (the criteria are
+    deterministic and every rank reads the same calibration windows), takes its slice of every global
+    batch, and rank 0 alone evaluates and writes the run directory, checkpoints and the saved model."""
     if args.method == "losa":
+        if _launched_ranks() > 1:
+            raise ValueError("--method losa: runs on one process (its rounds prune and merge between training "
+                             "phases); start it without torchrun")
         return _finetune_losa(args)
     if args.method not in METHOD_OPTIONS:
         raise ValueError(f"--method {args.method}: not wired into the CLI yet (available: {', '.join(METHOD_OPTIONS)})")
-    run = _open_run(args)
-    run.write_config(vars(args))
     budget = _budget(args)
     factor_options = _factor_options(args, budget)  # checked before the model loads
+    if _launched_ranks() == 1:
+        return _finetune(args, budget, factor_options, rank=0)
+    import torch.distributed as dist
+
+    from salr.training import init_distributed_from_env
+
+    init_distributed_from_env()
+    try:
+        return _finetune(args, budget, factor_options, rank=dist.get_rank())
+    finally:
+        dist.destroy_process_group()
+
+
+def _finetune(args: argparse.Namespace, budget, factor_options: dict, rank: int) -> int:
+    from salr import convert, workflow
+
+    main = rank == 0
+    if main:
+        run = _open_run(args)
+        run.write_config(vars(args))
+    if _launched_ranks() > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # the other ranks read checkpoints from the directory rank 0 has just (re)made
     model, tokenizer, splits = workflow.load(args.model, args.text)
     options = {"sparsity": args.sparsity, "criterion": args.criterion, "pattern": args.pattern,
                "alpha": args.lora_alpha, **METHOD_OPTIONS[args.method], **factor_options}
     stages = {"pruned": {}}
-    workflow.prune(model, splits, budget, **options)
-    stages["pruned"]["perplexity"] = workflow.evaluate(model, splits, budget, "pruned")
-    history = workflow.finetune(model, splits, budget, run_dir=run.path, resume=args.resume,
-                                schedule=args.schedule, grad_accum=args.grad_accum)
+    workflow.prune(model, splits, budget, seed=args.seed, progress=main, **options)
+    if main:
+        stages["pruned"]["perplexity"] = workflow.evaluate(model, splits, budget, "pruned")
+    history = workflow.finetune(model, splits, budget, run_dir=Path(args.out), resume=args.resume,
+                                schedule=args.schedule, grad_accum=args.grad_accum, seed=args.seed)
+    if not main:
+        return 0
     stages["fine-tuned"] = {"perplexity": workflow.evaluate(model, splits, budget, "fine-tuned")}
     workflow.merge_all(model)
     convert.save(model, run.file("model"), tokenizer=tokenizer, overwrite=True)
@@ -179,7 +218,8 @@ def _losa_config(args: argparse.Namespace, budget):
     if getattr(args, "factor_sparsity", None) is not None or getattr(args, "factor_pattern", None) is not None:
         raise ValueError("--factor-sparsity / --factor-pattern: only for --method salor, not losa")
     train = TrainConfig(steps=budget.train_steps, batch_size=budget.train_batch, lr=budget.lr,
-                        warmup_steps=budget.warmup, schedule=args.schedule, grad_accum=args.grad_accum)
+                        warmup_steps=budget.warmup, schedule=args.schedule, grad_accum=args.grad_accum,
+                        seed=args.seed)
     return LoSAConfig(sparsity=args.sparsity, rounds=args.rounds, total_steps=budget.train_steps,
                       final_share=args.final_share or None, mean_rank=args.lora_rank,
                       r_max=args.r_max or 4 * args.lora_rank, lora_alpha=args.lora_alpha, layerwise=args.layerwise,
@@ -188,6 +228,8 @@ def _losa_config(args: argparse.Namespace, budget):
 
 def _finetune_losa(args: argparse.Namespace) -> int:
     """``salr finetune --method losa``: dense -> LoSA rounds -> merged plain sparse model, saved."""
+    import torch
+
     from salr import convert, losa, workflow
     from salr.batches import TokenWindows
 
@@ -198,6 +240,7 @@ def _finetune_losa(args: argparse.Namespace) -> int:
     model, tokenizer, splits = workflow.load(args.model, args.text)
     stages = {"dense": {"perplexity": workflow.evaluate(model, splits, budget, "dense")}}
     calibration = splits.calibration_windows(budget.calib_windows, budget.calib_seq_len)
+    torch.manual_seed(args.seed)  # the LoRA factors are initialized from torch's global RNG
     report = losa.run(model, config, calibration, TokenWindows(splits.train, budget.train_seq_len,
                                                                seed=config.train.seed))
     losa.export_salr(model)

@@ -427,8 +427,11 @@ def train(model: torch.nn.Module, train_batches: Any, config: TrainConfig, run_d
     train_model: torch.nn.Module = model
     if world > 1 and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
+        # broadcast_buffers=False: the buffers are the frozen sparse bases (and SALOR masks, which every
+        # rank recomputes from the same synchronized factors); re-sending them before every forward
+        # would move the whole compressed model over the wire each micro-step for nothing.
         train_model = DDP(model, device_ids=[device] if device.type == "cuda" else None,
-                          find_unused_parameters=config.ddp_find_unused_parameters)
+                          find_unused_parameters=config.ddp_find_unused_parameters, broadcast_buffers=False)
     was_training = model.training
     model.train()
 

@@ -68,8 +68,13 @@ def evaluate(model: nn.Module, splits: assets.TextSplits, budget: Budget, desc: 
     return perplexity(model, windows, desc=desc)
 
 
-def prune(model: nn.Module, splits: assets.TextSplits, budget: Budget, **salr_options: Any) -> nn.Module:
-    """Calibrate on the train pool and convert every decoder-block linear to SALRLinear in place."""
+def prune(model: nn.Module, splits: assets.TextSplits, budget: Budget, seed: int = 0,
+          **salr_options: Any) -> nn.Module:
+    """Calibrate on the train pool and convert every decoder-block linear to SALRLinear in place.
+
+    Seeds torch's global RNG first: the LoRA factors are initialized from it, so the same command gives
+    the same run (and every torchrun rank builds the same model)."""
+    torch.manual_seed(seed)
     calibration = splits.calibration_windows(budget.calib_windows, budget.calib_seq_len)
     options = {"svd_rank": budget.svd_rank, "lora_rank": budget.lora_rank, **salr_options}
     return convert_mod.convert(model, calibration=calibration, **options)
