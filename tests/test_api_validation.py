@@ -36,6 +36,7 @@ NO_ARGUMENTS_TO_CHECK = {
     "salr.salr_linear.SALRConfig.to_dict", "salr.salr_linear.SALRLinear.compressed_bytes",
     "salr.salr_linear.SALRLinear.to_dense", "salr.salr_linear.SALRLinear.base_dense",
     "salr.salr_linear.SALRLinear.merge", "salr.salr_linear.SALRLinear.extra_repr",
+    "salr.salr_linear.SALRLinear.combined_adapter", "salr.salor_linear.SALORLinear.combined_adapter",
     "salr.training.TrainConfig.to_dict", "salr.batches.IterableBatches.state_dict",
     "salr.batches.TokenWindows.state_dict", "salr.batches.IterableBatches.take",  # rows: the iterable decides
     "salr.losa.pipeline.LoSAConfig.to_dict",

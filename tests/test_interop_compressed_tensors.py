@@ -153,6 +153,19 @@ def test_adapters_are_refused_or_dropped(tmp_path):
         assert torch.equal(module.values, salr_layers(model)[name].values)
 
 
+def test_stored_salor_factors_are_adapters_too(tmp_path):
+    """A merged SALOR layer has no SVD adapter and no trainable LoRA, but its stored sparse factors
+    are still a low-rank product the sparse-bitmask format cannot hold: refused, not dropped."""
+    model = tiny_model("llama")
+    convert(model, sparsity=0.5, criterion="magnitude", svd_rank=0, lora_rank=4, method="salor",
+            factor_sparsity=0.5, progress=False)
+    for module in salr_layers(model).values():
+        module.merge()
+        assert module.svd_rank == module.lora_rank == 0 and module.factor_rank == 4
+    with pytest.raises(ValueError, match="adapters: 14 layers carry adapters"):
+        export_compressed_tensors(model, tmp_path / "a")
+
+
 def _broken_copy(tmp_path, edit_config=None, edit_state=None):
     copy = tmp_path / "broken"
     shutil.copytree(FIXTURE, copy)

@@ -56,6 +56,26 @@ def test_exported_adapter_served_by_peft_matches_salr(tmp_path, svd_rank, lora_r
     assert (bare.double() - expected).abs().max() > 1e-3 * expected.abs().max()
 
 
+@pytest.mark.parametrize("merged", [False, True])
+def test_exported_salor_adapter_matches_salr(tmp_path, merged):
+    """SALOR layers export their masked factors, and after merge their stored BM8x8 factors (which
+    live outside lora_a / lora_b): PEFT on the decoded base reproduces the salr model."""
+    from salr.salor import update_all_masks
+
+    model = salr_model(method="salor", factor_sparsity=0.5)
+    update_all_masks(model, 0)  # B is nonzero (as if trained): both factors get their masks
+    if merged:
+        for module in salr_layers(model).values():
+            module.merge()
+        assert all(m.lora_a is None and m.factor_rank == 4 for m in salr_layers(model).values())
+    path = export_peft_adapter(model, tmp_path / "adapter")
+    assert json.loads((path / "adapter_config.json").read_text())["r"] == 8
+    ids = token_ids(2, 12)
+    expected = peft_logits(hf.to_transformers(model, merge_adapters=False), path, ids)
+    with torch.no_grad():
+        assert (model(ids).logits.double() - expected).abs().max() < 1e-5 * expected.abs().max()
+
+
 def test_mixed_ranks_use_rank_and_alpha_patterns(tmp_path):
     model = salr_model(svd_rank=4, lora_rank=2, target_modules=["q_proj", "v_proj", "down_proj"])
     with torch.no_grad():

@@ -116,6 +116,20 @@ class SALORLinear(FactorMasks, SALRLinear):
         b = BitmapSparseWeight(self.factor_b_bitmap, self.factor_b_values, self.factor_b_offsets, self.out_features, r)
         return SparseFactors(a, b)
 
+    @property
+    def adapter_rank(self) -> int:
+        return super().adapter_rank + self.factor_rank
+
+    @torch.no_grad()
+    def combined_adapter(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """As SALRLinear's, with the stored sparse factors (A⊙Ma, s·B⊙Mb) appended, decoded to fp32."""
+        pair = super().combined_adapter()
+        if not self.factor_rank:
+            return pair
+        factors = self.sparse_factors
+        a, b = factors.a.to_dense().float(), factors.b.to_dense().float()
+        return (a, b) if pair is None else (torch.cat([pair[0], a], 0), torch.cat([pair[1], b], 1))
+
     def lora_bytes(self) -> int:
         """Bytes of the LoRA factors as held: dense factors (training form) or BM8x8 (stored form)."""
         if self.factor_rank:

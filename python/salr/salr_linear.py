@@ -292,6 +292,11 @@ class SALRLinear(nn.Module):
         return 0 if self.lora_a is None else self.lora_a.shape[0]
 
     @property
+    def adapter_rank(self) -> int:
+        """The rank of every low-rank product this layer adds to its base (SVD + LoRA)."""
+        return self.svd_rank + self.lora_rank
+
+    @property
     def scale(self) -> float:
         return self.alpha / self.lora_rank if self.lora_rank else 0.0
 
@@ -361,19 +366,29 @@ class SALRLinear(nn.Module):
         return self.sparse_weight.to_dense()
 
     @torch.no_grad()
+    def combined_adapter(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A [R, K], B [N, R]) in fp32 with B·A = every low-rank product the layer adds to its base
+        (B_svd·A_svd + s·B_lora·A_lora, concatenated in that order); None without adapters."""
+        parts_a, parts_b = [], []
+        if self.svd_a is not None:
+            parts_a.append(self.svd_a.float())
+            parts_b.append(self.svd_b.float())
+        if self.lora_a is not None:
+            lora_a, lora_b = self._lora_factors()
+            parts_a.append(lora_a.float())
+            parts_b.append(lora_b.float() * self.scale)
+        if not parts_a:
+            return None
+        return torch.cat(parts_a, 0), torch.cat(parts_b, 1)
+
+    @torch.no_grad()
     def merge(self) -> "SALRLinear":
         """Fold the LoRA into the SVD adapter: A ← [A_svd; A_lora], B ← [B_svd, s·B_lora] (fp32, then
         the module dtype). The base is not touched. ValueError if the result is not finite. The
         merged adapter is frozen (an inference form); returns self."""
         if self.lora_a is None:
             return self
-        lora_a, lora_b = self._lora_factors()
-        parts_a = [lora_a.float()]
-        parts_b = [lora_b.float() * self.scale]
-        if self.svd_a is not None:
-            parts_a.insert(0, self.svd_a.float())
-            parts_b.insert(0, self.svd_b.float())
-        a, b = torch.cat(parts_a, 0), torch.cat(parts_b, 1)
+        a, b = self.combined_adapter()
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise ValueError("merge: the adapters hold NaN or inf; refusing to merge")
         dtype = self.values.dtype

@@ -172,7 +172,7 @@ def export_compressed_tensors(model: nn.Module, directory: str | os.PathLike, *,
     layers = salr_layers(model)
     if not layers:
         raise ValueError("model: has no SALRLinear layer to export as sparse-bitmask")
-    with_adapters = [n for n, m in layers.items() if m.svd_rank or m.lora_rank]
+    with_adapters = [n for n, m in layers.items() if m.adapter_rank]
     if with_adapters and adapters == "refuse":
         raise ValueError(f"adapters: {len(with_adapters)} layers carry adapters (first: {with_adapters[0]}); the "
                          f"sparse-bitmask format holds the sparse base only: export the adapters with "

@@ -145,21 +145,13 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, trainab
 
 
 def combined_adapter(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(A [R, K], B [N, R]) in fp32 with B·A = B_svd·A_svd + s·B_lora·A_lora, or None without adapters."""
+    """(A [R, K], B [N, R]) in fp32 with B·A = every adapter the layer applies (B_svd·A_svd +
+    s·B_lora·A_lora, and a SALOR layer's stored sparse factors), or None without adapters."""
     from salr.salr_linear import SALRLinear
 
     if not isinstance(module, SALRLinear):
         raise ValueError(f"module: expected a salr SALRLinear, got {type(module).__name__}")
-    parts_a, parts_b = [], []
-    if module.svd_a is not None:
-        parts_a.append(module.svd_a.detach().float())
-        parts_b.append(module.svd_b.detach().float())
-    if module.lora_a is not None:
-        parts_a.append(module.lora_a.detach().float())
-        parts_b.append(module.lora_b.detach().float() * module.scale)
-    if not parts_a:
-        return None
-    return torch.cat(parts_a, 0), torch.cat(parts_b, 1)
+    return module.combined_adapter()
 
 
 def export_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None,
