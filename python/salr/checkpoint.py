@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from salr._checks import check_int, check_module, check_path
 from salr.format import tensors_sha256
+from salr.interop.files import file_digest
 
 CHECKPOINT_FORMAT = "salr-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -110,14 +111,6 @@ def _fsync_dir(path: Path) -> None:
         pass  # some filesystems refuse fsync on directories; the rename is still atomic
     finally:
         os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _state_sha256(state: dict[str, Any]) -> str:
@@ -318,8 +311,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
         _save_tensors(trainable, tmp / TRAINABLE_FILE, {"format": "salr-trainable", "sha256": tensors_sha256(trainable)})
         rng_tensors, rng_meta = rng_state if rng_state is not None else capture_rng_state()
         _save_tensors({**opt_tensors, **rng_tensors}, tmp / TRAIN_STATE_FILE)
-        files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-                 for name in (TRAINABLE_FILE, TRAIN_STATE_FILE)}
+        digests = {name: file_digest(tmp / name) for name in (TRAINABLE_FILE, TRAIN_STATE_FILE)}
+        files = {name: {"bytes": d["size"], "sha256": d["sha256"]} for name, d in digests.items()}
         state = {
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": int(step),
             "files": files, "trainable_names": list(params),
@@ -394,7 +387,7 @@ def verify_checkpoint(path: str | os.PathLike, hashes: bool = True) -> str | Non
             return f"{name} is missing"
         if file.stat().st_size != info["bytes"]:
             return f"{name} has {file.stat().st_size} bytes, {info['bytes']} expected (truncated?)"
-        if hashes and _sha256(file) != info["sha256"]:
+        if hashes and file_digest(file)["sha256"] != info["sha256"]:
             return f"{name} does not match its sha256"
     if set(state.get("files", {})) != {TRAINABLE_FILE, TRAIN_STATE_FILE}:
         return "the file list is incomplete"

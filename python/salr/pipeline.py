@@ -73,19 +73,13 @@ def _plot_layers(run: RunDirectory, layers: list[dict]) -> None:
                     "adapter rank": [r["svd_rank"] + r["lora_rank"] for r in layers]})
 
 
-def _is_salr_dir(path) -> bool:
-    from salr import convert
-
-    return convert.is_saved_model(path)
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from salr import convert, workflow
 
     run = _open_run(args)
     run.write_config(vars(args))
     budget = _budget(args)
-    if (Path(args.model) / convert.CONFIG_FILE).is_file() and _is_salr_dir(args.model):
+    if convert.is_saved_model(args.model):
         from transformers import AutoTokenizer
 
         from salr import assets
@@ -150,8 +144,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     """Under torchrun the ranks train with DDP: each loads and prunes the same model (the criteria are
     deterministic and every rank reads the same calibration windows), takes its slice of every global
     batch, and rank 0 alone evaluates and writes the run directory, checkpoints and the saved model."""
+    world = _launched_ranks()
     if args.method == "losa":
-        if _launched_ranks() > 1:
+        if world > 1:
             raise ValueError("--method losa: runs on one process (its rounds prune and merge between training "
                              "phases); start it without torchrun")
         return _finetune_losa(args)
@@ -159,29 +154,28 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise ValueError(f"--method {args.method}: not wired into the CLI yet (available: {', '.join(METHOD_OPTIONS)})")
     budget = _budget(args)
     factor_options = _factor_options(args, budget)  # checked before the model loads
-    if _launched_ranks() == 1:
-        return _finetune(args, budget, factor_options, rank=0)
+    if world == 1:
+        return _finetune(args, budget, factor_options)
     import torch.distributed as dist
 
     from salr.training import init_distributed_from_env
 
     init_distributed_from_env()
     try:
-        return _finetune(args, budget, factor_options, rank=dist.get_rank())
+        return _finetune(args, budget, factor_options, dist)
     finally:
         dist.destroy_process_group()
 
 
-def _finetune(args: argparse.Namespace, budget, factor_options: dict, rank: int) -> int:
+def _finetune(args: argparse.Namespace, budget, factor_options: dict, dist=None) -> int:
+    """`dist`: torch.distributed with its process group joined, None in a single process."""
     from salr import convert, workflow
 
-    main = rank == 0
+    main = dist is None or dist.get_rank() == 0
     if main:
         run = _open_run(args)
         run.write_config(vars(args))
-    if _launched_ranks() > 1:
-        import torch.distributed as dist
-
+    if dist is not None:
         dist.barrier()  # the other ranks read checkpoints from the directory rank 0 has just (re)made
     model, tokenizer, splits = workflow.load(args.model, args.text)
     options = {"sparsity": args.sparsity, "criterion": args.criterion, "pattern": args.pattern,
@@ -215,8 +209,7 @@ def _losa_config(args: argparse.Namespace, budget):
         if bad:
             raise ValueError(f"{flag}: not available with --method losa (it prunes with Wanda, unstructured, "
                              f"in rounds that do not checkpoint)")
-    if getattr(args, "factor_sparsity", None) is not None or getattr(args, "factor_pattern", None) is not None:
-        raise ValueError("--factor-sparsity / --factor-pattern: only for --method salor, not losa")
+    _factor_options(args, budget)  # refuses --factor-* for every method but salor
     train = TrainConfig(steps=budget.train_steps, batch_size=budget.train_batch, lr=budget.lr,
                         warmup_steps=budget.warmup, schedule=args.schedule, grad_accum=args.grad_accum,
                         seed=args.seed)

@@ -114,13 +114,18 @@ def reload_matches(model: nn.Module, directory, splits: assets.TextSplits) -> tu
     return reloaded, diff
 
 
+def _has_dtype(model: nn.Module, dtype: torch.dtype) -> bool:
+    tensors = [*model.parameters(), *model.buffers()]
+    return all(t.dtype == dtype for t in tensors if t.is_floating_point())
+
+
 def compare_speed(dense: nn.Module, sparse: nn.Module, tokenizer, budget: Budget,
                   dtype: torch.dtype | None = None) -> tuple[tuple[float, str], tuple[float, str]]:
     """((dense tokens/s, text), (sparse tokens/s, text)), measured alternately, one decode of each per
     round over ``budget.decode_repeats`` rounds, medians: a shared machine's load drifts over minutes,
     and alternating makes the drift hit both models alike (measuring dense at the start of a run and
-    sparse at its end does not)."""
-    models = [copy.deepcopy(m).to(dtype) if dtype is not None else m for m in (dense, sparse)]
+    sparse at its end does not). With `dtype`, a model not already in it is measured on a cast copy."""
+    models = [m if dtype is None or _has_dtype(m, dtype) else copy.deepcopy(m).to(dtype) for m in (dense, sparse)]
     runs: list[list] = [[], []]
     for _ in range(budget.decode_repeats):
         for model, results in zip(models, runs):

@@ -6,7 +6,7 @@ percent hurts most; s_T = S exactly.
 
 from __future__ import annotations
 
-import math
+from salr.pruning import count
 
 
 def check_rounds(rounds: int) -> None:
@@ -48,7 +48,7 @@ def split_steps(total_steps: int, rounds: int, final_share: float | None = None)
         base, extra = divmod(total_steps, rounds)
         return [base + (1 if t < extra else 0) for t in range(rounds)]
     check_final_share(final_share)
-    last = int(math.floor(final_share * total_steps + 0.5))
+    last = count(final_share, total_steps)  # round half up, as a sparsity ratio counts weights
     if last < 1 or total_steps - last < rounds - 1:
         raise ValueError(f"final_share: {final_share} of {total_steps} steps gives the last round {last} and "
                          f"leaves {total_steps - last} for the other {rounds - 1} rounds; every round needs >= 1")
