@@ -22,7 +22,7 @@ mkdir -p build
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
-py="$venv/bin/python"
+py="$(cd "$venv" && pwd)/bin/python"  # absolute: the load check below runs from /tmp
 "$py" -m pip install -q --upgrade pip
 "$py" -m pip install -q "${SALR_CUDA_TORCH:-torch==2.14.1}" "scikit-build-core>=0.10" "pybind11>=2.12" \
   "cmake>=3.26" ninja numpy safetensors tqdm
@@ -69,7 +69,7 @@ fi
 build_end=$(date +%s)
 
 # Load the library (no GPU needed) and require a CUDA kernel for every op.
-(cd /tmp && "$root/$py" - <<'EOF'
+(cd /tmp && "$py" - <<'EOF'
 import torch
 import salr
 assert salr.native_available(), salr.native_error()
