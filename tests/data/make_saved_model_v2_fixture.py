@@ -1,5 +1,5 @@
 """Writes tests/data/saved_model_v2/ (a format-2 model directory) and saved_model_v2_logits.safetensors
-(its logits on a fixed input), with the code of salr's main branch as of commit ea258b7 (before the
+(the logits of the directory, loaded, on a fixed input), with the code of salr's main branch as of commit ea258b7 (before the
 package was split into subpackages), so that tests/io/test_saved_model_compat.py proves that models
 saved before the redesign still load and give identical logits.
 
@@ -62,8 +62,10 @@ def main() -> None:
         shutil.rmtree(OUT)
     salr.save(model, OUT)
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))
+    # The logits of the directory as loaded (not of the in-memory model: its rotary inv_freq buffer
+    # was cast to bf16 with the model, a loaded model recomputes it in fp32).
     with torch.no_grad():
-        logits = model(input_ids=ids).logits
+        logits = salr.load(OUT)(input_ids=ids).logits
     save_file({"input_ids": ids, "logits": logits.contiguous()}, str(LOGITS), metadata={"cpu_isa": salr.cpu_isa()})
     size = sum(p.stat().st_size for p in OUT.iterdir()) + LOGITS.stat().st_size
     print(f"wrote {OUT} and {LOGITS} ({size} bytes), CPU path {salr.cpu_isa()}")
