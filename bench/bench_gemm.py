@@ -6,7 +6,7 @@
   python bench/bench_gemm.py --crossover     # sweep M to place kDenseCrossoverRows
 """
 
-from salr.benchmark import main
+from salr.cli.bench import main
 
 if __name__ == "__main__":
     main()

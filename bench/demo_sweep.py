@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from salr import workflow
-from salr.runs import atomic_write_text
-from salr.workflow import Budget
+from salr.io.files import atomic_write_text
+from salr.cli.steps import Budget
 
 
 def run_variant(name: str) -> dict:

@@ -33,12 +33,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from pruning_quality import machine  # noqa: E402
 
-from salr import assets  # noqa: E402
-from salr.convert import convert, load, save  # noqa: E402
-from salr.evaluate import perplexity  # noqa: E402
+from salr.cli import assets  # noqa: E402
+from salr.io.saved_model import load, save
+from salr.methods.convert import convert  # noqa: E402
+from salr.eval.perplexity import perplexity  # noqa: E402
 from salr.interop.compressed_tensors import export_compressed_tensors, import_compressed_tensors  # noqa: E402
 from salr.interop.peft import export_peft_adapter, load_peft_adapter  # noqa: E402
-from salr.runs import atomic_write_text, markdown_table  # noqa: E402
+from salr.cli.runs import markdown_table
+from salr.io.files import atomic_write_text  # noqa: E402
 
 
 def dir_bytes(path: Path, suffix: str = ".safetensors") -> int:

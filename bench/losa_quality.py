@@ -49,12 +49,15 @@ def machine_line() -> str:
 # ----------------------------------------------------------------------------- quality
 
 def quality(args: argparse.Namespace) -> dict:
-    from salr import assets
-    from salr.batches import TokenWindows
-    from salr.evaluate import perplexity
-    from salr.losa.masked_lora import LoSALinear
-    from salr.losa.pipeline import LoSAConfig, run, trainable_count
-    from salr.training import TrainConfig, train
+    from salr.cli import assets
+    from salr.train.data import TokenWindows
+    from salr.eval.perplexity import perplexity
+    from salr.losa.layer import LoSALinear
+    from salr.losa.config import LoSAConfig
+    from salr.losa.model import trainable_count
+    from salr.losa.rounds import run
+    from salr.train.config import TrainConfig
+    from salr.train.loop import train
 
     base, tokenizer = assets.load_model("smollm2")
     splits = assets.text_splits(tokenizer)
@@ -138,7 +141,7 @@ def memory_case(kind: str, n: int, layers: int, rank: int, tokens: int) -> dict:
     """One forward + backward through a stack of `layers` [n, n] 50%-sparse layers with rank-`rank`
     adapters, in this process; returns the peak RSS growth over the set-up state."""
     torch.manual_seed(0)
-    from salr.losa.masked_lora import LoSALinear
+    from salr.losa.layer import LoSALinear
 
     stack, params = [], []
     for _ in range(layers):

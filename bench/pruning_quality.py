@@ -22,10 +22,12 @@ import time
 import torch
 
 import salr
-from salr import assets
-from salr.convert import convert, salr_layers
-from salr.evaluate import perplexity
-from salr.runs import atomic_write_text, markdown_table
+from salr.cli import assets
+from salr.methods.convert import convert
+from salr.methods.salr.model import salr_layers
+from salr.eval.perplexity import perplexity
+from salr.cli.runs import markdown_table
+from salr.io.files import atomic_write_text
 
 # name -> convert() settings (None = the dense model)
 BASE_ROWS = {

@@ -4,7 +4,7 @@ factors, on the same pruned base and with the same fine-tuning steps; perplexity
     python bench/salor_quality.py --steps 30 --eval-windows 16 --threads 1 --out runs/salor_quality
 
 Base: Wanda 50% (per output row, sequential calibration) + SVD residual adapter r=64, converted ONCE
-(cached with salr.convert.save under --cache, reused by later runs); every method trains a deep copy
+(cached with salr.save under --cache, reused by later runs); every method trains a deep copy
 of it, so all start from the same base, SVD adapter and LoRA init (rank 16, alpha 32). SALOR's masks
 follow the cubic ramp from 0 to the target over the first half of the steps (mask updates through
 train(on_step=update_all_masks)), frozen afterwards; then merge() stores A⊙Ma and s·B⊙Mb in BM8x8.
@@ -26,30 +26,31 @@ from pathlib import Path
 
 import torch
 
+import salr
+from salr.io.saved_model import CONFIG_FILE
+
 from losa_quality import machine_line  # bench/ is the script's folder, so on sys.path
 
 
 def base_model(args, model, splits):
     """The Wanda 50% + SVD model with an untrained LoRA: from the cache, or `model` converted and cached."""
-    from salr import convert
-
     cache = Path(args.cache)
-    if (cache / convert.CONFIG_FILE).is_file():
+    if (cache / CONFIG_FILE).is_file():
         print(f"base: loading {cache}", flush=True)
-        return convert.load(cache), 0.0
+        return salr.load(cache), 0.0
     calibration = splits.calibration_windows(args.calib_windows, 512, seed=0)
     t0 = time.perf_counter()
-    convert.convert(model, calibration=calibration, criterion="wanda", sparsity=args.sparsity,
-                    svd_rank=args.svd_rank, lora_rank=args.rank, alpha=args.alpha)
+    salr.sparsify_(model, salr.SALRConfig(criterion="wanda", sparsity=args.sparsity, svd_rank=args.svd_rank,
+                                          lora_rank=args.rank, lora_alpha=args.alpha), calibration)
     seconds = time.perf_counter() - t0
-    convert.save(model, cache, overwrite=True)
+    salr.save(model, cache, overwrite=True)
     return model.eval(), seconds
 
 
 def lora_bytes(model, bf16: bool = False) -> int:
     """Bytes of all LoRA factors as held: dense (SALRLinear) or BM8x8 (merged SALORLinear)."""
-    from salr.salor_linear import SALORLinear
-    from salr.convert import salr_layers
+    from salr.methods.salor.layer import SALORLinear
+    from salr.methods.salr.model import salr_layers
 
     total = 0
     for layer in salr_layers(model).values():
@@ -62,12 +63,14 @@ def lora_bytes(model, bf16: bool = False) -> int:
 
 
 def run(args) -> dict:
-    from salr import assets
-    from salr.batches import TokenWindows
-    from salr.evaluate import perplexity
-    from salr.salor import FactorSparsityConfig, update_all_masks
-    from salr.salor_linear import salor_layers, to_salor
-    from salr.training import TrainConfig, train
+    from salr.cli import assets
+    from salr.train.data import TokenWindows
+    from salr.eval.perplexity import perplexity
+    from salr.methods.salor.config import FactorSparsityConfig
+    from salr.methods.salor.factors import update_all_masks
+    from salr.methods.salor.model import salor_layers, to_salor
+    from salr.train.config import TrainConfig
+    from salr.train.loop import train
 
     dense, tokenizer = assets.load_model("smollm2")
     splits = assets.text_splits(tokenizer)
@@ -121,9 +124,9 @@ def run(args) -> dict:
 def timing(args) -> str:
     """Forward time of one layer at SmolLM2's MLP shapes: SALR merged (base + [A_svd; A] in ONE fused
     call) vs SALOR stored (fused base + A_svd call, then the BM8x8 factors in two sparse GEMMs)."""
-    from salr.salor import FactorSparsityConfig
-    from salr.salor_linear import SALORLinear
-    from salr.salr_linear import SALRLinear
+    from salr.methods.salor.config import FactorSparsityConfig
+    from salr.methods.salor.layer import SALORLinear
+    from salr.methods.salr.layer import SALRLinear
 
     def best_us(layer, x, repeats=30):
         times = []

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds libsalr_ops.so and salr._C with AddressSanitizer into build/asan and runs pytest against
 # them: the bad-input tests and a short fuzz run by default, or the pytest arguments given.
-#   bash scripts/asan.sh                          # tests/test_errors.py + tests/fuzz (ci profile)
-#   bash scripts/asan.sh tests/test_gemm.py -x    # any pytest arguments
+#   bash scripts/asan.sh                          # tests/ops/test_errors.py + tests/fuzz (ci profile)
+#   bash scripts/asan.sh tests/ops/test_gemm.py -x    # any pytest arguments
 # The installed salr is untouched: the sources under python/salr are copied next to the ASan
 # libraries (build/asan/pkg) and put first on PYTHONPATH. libasan is preloaded because python
 # itself is not instrumented, and libstdc++ with it (python does not link it: without it ASan's
@@ -26,7 +26,7 @@ mkdir -p "$build/pkg/salr/lib"
 cp "$build/libsalr_ops.so" "$build/pkg/salr/lib/"
 cp "$build"/_C*.so "$build/pkg/salr/"
 cd "$root"
-[ $# -gt 0 ] || set -- tests/test_errors.py tests/fuzz
+[ $# -gt 0 ] || set -- tests/ops/test_errors.py tests/fuzz
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so.6)"
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1" PYTHONPATH="$build/pkg" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 "$python" -c "import salr; assert salr.native_available(), salr.native_error(); print('salr from', salr.__file__)"

@@ -1,4 +1,5 @@
-"""Shared fixtures: seeded generators, every CPU ISA path, the per-dtype tolerance table."""
+"""Shared fixtures: seeded generators, every CPU ISA path, the per-dtype tolerance table, one torch
+thread for the model-level tests (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,16 @@ DTYPES = list(TOLERANCE)
 # Awkward shapes: tiny, not multiples of 8 or 64, exact tiles, SmolLM2-like.
 SHAPES = [(1, 1), (7, 9), (8, 8), (13, 70), (64, 64), (100, 130), (576, 192)]
 DENSITIES = [0.0, 0.1, 0.5, 0.9, 1.0]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread is as fast, and far faster on a machine shared with other jobs. Not
+    for the kernel tests, whose threaded paths must run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def cpu_isas() -> list[str]:

@@ -1,4 +1,4 @@
-"""Helpers of the pruning / SALR tests: one torch thread, tiny random causal LMs from configs, and a
+"""Helpers of the pruning / SALR tests: tiny random causal LMs from configs, and a
 skip for the packaged assets."""
 
 from __future__ import annotations
@@ -9,15 +9,6 @@ import pytest
 import torch
 
 TINY_VOCAB = 96
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices: one thread is as fast, and far faster on a machine shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model(kind: str, seed: int = 0, hidden: int = 64, layers: int = 2, vocab: int = TINY_VOCAB):

@@ -27,7 +27,8 @@ def _load() -> None:
         return
     try:
         torch.ops.load_library(candidates[0])
-        from salr import _C as native_module  # noqa: PLC0415 - only after the library loaded
+        import salr._C as native_module  # noqa: PLC0415 - only after the library loaded (not `from salr
+        # import _C`: that reads as an import of the salr package, which imports every layer)
     except (OSError, ImportError, RuntimeError) as exc:
         _error = (
             f"salr: could not load the native library {candidates[0]} with torch "

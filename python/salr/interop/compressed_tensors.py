@@ -39,12 +39,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from salr import reference
-from salr.format import BitmapSparseWeight
-from salr.interop.files import (check_destination, parse_size, read_json, read_shards, unique_tensors, write_json,
-                                write_shards)
-from salr.models import is_conv1d, is_linear, linear_dims, set_submodule
-from salr.salr_linear import SALRLinear
+from salr.ops import reference
+from salr.ops.format import BitmapSparseWeight
+from salr.io.files import (check_destination, parse_size, read_json, read_shards, unique_tensors,
+                           write_directory_atomically, write_json, write_shards)
+from salr.nn.models import is_conv1d, is_linear, linear_dims, set_submodule
+from salr.interop.hf import conv1d_layers
+from salr.io.saved_model import fill_tied_aliases
+from salr.methods.salr.layer import SALRLinear
+from salr.methods.salr.model import freeze_all_but_adapters, salr_layers
 
 QUANT_METHOD = "compressed-tensors"
 SPARSE_BITMASK = "sparse-bitmask"
@@ -159,10 +162,6 @@ def export_compressed_tensors(model: nn.Module, directory: str | os.PathLike, *,
     format: with ``adapters="refuse"`` a layer that has one is a ValueError (export them with
     :func:`salr.interop.peft.export_peft_adapter`, or merge LoSA first); ``adapters="drop"`` writes
     the base alone. Returns the path."""
-    from salr.assets import write_directory_atomically
-    from salr.convert import salr_layers
-    from salr.interop.hf import conv1d_layers
-
     if adapters not in ("refuse", "drop"):
         raise ValueError(f"adapters: expected 'refuse' or 'drop', got {adapters!r}")
     final = Path(directory)
@@ -259,9 +258,6 @@ def import_compressed_tensors(directory: str | os.PathLike, device: torch.device
     becomes a SALRLinear whose BM8x8 base holds exactly the stored values (converted without a dense
     matrix; GPT-2's Conv1D, stored [in, out], is transposed through a dense copy), with a fresh LoRA
     of `lora_rank` (0: none) ready to fine-tune; everything else loads as stored."""
-    from salr.convert import freeze_all_but_adapters
-    from salr.interop.hf import fill_tied_aliases
-
     directory = Path(directory)
     config, _ = read_sparsity_config(directory)
     model = _build(config, directory / CONFIG_FILE)

@@ -26,7 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from salr.interop.files import check_destination, read_json, write_json
+from salr.io.files import check_destination, read_json, write_directory_atomically, write_json
+from salr.methods.salr.layer import SALRLinear
+from salr.methods.salr.model import freeze_all_but_adapters, salr_layers
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -94,9 +96,6 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, trainab
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from salr.convert import freeze_all_but_adapters
-    from salr.salr_linear import SALRLinear
-
     directory = Path(directory)
     config = read_adapter_config(directory)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
@@ -147,8 +146,6 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, trainab
 def combined_adapter(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(A [R, K], B [N, R]) in fp32 with B·A = every adapter the layer applies (B_svd·A_svd +
     s·B_lora·A_lora, and a SALOR layer's stored sparse factors), or None without adapters."""
-    from salr.salr_linear import SALRLinear
-
     if not isinstance(module, SALRLinear):
         raise ValueError(f"module: expected a salr SALRLinear, got {type(module).__name__}")
     return module.combined_adapter()
@@ -159,9 +156,6 @@ def export_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, base_
     """Write every salr layer's adapters as one PEFT LoRA (see the module doc) to `directory`
     (atomic). `dtype`: the stored dtype (default: each layer's). Returns the path."""
     from safetensors.torch import save_file
-
-    from salr.assets import write_directory_atomically
-    from salr.convert import salr_layers
 
     final = Path(directory)
     check_destination(final, overwrite)

@@ -6,7 +6,7 @@ percent hurts most; s_T = S exactly.
 
 from __future__ import annotations
 
-from salr.pruning import count
+from salr.prune.masks import count
 
 
 def check_rounds(rounds: int) -> None:

@@ -1,0 +1,154 @@
+"""The model-level path the CLI and the demo run: load → calibrate + sparsify → fine-tune → evaluate
+→ merge → save → reload → generate. Each step is a plain function over (model, tokenizer, splits)
+with a :class:`Budget` (how much data and compute), so the commands stay short.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from salr.cli import assets
+from salr.eval.generation import decode_speed
+from salr.eval.perplexity import perplexity
+from salr.io.saved_model import load as load_saved
+from salr.methods.registry import merge_, sparsify_
+from salr.methods.salor.config import FactorSparsityConfig, SALORConfig
+from salr.methods.salor.factors import has_factor_masks, update_all_masks
+from salr.methods.salr.config import SALRConfig
+from salr.methods.salr.model import salr_layers
+from salr.train.config import TrainConfig
+from salr.train.data import TokenWindows
+from salr.train.loop import train
+
+PROMPT = "The history of the city begins"
+
+
+@dataclass
+class Budget:
+    """How much data and compute one run uses (the demo's full and --quick sizes)."""
+
+    eval_windows: int = 64
+    eval_seq_len: int = 512
+    calib_windows: int = 32
+    calib_seq_len: int = 512
+    train_steps: int = 60
+    train_batch: int = 4
+    train_seq_len: int = 256
+    lr: float = 1e-3
+    warmup: int = 5
+    svd_rank: int = 64
+    lora_rank: int = 16
+    new_tokens: int = 32
+    decode_repeats: int = 5
+
+    @classmethod
+    def quick(cls) -> "Budget":
+        return cls(eval_windows=4, eval_seq_len=256, calib_windows=4, calib_seq_len=256, train_steps=8,
+                   train_batch=2, train_seq_len=128, lr=2e-3, warmup=1, svd_rank=16, lora_rank=8,
+                   new_tokens=16, decode_repeats=3)
+
+
+def load(model: str, text: str = assets.WIKIPEDIA):
+    """(model, tokenizer, splits) for 'smollm2' / a local HF directory and 'wikipedia' / a text file."""
+    net, tokenizer = assets.load_model(model)
+    return net, tokenizer, assets.text_splits(tokenizer, text)
+
+
+def evaluate(model: nn.Module, splits: assets.TextSplits, budget: Budget, desc: str) -> float:
+    windows = splits.eval_windows(budget.eval_windows, budget.eval_seq_len)
+    return perplexity(model, windows, desc=desc)
+
+
+def prune(model: nn.Module, splits: assets.TextSplits, budget: Budget, seed: int = 0, progress: bool = True,
+          factor_config: FactorSparsityConfig | None = None, **salr_options: Any) -> nn.Module:
+    """Calibrate on the train pool and sparsify every decoder-block linear in place: SALR with the
+    SALRConfig fields `salr_options` (ranks default to the budget's), SALOR with a `factor_config`.
+
+    Seeds torch's global RNG first: the LoRA factors are initialized from it, so the same command gives
+    the same run (and every torchrun rank builds the same model)."""
+    torch.manual_seed(seed)
+    calibration = splits.calibration_windows(budget.calib_windows, budget.calib_seq_len)
+    config = SALRConfig(**{"svd_rank": budget.svd_rank, "lora_rank": budget.lora_rank, **salr_options})
+    if factor_config is not None:
+        config = SALORConfig.from_parts(config, factor_config)
+    return sparsify_(model, config, calibration, progress=progress)
+
+
+def finetune(model: nn.Module, splits: assets.TextSplits, budget: Budget, run_dir=None,
+             resume: bool = False, **train_options: Any) -> list[dict]:
+    """Train the adapters (whatever requires grad) on windows of the train pool; a model with SALOR
+    layers follows their mask schedule (update_all_masks after every step)."""
+    config = TrainConfig(steps=budget.train_steps, batch_size=budget.train_batch, lr=budget.lr,
+                         warmup_steps=budget.warmup, **train_options)
+    batches = TokenWindows(splits.train, budget.train_seq_len, seed=config.seed)
+    model.train()
+    try:
+        return train(model, batches, config, run_dir=run_dir, resume=resume,
+                     on_step=update_all_masks if has_factor_masks(model) else None)
+    finally:
+        model.eval()
+
+
+def merge_all(model: nn.Module) -> int:
+    """Fold every trained LoRA into its layer's inference adapter; returns how many layers merged."""
+    return merge_(model)
+
+
+@torch.no_grad()
+def reload_matches(model: nn.Module, directory, splits: assets.TextSplits) -> tuple[nn.Module, float]:
+    """Load the saved model back; returns it and the max |Δlogit| against the in-memory model."""
+    reloaded = load_saved(directory)
+    probe = splits.eval_windows(1, 64)
+    diff = (model(input_ids=probe).logits - reloaded(input_ids=probe).logits).abs().max().item()
+    return reloaded, diff
+
+
+def _has_dtype(model: nn.Module, dtype: torch.dtype) -> bool:
+    tensors = [*model.parameters(), *model.buffers()]
+    return all(t.dtype == dtype for t in tensors if t.is_floating_point())
+
+
+def compare_speed(dense: nn.Module, sparse: nn.Module, tokenizer, budget: Budget,
+                  dtype: torch.dtype | None = None) -> tuple[tuple[float, str], tuple[float, str]]:
+    """((dense tokens/s, text), (sparse tokens/s, text)), measured alternately, one decode of each per
+    round over ``budget.decode_repeats`` rounds, medians: a shared machine's load drifts over minutes,
+    and alternating makes the drift hit both models alike (measuring dense at the start of a run and
+    sparse at its end does not). With `dtype`, a model not already in it is measured on a cast copy."""
+    models = [m if dtype is None or _has_dtype(m, dtype) else copy.deepcopy(m).to(dtype) for m in (dense, sparse)]
+    runs: list[list] = [[], []]
+    for _ in range(budget.decode_repeats):
+        for model, results in zip(models, runs):
+            results.append(decode_speed(model, tokenizer, PROMPT, budget.new_tokens, 1))
+    return tuple((statistics.median(r.tokens_per_s for r in results), results[-1].text)  # type: ignore[return-value]
+                 for results in runs)
+
+
+def layer_table(model: nn.Module) -> list[dict[str, Any]]:
+    """Per converted layer: name, shape, sparsity, adapter ranks and compressed bytes."""
+    rows = []
+    for name, layer in salr_layers(model).items():
+        rows.append({"layer": name, "shape": [layer.out_features, layer.in_features],
+                     "sparsity": layer.sparsity, "svd_rank": layer.svd_rank, "lora_rank": layer.lora_rank,
+                     "bytes": layer.compressed_bytes()})
+    return rows
+
+
+def dense_copy(model: nn.Module) -> nn.Module:
+    """An untouched copy to compare against (conversion works in place)."""
+    return copy.deepcopy(model)
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start

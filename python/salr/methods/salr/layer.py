@@ -1,0 +1,279 @@
+"""``SALRLinear``: a frozen BM8x8 sparse base + an SVD residual adapter + a trainable LoRA, served by
+one call of ``salr.ops.sparse_lowrank_gemm``; (its settings are :class:`~salr.methods.salr.config.SALRConfig`).
+
+    y = x·W_sᵀ + (x·A_svdᵀ)·B_svdᵀ + s·(x·A_loraᵀ)·B_loraᵀ + bias,      s = alpha / lora_rank
+
+* Base: ``bitmap`` / ``values`` / ``offsets`` buffers (design.md §1). Buffers, not parameters: the
+  pruned weights never change and never receive gradients. The dense weight is never kept.
+* SVD adapter ``svd_a`` [r_svd, K], ``svd_b`` [N, r_svd]: parameters, frozen unless
+  ``trainable_svd``.
+* LoRA ``lora_a`` [r, K] (Kaiming-uniform, a=√5), ``lora_b`` [N, r] (zeros), as PEFT initialises them,
+  so a fresh module computes exactly the base + SVD output.
+* Forward: the adapters are concatenated, ``adapter_a = [A_svd; A_lora]`` and
+  ``adapter_b = [B_svd, s·B_lora]``, and passed to ONE ``sparse_lowrank_gemm`` call. With LoRA
+  dropout active (training and dropout > 0) the LoRA branch must see a dropped-out x that the base
+  and SVD branches must not, so the op then carries base + SVD and the LoRA term
+  ``s·(drop(x)·A_loraᵀ)·B_loraᵀ`` is added separately; in eval mode (or dropout 0) it is one call.
+* Compute dtype: the base's dtype. x, adapters and bias are cast to it, the output back to x's dtype.
+* :meth:`merge` folds the LoRA into the concatenated inference adapter (the SVD adapter becomes
+  [A_svd; A_lora], [B_svd, s·B_lora], computed in fp32 and checked finite); the base is untouched.
+  There is no unmerge: the LoRA factors are gone after a merge (save before merging to keep them).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from salr import ops
+from salr.methods.salr.config import _check_int, dtype_from_name
+from salr.nn.bitmap_linear import BitmapLinear
+from salr.nn.models import is_conv1d, linear_dims, weight_view
+from salr.nn.svd import check_rank, residual_adapter
+from salr.ops import reference
+from salr.prune.criteria import prune_weight
+
+class SALRLinear(BitmapLinear):
+    """Sparse BM8x8 base + SVD residual adapter + LoRA; one fused op per forward (see module doc).
+
+    Build with :meth:`from_linear` (prune + SVD an existing layer) or :meth:`from_weights` (an
+    already pruned weight and given factors). The bare constructor makes an all-zero base of the
+    right shape (what :func:`salr.load` fills from a file).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = False, svd_rank: int = 0,
+                 lora_rank: int = 0, alpha: float | None = None, dropout: float = 0.0,
+                 trainable_svd: bool = False, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        _check_int(in_features, "in_features", 1)
+        _check_int(out_features, "out_features", 1)
+        dtype = dtype_from_name(dtype)
+        for name, rank in (("svd_rank", svd_rank), ("lora_rank", lora_rank)):
+            if _check_int(rank, name, 0):
+                check_rank(rank, out_features, in_features, name)
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.trainable_svd = bool(trainable_svd)
+        self.alpha = float(alpha) if alpha is not None else float(max(lora_rank, 1))
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha: expected a finite number > 0, got {alpha!r}")
+        self._register_base(torch.zeros(out_features, in_features, dtype=dtype, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        for name in ("svd_a", "svd_b", "lora_a", "lora_b"):
+            self.register_parameter(name, None)
+        if svd_rank:
+            self.svd_a = nn.Parameter(torch.zeros(svd_rank, in_features, dtype=dtype, device=device),
+                                      requires_grad=self.trainable_svd)
+            self.svd_b = nn.Parameter(torch.zeros(out_features, svd_rank, dtype=dtype, device=device),
+                                      requires_grad=self.trainable_svd)
+        if lora_rank:
+            self.lora_a = nn.Parameter(torch.empty(lora_rank, in_features, dtype=dtype, device=device))
+            self.lora_b = nn.Parameter(torch.zeros(out_features, lora_rank, dtype=dtype, device=device))
+            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    # ---- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_weights(cls, pruned_weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     svd_a: torch.Tensor | None = None, svd_b: torch.Tensor | None = None, *,
+                     lora_rank: int = 0, alpha: float | None = None, dropout: float = 0.0,
+                     trainable_svd: bool = False, dtype: torch.dtype | str | None = None) -> "SALRLinear":
+        """A module whose base is `pruned_weight` [N, K] (its zeros are the mask) and whose SVD
+        adapter is (svd_a [r, K], svd_b [N, r]); everything is stored in `dtype` (default: the
+        weight's)."""
+        if pruned_weight.dim() != 2:
+            raise ValueError(f"pruned_weight: expected [out_features, in_features], got {tuple(pruned_weight.shape)}")
+        if (svd_a is None) != (svd_b is None):
+            raise ValueError("svd_a, svd_b: give both SVD factors or neither")
+        dtype = dtype_from_name(dtype) or pruned_weight.dtype
+        n, k = pruned_weight.shape
+        rank = 0 if svd_a is None else svd_a.shape[0]
+        if svd_a is not None and (svd_a.shape != (rank, k) or svd_b.shape != (n, rank)):
+            raise ValueError(f"svd_a, svd_b: expected shapes [r, {k}] and [{n}, r], got {tuple(svd_a.shape)} "
+                             f"and {tuple(svd_b.shape)}")
+        module = cls(k, n, bias=bias is not None, svd_rank=rank, lora_rank=lora_rank, alpha=alpha,
+                     dropout=dropout, trainable_svd=trainable_svd, dtype=dtype, device=pruned_weight.device)
+        with torch.no_grad():
+            module.set_base(pruned_weight.to(dtype))
+            if bias is not None:
+                module.bias.copy_(bias.detach())
+            if rank:
+                module.svd_a.copy_(svd_a.detach())
+                module.svd_b.copy_(svd_b.detach())
+        return module
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, *, sparsity: float | None = 0.0, criterion: str = "magnitude",
+                    pattern: str | None = None, group: str | None = None, svd_rank: int = 0,
+                    svd_method: str = "exact", lora_rank: int = 0, alpha: float | None = None,
+                    dropout: float = 0.0, trainable_svd: bool = False, input_norms: torch.Tensor | None = None,
+                    hessian: torch.Tensor | None = None, activation_aware: bool = False,
+                    input_rms: torch.Tensor | None = None, dtype: torch.dtype | str | None = None,
+                    blocksize: int = 128, damping: float = 0.01) -> "SALRLinear":
+        """Prune an nn.Linear / GPT-2 Conv1D with `criterion`, fit the SVD residual adapter of rank
+        `svd_rank` on W − W_s (activation-aware with `input_rms` when `activation_aware`), add a
+        LoRA of `lora_rank`. The residual is taken against W_s as stored (after the cast to `dtype`)."""
+        if not (isinstance(linear, nn.Linear) or is_conv1d(linear)):
+            raise ValueError(f"linear: expected nn.Linear or transformers Conv1D, got {type(linear).__name__}")
+        n, k = linear_dims(linear)
+        dtype = dtype_from_name(dtype) or linear.weight.dtype
+        if svd_rank:
+            check_rank(svd_rank, n, k, "svd_rank")
+        weight = weight_view(linear).detach().float()
+        pruned, _ = prune_weight(weight, criterion, sparsity, pattern=pattern, group=group,
+                                 input_norms=input_norms, hessian=hessian, blocksize=blocksize, damping=damping)
+        stored = pruned.to(dtype)
+        a = b = None
+        if svd_rank:
+            if activation_aware and input_rms is None:
+                raise ValueError("input_rms: the activation-aware SVD needs the calibration input magnitudes")
+            a, b = residual_adapter(weight, stored.float(), svd_rank, method=svd_method,
+                                    input_scale=input_rms if activation_aware else None)
+            a, b = a.to(dtype), b.to(dtype)
+        bias = getattr(linear, "bias", None)
+        return cls.from_weights(stored, bias.detach().to(dtype) if bias is not None else None, a, b,
+                                lora_rank=lora_rank, alpha=alpha, dropout=dropout,
+                                trainable_svd=trainable_svd, dtype=dtype)
+
+    # ---- properties ----------------------------------------------------------------------------
+    @property
+    def svd_rank(self) -> int:
+        return 0 if self.svd_a is None else self.svd_a.shape[0]
+
+    @property
+    def lora_rank(self) -> int:
+        return 0 if self.lora_a is None else self.lora_a.shape[0]
+
+    @property
+    def adapter_rank(self) -> int:
+        """The rank of every low-rank product this layer adds to its base (SVD + LoRA)."""
+        return self.svd_rank + self.lora_rank
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.lora_rank if self.lora_rank else 0.0
+
+    @property
+    def dropout(self) -> float:
+        return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+
+    def compressed_bytes(self) -> int:
+        """Bytes of the stored tensors (base + adapters + bias)."""
+        tensors = [self.bitmap, self.values, self.offsets, self.bias, self.svd_a, self.svd_b, self.lora_a, self.lora_b]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    # ---- compute -------------------------------------------------------------------------------
+    def _lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_lora, B_lora) as the forward uses them, unscaled (SALORLinear masks them here)."""
+        return self.lora_a, self.lora_b
+
+    def _adapters(self, dtype: torch.dtype, with_lora: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        a_parts, b_parts = [], []
+        if self.svd_a is not None:
+            a_parts.append(self.svd_a.to(dtype))
+            b_parts.append(self.svd_b.to(dtype))
+        if with_lora and self.lora_a is not None:
+            lora_a, lora_b = self._lora_factors()
+            a_parts.append(lora_a.to(dtype))
+            b_parts.append((lora_b * self.scale).to(dtype))
+        if not a_parts:
+            return None, None
+        if len(a_parts) == 1:
+            return a_parts[0], b_parts[0]
+        return torch.cat(a_parts, 0), torch.cat(b_parts, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.values.dtype
+        xc = x.to(dtype)
+        separate_lora = self.lora_a is not None and self.training and self.dropout > 0
+        a, b = self._adapters(dtype, with_lora=not separate_lora)
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        y = ops.sparse_lowrank_gemm(xc, self.bitmap, self.values, self.offsets, self.out_features,
+                                    self.in_features, a, b, bias)
+        if separate_lora:
+            lora_a, lora_b = self._lora_factors()
+            y = y + (self.lora_dropout(xc) @ lora_a.to(dtype).t()) @ (lora_b * self.scale).to(dtype).t()
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def to_dense(self) -> torch.Tensor:
+        """The effective dense weight W_s + B_svd·A_svd + s·B_lora·A_lora in fp32 (for checks)."""
+        w = self.sparse_weight.to_dense().float()
+        if self.svd_a is not None:
+            w = w + self.svd_b.float() @ self.svd_a.float()
+        if self.lora_a is not None:
+            lora_a, lora_b = self._lora_factors()
+            w = w + self.scale * (lora_b.float() @ lora_a.float())
+        return w
+
+    @torch.no_grad()
+    def combined_adapter(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A [R, K], B [N, R]) in fp32 with B·A = every low-rank product the layer adds to its base
+        (B_svd·A_svd + s·B_lora·A_lora, concatenated in that order); None without adapters."""
+        parts_a, parts_b = [], []
+        if self.svd_a is not None:
+            parts_a.append(self.svd_a.float())
+            parts_b.append(self.svd_b.float())
+        if self.lora_a is not None:
+            lora_a, lora_b = self._lora_factors()
+            parts_a.append(lora_a.float())
+            parts_b.append(lora_b.float() * self.scale)
+        if not parts_a:
+            return None
+        return torch.cat(parts_a, 0), torch.cat(parts_b, 1)
+
+    @torch.no_grad()
+    def merge(self) -> "SALRLinear":
+        """Fold the LoRA into the SVD adapter: A ← [A_svd; A_lora], B ← [B_svd, s·B_lora] (fp32, then
+        the module dtype). The base is not touched. ValueError if the result is not finite. The
+        merged adapter is frozen (an inference form); returns self."""
+        if self.lora_a is None:
+            return self
+        a, b = self.combined_adapter()
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise ValueError("merge: the adapters hold NaN or inf; refusing to merge")
+        dtype = self.values.dtype
+        self.svd_a = nn.Parameter(a.to(dtype), requires_grad=False)
+        self.svd_b = nn.Parameter(b.to(dtype), requires_grad=False)
+        self.trainable_svd = False
+        self.lora_a = self.lora_b = None
+        self.lora_dropout = nn.Identity()
+        return self
+
+    # ---- state dict: shapes come from the file ---------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # The nnz (values) and the adapter ranks are data, not architecture: adopt the incoming
+        # shapes and dtypes so that a skeleton module loads any saved SALRLinear bit-exactly.
+        for name in ("bitmap", "values", "offsets", "bias"):
+            key = prefix + name
+            if key in state_dict and name in self._buffers:
+                src = state_dict[key]
+                self._buffers[name] = torch.empty(src.shape, dtype=src.dtype, device=self._device())
+        for name in ("svd_a", "svd_b", "lora_a", "lora_b"):
+            key = prefix + name
+            if key in state_dict:
+                src = state_dict[key]
+                old = getattr(self, name)
+                grad = old.requires_grad if old is not None else (name.startswith("lora") or self.trainable_svd)
+                setattr(self, name, nn.Parameter(torch.empty(src.shape, dtype=src.dtype, device=self._device()),
+                                                 requires_grad=grad))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if self.bitmap.shape != (reference.num_bands(self.out_features), reference.tiles_per_band(self.in_features)):
+            error_msgs.append(f"{prefix}bitmap: shape {tuple(self.bitmap.shape)} does not fit a "
+                              f"[{self.out_features}, {self.in_features}] weight")
+
+    def _device(self) -> torch.device:
+        return self.bitmap.device
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"sparsity={self.sparsity:.3f}, dtype={str(self.values.dtype).removeprefix('torch.')}, "
+                f"svd_rank={self.svd_rank}{' (trainable)' if self.trainable_svd else ''}, "
+                f"lora_rank={self.lora_rank}, alpha={self.alpha:g}, dropout={self.dropout:g}, "
+                f"bias={self.bias is not None}")

@@ -1,0 +1,104 @@
+"""Fake (meta) kernels and autograd formulas for every ``torch.ops.salr`` op, in one place
+(design.md §2). Nothing here runs a kernel: the backward is written with the ops themselves, so the
+x-gradient is a transposed sparse product and the values-gradient a sampled product over the same
+bitmap, never a decoded dense weight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from salr._native import native_available
+
+
+def _check_one_device(op: str, **tensors) -> None:
+    """The fake kernels' device check: a meta tensor among real ones must not yield a fake result."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise RuntimeError(f"salr.{op}: all tensors must be on one device, got {devices}")
+
+
+def _register() -> None:
+    @torch.library.register_fake("salr::bitmap_encode")
+    def _encode_fake(dense):
+        rows, cols = dense.shape
+        bands, tiles = (rows + 7) // 8, (cols + 7) // 8
+        groups = (tiles + 7) // 8
+        nnz = torch.library.get_ctx().new_dynamic_size()
+        return (dense.new_empty((bands, tiles), dtype=torch.int64), dense.new_empty((nnz,)),
+                dense.new_empty((bands * groups + 1,), dtype=torch.int32))
+
+    @torch.library.register_fake("salr::bitmap_decode")
+    def _decode_fake(bitmap, values, offsets, rows, cols):
+        _check_one_device("bitmap_decode", bitmap=bitmap, values=values, offsets=offsets)
+        return values.new_empty((rows, cols))
+
+    @torch.library.register_fake("salr::sparse_lowrank_gemm")
+    def _gemm_fake(x, bitmap, values, offsets, out_features, in_features, adapter_a=None,
+                   adapter_b=None, bias=None):
+        _check_one_device("sparse_lowrank_gemm", x=x, bitmap=bitmap, values=values, offsets=offsets,
+                          adapter_a=adapter_a, adapter_b=adapter_b, bias=bias)
+        torch._check(x.shape[-1] == in_features, lambda: "salr.sparse_lowrank_gemm: x must end in in_features")
+        return x.new_empty((*x.shape[:-1], out_features))
+
+    @torch.library.register_fake("salr::sparse_gemm_transposed")
+    def _gemm_t_fake(grad_out, bitmap, values, offsets, out_features, in_features):
+        _check_one_device("sparse_gemm_transposed", grad_out=grad_out, bitmap=bitmap, values=values, offsets=offsets)
+        return grad_out.new_empty((*grad_out.shape[:-1], in_features))
+
+    @torch.library.register_fake("salr::sampled_gemm")
+    def _sampled_fake(left, right, bitmap, values, offsets, out_features, in_features):
+        _check_one_device("sampled_gemm", left=left, right=right, bitmap=bitmap, values=values, offsets=offsets)
+        return torch.empty_like(values)
+
+    torch.library.register_autograd("salr::sparse_lowrank_gemm", _gemm_backward,
+                                    setup_context=_gemm_setup_context)
+
+
+def _gemm_setup_context(ctx, inputs, output):
+    x, bitmap, values, offsets, out_features, in_features, adapter_a, adapter_b, bias = inputs
+    ctx.shape = (out_features, in_features)
+    ctx.has_adapter = adapter_a is not None
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, bitmap, values, offsets, adapter_a, adapter_b)
+
+
+def _gemm_backward(ctx, grad):
+    x, bitmap, values, offsets, adapter_a, adapter_b = ctx.saved_tensors
+    grads = gemm_backward_products(torch.ops.salr, grad, x, bitmap, values, offsets, *ctx.shape,
+                                   adapter_a, adapter_b, ctx.has_bias, ctx.needs_input_grad)
+    grad_x, grad_values, grad_a, grad_b, grad_bias = grads
+    return (grad_x, None, grad_values, None, None, None, grad_a, grad_b, grad_bias)[:len(ctx.needs_input_grad)]
+
+
+def gemm_backward_products(impl, grad, x, bitmap, values, offsets, out_features, in_features,
+                           adapter_a, adapter_b, has_bias, needs_input_grad):
+    """The gradients of sparse_lowrank_gemm for (x, values, adapter_a, adapter_b, bias).
+
+    `impl` provides sparse_gemm_transposed and sampled_gemm: torch.ops.salr in training, and
+    salr.ops.reference in the float64 gradcheck that validates these formulas.
+    """
+    # Autograd drops trailing defaulted arguments (None adapters/bias) from needs_input_grad.
+    needs = tuple(needs_input_grad) + (False,) * (9 - len(needs_input_grad))
+    need_x, _, need_values, _, _, _, need_a, need_b, need_bias = needs
+    grad_2d = grad.reshape(-1, out_features)
+    x_2d = x.reshape(-1, in_features)
+    grad_x = grad_values = grad_a = grad_b = grad_bias = None
+    grad_t = grad_2d @ adapter_b if adapter_a is not None and (need_x or need_a) else None
+    if need_x:
+        grad_x = impl.sparse_gemm_transposed(grad, bitmap, values, offsets, out_features, in_features)
+        if grad_t is not None:
+            grad_x = grad_x + (grad_t @ adapter_a).reshape(grad_x.shape)
+    if need_values:
+        grad_values = impl.sampled_gemm(grad_2d, x_2d, bitmap, values, offsets, out_features, in_features)
+    if need_a:
+        grad_a = grad_t.T @ x_2d
+    if need_b:
+        grad_b = grad_2d.T @ (x_2d @ adapter_a.T)
+    if need_bias and has_bias:
+        grad_bias = grad_2d.sum(0)
+    return grad_x, grad_values, grad_a, grad_b, grad_bias
+
+
+if native_available():
+    _register()

@@ -1,0 +1,74 @@
+"""Typed entry points for the salr ops (``torch.ops.salr.*``).
+
+Every function dispatches to the native kernel for the tensors' device (the dispatcher chooses:
+CPU AVX-512 / AVX2 / scalar by cpuid or ``SALR_CPU_ISA``; CUDA when built) and falls back to
+:mod:`salr.ops.reference` when the native library is not loaded. Shapes use N = out_features,
+K = in_features; a BM8x8 weight is ``(bitmap int64 [ceil(N/8), ceil(K/8)], values [nnz],
+offsets int32 [ceil(N/8)*ceil(K/64) + 1])``. Dtypes: float32, bfloat16, float16; x, adapters, bias
+and values share one dtype; accumulation is fp32.
+
+Non-finite inputs: NaN/inf in ``values``, adapters or bias propagate as in the dense product. NaN/inf
+in ``x`` propagate through stored nonzeros; whether they also reach outputs through pruned zeros
+(IEEE 0·inf = NaN) depends on the kernel path (SIMD paths multiply whole 8x8 tiles). bf16 inputs
+below the smallest normal (|v| < 2^-126) are read as zero by the AVX-512 BF16 kernel (vdpbf16ps) and
+by the large-M dense path (oneDNN), not by the scalar / AVX2 kernels. tests/fuzz states the contract.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from salr.ops import reference
+from salr._native import native_available
+
+Tensor = torch.Tensor
+
+
+def bitmap_encode(dense: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Encode a dense [N, K] weight as BM8x8 ``(bitmap, values, offsets)``. -0.0 counts as zero."""
+    if native_available():
+        return torch.ops.salr.bitmap_encode(dense)
+    return reference.bitmap_encode(dense)
+
+
+def bitmap_decode(bitmap: Tensor, values: Tensor, offsets: Tensor, rows: int, cols: int) -> Tensor:
+    """Decode a BM8x8 weight to a dense [rows, cols] tensor of ``values.dtype``."""
+    if native_available():
+        return torch.ops.salr.bitmap_decode(bitmap, values, offsets, rows, cols)
+    return reference.bitmap_decode(bitmap, values, offsets, rows, cols)
+
+
+def sparse_lowrank_gemm(x: Tensor, bitmap: Tensor, values: Tensor, offsets: Tensor,
+                        out_features: int, in_features: int, adapter_a: Tensor | None = None,
+                        adapter_b: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    """``y = x·W_sᵀ + (x·adapter_aᵀ)·adapter_bᵀ + bias``.
+
+    x: [..., K]; adapter_a: [R, K] (stacked adapters [A1; A2; ...]); adapter_b: [N, R]
+    ([s1·B1, s2·B2, ...], scales folded in); bias: [N]. Returns [..., N] in x's dtype.
+    Differentiable in x, values, adapter_a, adapter_b and bias.
+    """
+    if native_available():
+        return torch.ops.salr.sparse_lowrank_gemm(x, bitmap, values, offsets, out_features, in_features,
+                                                  adapter_a, adapter_b, bias)
+    return reference.sparse_lowrank_gemm(x, bitmap, values, offsets, out_features, in_features,
+                                         adapter_a, adapter_b, bias)
+
+
+def sparse_gemm_transposed(grad_out: Tensor, bitmap: Tensor, values: Tensor, offsets: Tensor,
+                           out_features: int, in_features: int) -> Tensor:
+    """``dx = dy·W_s``: grad_out [..., N] -> [..., K] (the x-gradient of sparse_lowrank_gemm)."""
+    if native_available():
+        return torch.ops.salr.sparse_gemm_transposed(grad_out, bitmap, values, offsets, out_features, in_features)
+    return reference.sparse_gemm_transposed(grad_out, bitmap, values, offsets, out_features, in_features)
+
+
+def sampled_gemm(left: Tensor, right: Tensor, bitmap: Tensor, values: Tensor, offsets: Tensor,
+                 out_features: int, in_features: int) -> Tensor:
+    """``(leftᵀ·right)`` at the bitmap's nonzeros, shaped and typed like ``values``.
+
+    left: [T, N], right: [T, K]. With left = dy and right = x this is the values-gradient; with
+    left = Bᵀ and right = A it is LoSA's mask-sampled low-rank update.
+    """
+    if native_available():
+        return torch.ops.salr.sampled_gemm(left, right, bitmap, values, offsets, out_features, in_features)
+    return reference.sampled_gemm(left, right, bitmap, values, offsets, out_features, in_features)
