@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cstdlib>
 
+#include "cuda_common.cuh"
 #include "sparse_mma_kernel.cuh"
 
 namespace salr::cuda {

@@ -19,7 +19,7 @@
 // offset is clamped into values and into the 512-value slot, so a bad weight never faults.
 #pragma once
 
-#include "cuda_common.cuh"
+#include "device_common.cuh"
 
 namespace salr::cuda::mma {
 

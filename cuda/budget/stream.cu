@@ -1,0 +1,9 @@
+// Budget translation unit (scripts/cuda_budget.sh): the stream kernel (stream_kernel.cuh) for bf16 at
+// the token tiles the budget markers name, compiled alone without torch headers.
+#include "stream_kernel.cuh"
+
+namespace salr::cuda::stream {
+template __global__ void stream_forward_kernel<__nv_bfloat16, 1, true>(StreamParams);
+template __global__ void stream_forward_kernel<__nv_bfloat16, 1, false>(StreamParams);
+template __global__ void stream_forward_kernel<__nv_bfloat16, 8, false>(StreamParams);
+}  // namespace salr::cuda::stream
