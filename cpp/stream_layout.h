@@ -98,23 +98,28 @@ SALR_HOST_DEVICE uint32_t run_cursor_band1(uint32_t exclusive, uint32_t total) {
 
 // ---- expansion: a nibble's packed values -> two mma registers ------------------------------------
 // The 8-byte window v0:v1 starting at the lane's cursor holds its (up to 4) values packed; the
-// nibble's selector entry places value i at its column (prmt) and zeroes the absent columns.
+// nibble's entry places value i at its column with prmt. b0 (columns 0, 1) only ever needs values
+// 0-1 (v0), so it permutes {0:v0} and takes absent columns from the zero word: no mask. b1 needs
+// the whole window and is masked. prmt reads only the low 16 bits of a selector, so select0's high
+// half carries the nibble's byte count (the cursor advance) for free.
 struct alignas(16) Expansion {
-  uint32_t select0, select1;  // prmt selectors for b0 (columns 0, 1) and b1 (columns 2, 3)
-  uint32_t keep0, keep1;      // 0xffff per present column
+  uint32_t select0;  // prmt selector for b0 from {zero:v0}; bits 16-31: 2 * popcount(nibble)
+  uint32_t select1;  // prmt selector for b1 from {v1:v0}
+  uint32_t keep1;    // 0xffff per present column of b1
+  uint32_t unused;   // pads the entry to one 16-byte load
 };
 
 SALR_HOST_DEVICE Expansion expansion_of(uint32_t nibble) {
-  uint32_t select[2] = {0, 0}, keep[2] = {0, 0};
+  uint32_t select[2] = {0x4444u, 0}, keep1 = 0;
   int value = 0;
   for (int c = 0; c < 4; ++c) {
     if (!((nibble >> c) & 1u)) continue;
     const int reg = c >> 1, half = c & 1;
-    select[reg] |= ((2u * value) | ((2u * value + 1) << 4)) << (8 * half);
-    keep[reg] |= 0xffffu << (16 * half);
+    select[reg] = (select[reg] & ~(0xffu << (8 * half))) | (((2u * value) | ((2u * value + 1) << 4)) << (8 * half));
+    if (reg == 1) keep1 |= 0xffffu << (16 * half);
     ++value;
   }
-  return {select[0], select[1], keep[0], keep[1]};
+  return {select[0] | (2u * value) << 16, select[1], keep1, 0u};
 }
 
 // prmt.b32 (default mode): byte i of the result is byte sel[i] of the 8-byte {hi:lo}.
@@ -145,21 +150,35 @@ SALR_HOST_DEVICE uint32_t funnel_right(uint32_t lo, uint32_t hi, uint32_t amount
 #endif
 }
 
-// One band's B registers of one k16 step for one lane. `record` is 4-byte aligned with
-// kRecordReadSlack readable bytes after the record; `cursor` (bytes from the record's start) is the
-// lane's position in its run, advanced past this step's values. `table` = expansion_of(0..15).
-SALR_HOST_DEVICE void decode_step(const unsigned char* record, uint32_t lane_bits_of_band, int step,
+// One band's B registers of one k16 step for one lane. `base` + `cursor` is the lane's position in
+// its run (the kernel passes its shared-memory base and an absolute cursor, saving an add per
+// call), advanced past this step's values; base + cursor keeps the parity of the record offset (records
+// are 16-byte aligned) and kRecordReadSlack readable bytes follow the record. `table` =
+// expansion_of(0..15).
+SALR_HOST_DEVICE void decode_step(const unsigned char* base, uint32_t lane_bits_of_band, int step,
                                   const Expansion* table, uint32_t& cursor, uint32_t b[2]) {
-  const uint32_t nibble = (lane_bits_of_band >> (4 * step)) & 0xfu;
-  const Expansion e = table[nibble];
-  const uint32_t* w = reinterpret_cast<const uint32_t*>(record + (cursor & ~3u));
+  const Expansion e = table[(lane_bits_of_band >> (4 * step)) & 0xfu];
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(base + (cursor & ~3u));
   const uint32_t shift = cursor << 3;  // 16 when the cursor is at an odd value
   const uint32_t w0 = w[0], w1 = w[1], w2 = w[2];
   const uint32_t v0 = funnel_right(w0, w1, shift), v1 = funnel_right(w1, w2, shift);
-  b[0] = byte_permute(v0, v1, e.select0) & e.keep0;
+  b[0] = byte_permute(v0, 0u, e.select0);
   b[1] = byte_permute(v0, v1, e.select1) & e.keep1;
-  cursor += 2 * format::popcount32(nibble);
+  cursor += e.select0 >> 16;
 }
+
+// ---- activations: the A operand under the same K permutation ---------------------------------
+// x is staged per (16-token tile, 64-column group) as 2048 bytes of 16-byte quads: lane (g, t) of
+// k16 step s reads its four A registers with one 16-byte load, quad (4s + t) * 8 + g = the words
+// (token g, columns 4t, 4t+1), (token g+8, same), (token g, 4t+2, 4t+3), (token g+8, same) of the
+// step: a0..a3 of mma.m16n8k16 for the physical columns physical_column(lane, reg / 2, half).
+// Half index inside the block of element (token, col), token in 0..15, col in 0..63.
+SALR_HOST_DEVICE int x_block_index(int token, int col) {
+  const int step = col >> 4, t = (col >> 2) & 3, r = (col >> 1) & 1, e = col & 1;
+  const int g = token & 7, hi = token >> 3;
+  return ((((step * 4 + t) * 8 + g) * 2 + r) * 2 + hi) * 2 + e;
+}
+constexpr int kXBlockBytes = 16 * 64 * 2;
 
 // Bytes of a record holding `values` values (header included), 16-byte aligned.
 SALR_HOST_DEVICE int64_t record_bytes(int64_t values) {

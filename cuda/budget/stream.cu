@@ -3,7 +3,6 @@
 #include "stream_kernel.cuh"
 
 namespace salr::cuda::stream {
-template __global__ void stream_forward_kernel<__nv_bfloat16, 1, true>(StreamParams);
-template __global__ void stream_forward_kernel<__nv_bfloat16, 1, false>(StreamParams);
-template __global__ void stream_forward_kernel<__nv_bfloat16, 8, false>(StreamParams);
+template __global__ void stream_forward_kernel<__nv_bfloat16, 1>(StreamParams);
+template __global__ void stream_forward_kernel<__nv_bfloat16, 8>(StreamParams);
 }  // namespace salr::cuda::stream
