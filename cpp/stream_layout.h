@@ -45,11 +45,13 @@ SALR_HOST_DEVICE int physical_column(int lane, int reg, int half) { return 4 * (
 SALR_HOST_DEVICE int lane_tile_in_step(int lane) { return (lane & 3) >> 1; }
 SALR_HOST_DEVICE int lane_nibble_bit(int lane) { return lane_row(lane) * 8 + (lane & 1) * 4; }
 
-// A band's 16 header bits for `lane` from the group's 8 tile words (missing tiles are 0).
+// A band's 16 header bits for `lane` from the group's 8 tile words (missing tiles are 0). The
+// lane's tile is picked with a select, not an index, so the words stay in registers on the GPU.
 SALR_HOST_DEVICE uint32_t lane_bits(const uint64_t* group_words, int lane) {
+  const bool right = lane_tile_in_step(lane) != 0;
   uint32_t bits = 0;
   for (int step = 0; step < kStepsPerGroup; ++step) {
-    const uint64_t word = group_words[2 * step + lane_tile_in_step(lane)];
+    const uint64_t word = right ? group_words[2 * step + 1] : group_words[2 * step];
     bits |= static_cast<uint32_t>((word >> lane_nibble_bit(lane)) & 0xfu) << (4 * step);
   }
   return bits;
@@ -59,20 +61,18 @@ SALR_HOST_DEVICE uint32_t lane_bits(const uint64_t* group_words, int lane) {
 // from the BM8x8 values of that group (`group_values` = the group's first value). Returns its length.
 SALR_HOST_DEVICE int write_lane_run(const uint64_t* group_words, const uint16_t* group_values, int lane,
                                     uint16_t* run) {
-  int tile_start[kGroupTiles];
-  int start = 0;
-  for (int tile = 0; tile < kGroupTiles; ++tile) {
-    tile_start[tile] = start;
-    start += format::popcount64(group_words[tile]);
-  }
+  const bool right = lane_tile_in_step(lane) != 0;
+  int before = 0;  // values of the group's tiles left of this step's two
   int n = 0;
   for (int step = 0; step < kStepsPerGroup; ++step) {
-    const int tile = 2 * step + lane_tile_in_step(lane);
-    const uint64_t word = group_words[tile];
+    const uint64_t left_word = group_words[2 * step], right_word = group_words[2 * step + 1];
+    const uint64_t word = right ? right_word : left_word;
+    const int tile_start = right ? before + format::popcount64(left_word) : before;
     for (int c = 0; c < 4; ++c) {
       const int bit = lane_nibble_bit(lane) + c;
-      if ((word >> bit) & 1u) run[n++] = group_values[tile_start[tile] + format::values_before_bit(word, bit)];
+      if ((word >> bit) & 1u) run[n++] = group_values[tile_start + format::values_before_bit(word, bit)];
     }
+    before += format::popcount64(left_word) + format::popcount64(right_word);
   }
   return n;
 }
