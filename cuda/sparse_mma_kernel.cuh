@@ -181,6 +181,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sparse_mma_forward_
     if (s < steps) load_stage(p, smem, band0, token0, group_begin, s, s);
     cp_async_commit();  // an empty group keeps the wait count uniform
   }
+  // SALR_BUDGET kernel=sparse_mma_forward_kernelI13__nv_bfloat16E tiles_per_iter=4 tile=16x16 bytes_per_tile=288 max_per_tile=55 gate=report
   for (int j = 0; j < steps; ++j) {
     cp_async_wait<kStages - 2>();
     __syncthreads();  // stage j landed for all threads; slot (j - 1) % kStages is free again

@@ -175,8 +175,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<kTokenTiles>())
     load_stage(p, smem, x_base, s, s, s < steps);
     cp_async_commit();
   }
-  // SALR_BUDGET kernel=stream_forward_kernelI13__nv_bfloat16Li1EE tiles_per_iter=4 tile=16x16 bytes_per_tile=288 max_per_tile=55
-  // SALR_BUDGET kernel=stream_forward_kernelI13__nv_bfloat16Li8EE tiles_per_iter=4 tile=16x16 bytes_per_tile=288 max_per_tile=200
+  // SALR_BUDGET kernel=stream_forward_kernelI13__nv_bfloat16Li1EE tiles_per_iter=4 tile=16x16 bytes_per_tile=288 max_per_tile=55 threads=128
+  // SALR_BUDGET kernel=stream_forward_kernelI13__nv_bfloat16Li8EE tiles_per_iter=4 tile=16x16 bytes_per_tile=288 max_per_tile=200 threads=128
   for (int j = 0; j < steps; ++j) {
     cp_async_wait<kStages - 2>();
     __syncthreads();  // stage j landed for all threads; slot (j - 1) % kStages is free again
