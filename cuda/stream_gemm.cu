@@ -43,6 +43,8 @@ Relaid relayout(const at::Tensor& bitmap, const at::Tensor& values, const at::Te
     at::cumsum_out(ends, sizes, 0);
   }
   const int64_t total = record_offsets[records].item<int64_t>();  // once per weight
+  TORCH_CHECK(total < (int64_t{1} << 36), "salr.", kOp, ": the stream kernel's records address 16-byte units ",
+              "with 32 bits (64 GiB), this weight needs ", total, " bytes");
   at::Tensor out = at::zeros({std::max<int64_t>(total, 16)}, bitmap.options().dtype(at::kByte));
   if (records > 0) {
     record_fill_kernel<<<blocks, 32 * kRelayoutWarps, 0, stream>>>(

@@ -51,7 +51,8 @@ struct StreamShared {
     uint16_t x[kTokenTiles][layout::kXBlockBytes / 2];
   };
   layout::Expansion table[16];
-  int64_t offsets[kWarps][kMaxGroupsPerSplit + 1];  // the block's pairs x its groups (+ end)
+  // Per (warp, K-step) of the block: its record's start in 16-byte units and its 16-byte chunks.
+  uint2 copies[kWarps][kMaxGroupsPerSplit];
   Stage stages[kStages];
   int is_last_block;
 };
@@ -83,12 +84,12 @@ __device__ __forceinline__ void load_stage(const StreamParams& p, StreamShared<k
                                            const unsigned char* x_base, int j, int slot, bool active) {
   auto& st = smem.stages[slot];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t begin = smem.offsets[warp][j];
-  const int chunks = active ? static_cast<int>((smem.offsets[warp][j + 1] - begin) >> 4) : 0;
-  const unsigned char* src = p.records + begin + 16 * lane;
+  const uint2 copy = smem.copies[warp][active ? j : 0];
+  const int left = (active ? static_cast<int>(copy.y) : 0) - lane;  // chunks from this lane's first on
+  const unsigned char* src = p.records + 16 * static_cast<uint64_t>(copy.x + lane);
   unsigned char* dst = st.records[warp] + 16 * lane;
 #pragma unroll
-  for (int r = 0; r < kRecordCopyRounds; ++r) cp_async_16_if(dst + 512 * r, src + 512 * r, lane + 32 * r < chunks);
+  for (int r = 0; r < kRecordCopyRounds; ++r) cp_async_16_if(dst + 512 * r, src + 512 * r, left > 32 * r);
   const unsigned char* x_src = x_base + static_cast<int64_t>(j) * layout::kXBlockBytes + 16 * threadIdx.x;
 #pragma unroll
   for (int tt = 0; tt < kTokenTiles; ++tt) {
@@ -162,10 +163,12 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<kTokenTiles>())
   const unsigned char* x_base = p.x_blocks + static_cast<int64_t>(blockIdx.y) * kTokenTiles * p.x_tile_stride +
                                 static_cast<int64_t>(group_begin) * layout::kXBlockBytes;
   if (threadIdx.x < 16) smem.table[threadIdx.x] = layout::expansion_of(threadIdx.x);
-  for (int i = threadIdx.x; i < kWarps * (steps + 1); i += kThreads) {
-    const int w = i / (steps + 1), g = i % (steps + 1);
-    const int64_t pair = pair0 + w;
-    smem.offsets[w][g] = pair < p.pairs ? p.record_offsets[pair * q.groups + group_begin + g] : 0;
+  for (int i = threadIdx.x; i < kWarps * steps; i += kThreads) {
+    const int w = i / steps, g = i % steps;
+    const int64_t pair = pair0 + w, record = pair * q.groups + group_begin + g;
+    const int64_t begin = pair < p.pairs ? p.record_offsets[record] : 0;
+    const int64_t end = pair < p.pairs ? p.record_offsets[record + 1] : 0;
+    smem.copies[w][g] = make_uint2(static_cast<uint32_t>(begin >> 4), static_cast<uint32_t>((end - begin) >> 4));
   }
   __syncthreads();
 
