@@ -158,6 +158,19 @@ __device__ __forceinline__ void accumulator_position(int64_t band0, int64_t toke
   token = token0 + 8 * nt + format::mma_lane_pair_col(lane) + (i & 1);
 }
 
+// Split-K, after every thread of the block stored its partial sums: whether this block is the last
+// of its output tile's splits to arrive (then it sums them all, in split order). `flag` is a
+// shared-memory int; every thread gets the answer.
+__device__ __forceinline__ bool last_split_to_arrive(int* counter, int splits, int& flag) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) flag = atomicAdd(counter, 1) == splits - 1;
+  __syncthreads();
+  const bool last = flag != 0;
+  if (last) __threadfence();
+  return last;
+}
+
 template <typename Scalar>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sparse_mma_forward_kernel(const ForwardParams p) {
   __shared__ SharedStorage smem;
@@ -202,15 +215,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sparse_mma_forward_
         if (row < p.rows && token < p.m) __stcg(&p.workspace[(blockIdx.z * p.m + token) * p.rows + row], acc[nt][i]);
       }
     }
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      const int arrived = atomicAdd(&p.counters[blockIdx.y * gridDim.x + blockIdx.x], 1);
-      smem.is_last_block = arrived == p.splits - 1;
-    }
-    __syncthreads();
-    if (!smem.is_last_block) return;
-    __threadfence();
+    if (!last_split_to_arrive(&p.counters[blockIdx.y * gridDim.x + blockIdx.x], p.splits, smem.is_last_block)) return;
   }
 #pragma unroll
   for (int nt = 0; nt < 2; ++nt) {

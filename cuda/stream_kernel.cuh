@@ -141,13 +141,24 @@ __device__ __forceinline__ void compute_stage(const StreamShared<kTokenTiles>& s
   }
 }
 
-// Accumulator element i of (token tile tt, band) of this lane: its output row and token (C layout:
-// rows = tokens, columns = the band's 8 output rows).
-__device__ __forceinline__ void stream_accumulator_position(int64_t pair0, int64_t token0, int tt, int band, int i,
-                                                            int64_t& row, int64_t& token) {
+// Calls fn(output row, token, accumulator) for every accumulator of this lane inside the output
+// (C layout: rows = tokens, columns = the band's 8 output rows).
+template <int kTokenTiles, typename Fn>
+__device__ __forceinline__ void for_each_output(int64_t pair0, int64_t token0, const mma::ForwardParams& q,
+                                                const float (&acc)[kTokenTiles][2][4], Fn fn) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  row = (pair0 + warp) * 16 + 8 * band + format::mma_lane_pair_col(lane) + (i & 1);
-  token = token0 + kTokensPerTile * tt + format::mma_lane_row(lane) + 8 * (i >> 1);
+#pragma unroll
+  for (int tt = 0; tt < kTokenTiles; ++tt) {
+#pragma unroll
+    for (int band = 0; band < 2; ++band) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int64_t row = (pair0 + warp) * 16 + 8 * band + format::mma_lane_pair_col(lane) + (i & 1);
+        const int64_t token = token0 + kTokensPerTile * tt + format::mma_lane_row(lane) + 8 * (i >> 1);
+        if (row < q.rows && token < q.m) fn(row, token, acc[tt][band][i]);
+      }
+    }
+  }
 }
 
 template <typename Scalar, int kTokenTiles>
@@ -191,48 +202,20 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<kTokenTiles>())
   cp_async_wait<0>();
 
   if (q.splits > 1) {
-#pragma unroll
-    for (int tt = 0; tt < kTokenTiles; ++tt) {
-#pragma unroll
-      for (int band = 0; band < 2; ++band) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          int64_t row, token;
-          stream_accumulator_position(pair0, token0, tt, band, i, row, token);
-          if (row < q.rows && token < q.m) {
-            __stcg(&q.workspace[(blockIdx.z * q.m + token) * q.rows + row], acc[tt][band][i]);
-          }
-        }
-      }
-    }
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      const int arrived = atomicAdd(&q.counters[blockIdx.y * gridDim.x + blockIdx.x], 1);
-      smem.is_last_block = arrived == q.splits - 1;
-    }
-    __syncthreads();
-    if (!smem.is_last_block) return;
-    __threadfence();
-  }
-#pragma unroll
-  for (int tt = 0; tt < kTokenTiles; ++tt) {
-#pragma unroll
-    for (int band = 0; band < 2; ++band) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        int64_t row, token;
-        stream_accumulator_position(pair0, token0, tt, band, i, row, token);
-        if (row >= q.rows || token >= q.m) continue;
-        float sum = acc[tt][band][i];
-        if (q.splits > 1) {
-          sum = 0.f;
-          for (int z = 0; z < q.splits; ++z) sum += __ldcg(&q.workspace[(z * q.m + token) * q.rows + row]);
-        }
-        mma::store_output<Scalar>(q, row, token, sum);
-      }
+    for_each_output(pair0, token0, q, acc, [&](int64_t row, int64_t token, float sum) {
+      __stcg(&q.workspace[(blockIdx.z * q.m + token) * q.rows + row], sum);
+    });
+    if (!mma::last_split_to_arrive(&q.counters[blockIdx.y * gridDim.x + blockIdx.x], q.splits, smem.is_last_block)) {
+      return;
     }
   }
+  for_each_output(pair0, token0, q, acc, [&](int64_t row, int64_t token, float sum) {
+    if (q.splits > 1) {
+      sum = 0.f;
+      for (int z = 0; z < q.splits; ++z) sum += __ldcg(&q.workspace[(z * q.m + token) * q.rows + row]);
+    }
+    mma::store_output<Scalar>(q, row, token, sum);
+  });
 }
 
 }  // namespace salr::cuda::stream

@@ -76,15 +76,10 @@ else
   arch="$("$py" -c 'import torch; M, m = torch.cuda.get_device_capability(); print(f"{M}.{m}" + ("a" if M == 9 else ""))' 2>/dev/null)"
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-${arch:-9.0a}}"
   export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
-  step build 200 "$py" -m pip install -v --no-build-isolation --no-deps \
-    -C build-dir="build/gpu-{wheel_tag}" \
-    -C cmake.define.SALR_WITH_CUDA=ON \
-    -C cmake.define.SALR_WARNINGS_AS_ERRORS=ON \
-    -C cmake.define.SALR_PTXAS_VERBOSE=ON \
-    -C cmake.define.CMAKE_CUDA_COMPILER="$CUDACXX" \
-    -C cmake.define.CUDAToolkit_ROOT="$CUDA_HOME" \
-    -C cmake.define.CUDA_TOOLKIT_ROOT_DIR="$CUDA_HOME" \
-    ${nvrtc:+-C cmake.define.CUDA_nvrtc_LIBRARY="$nvrtc"} .
+  # shellcheck source=scripts/cuda_build_flags.sh
+  . scripts/cuda_build_flags.sh
+  salr_cuda_pip_flags "build/gpu-{wheel_tag}" "$nvrtc"
+  step build 200 "$py" -m pip install -v --no-build-isolation --no-deps "${SALR_CUDA_PIP_FLAGS[@]}" .
   step tests 180 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda*.py
   step errors 45 "$py" -X faulthandler -m pytest -q -p no:cacheprovider tests/test_errors.py
   bench_flags=(--repeats 5)
