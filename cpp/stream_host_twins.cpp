@@ -3,7 +3,8 @@
 //   stream_relayout   the load-time re-layout, lane by lane through the helpers the GPU pass uses;
 //   stream_fragments  the kernel's per-stage warp scan and per-lane decode, all 32 lanes simulated
 //                     (shfl.up emulated), returning every lane's B registers;
-//   stream_warp_scan  the scan alone.
+//   stream_warp_scan  the scan alone;
+//   stream_x_block_indices  where the activations' staging puts each (token, column) of a block.
 // Byte strings in and out (no torch types in this module).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -154,6 +155,15 @@ std::vector<uint32_t> stream_fragments(const std::vector<int64_t>& record_offset
   return out;
 }
 
+// layout::x_block_index for every (token, col) of one block: [16 * 64] half indices, row-major.
+std::vector<int> stream_x_block_indices() {
+  std::vector<int> out;
+  for (int token = 0; token < 16; ++token) {
+    for (int col = 0; col < 64; ++col) out.push_back(x_block_index(token, col));
+  }
+  return out;
+}
+
 }  // namespace
 
 void register_stream_host_twins(py::module_& m) {
@@ -162,6 +172,8 @@ void register_stream_host_twins(py::module_& m) {
         "Host twin of the CUDA stream kernel's load-time re-layout: (record byte offsets, records).");
   m.def("stream_fragments", &stream_fragments, py::arg("record_offsets"), py::arg("records"),
         "Host run of the stream kernel's warp scan + per-lane decode: flat [record][step][band][lane][reg].");
+  m.def("stream_x_block_indices", &stream_x_block_indices,
+        "The stream kernel's activation block layout: half index of (token, col), 16 x 64 row-major.");
   m.def("stream_warp_scan", &stream_warp_scan, py::arg("values"),
         "Host run of the stream kernel's warp inclusive scan (32 lane values).");
 }

@@ -194,3 +194,28 @@ def test_bad_arguments_are_refused():
     record_offsets, records = relayout(dense)
     with pytest.raises(ValueError, match="stream_fragments: record 0 is shorter"):
         _native._C.stream_fragments([0, HEADER_BYTES], records[:HEADER_BYTES])
+
+
+def test_activation_blocks_give_each_lane_its_a_registers():
+    # Lane (g, t) loads 16 bytes at quad 32 s + 8 t + g of the block: halves 2 reg + half must be
+    # A register `reg` of mma.m16n8k16 at the permuted column of step s.
+    index = torch.tensor(_native._C.stream_x_block_indices()).reshape(16, 64)
+    assert sorted(index.flatten().tolist()) == list(range(16 * 64))
+    for step in range(4):
+        for lane in range(32):
+            quad = 32 * step + 8 * (lane % 4) + lane // 4
+            for (reg, half), (row, k) in ptx_a_positions(lane).items():
+                col = 16 * step + physical_column(lane, reg // 2, half)
+                assert index[row, col] == 8 * quad + 2 * reg + half
+
+
+def test_activation_staging_permutation_matches_the_block_layout():
+    # cuda/stream_gemm.cu stages x with view [tiles, 2, 8, groups, 4, 4, 2, 2] and this permute.
+    tiles, groups = 2, 3
+    x = torch.arange(tiles * 16 * groups * 64).reshape(tiles * 16, groups * 64)
+    staged = x.view(tiles, 2, 8, groups, 4, 4, 2, 2).permute(0, 3, 4, 5, 2, 6, 1, 7).reshape(tiles, groups, 1024)
+    index = torch.tensor(_native._C.stream_x_block_indices()).reshape(16, 64)
+    for tile in range(tiles):
+        for group in range(groups):
+            block = x[16 * tile:16 * tile + 16, 64 * group:64 * group + 64]
+            assert torch.equal(staged[tile, group][index], block)
