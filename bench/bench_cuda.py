@@ -47,9 +47,9 @@ DEVICE = "cuda"  # --dry-run: "cpu" (wall-clock timing, no graphs, tiny shapes)
 
 # The salr paths a row times, each forced through the environment (read by the op at call time).
 PATHS = {
-    "default": {},
+    "default": {"SALR_CUDA_KERNEL": "mma"},
     "stream": {"SALR_CUDA_KERNEL": "stream"},
-    "decode": {"SALR_CUDA_DENSE_CROSSOVER": "1"},
+    "decode": {"SALR_CUDA_KERNEL": "mma", "SALR_CUDA_DENSE_CROSSOVER": "1"},
 }
 
 
@@ -241,7 +241,7 @@ def crossover(shapes, l2_bytes: int, repeats: int, gen) -> list[str]:
         for m in [8, 16, 32, 48, 64, 96, 128]:
             x = torch.randn(m, cols, generator=gen, device=DEVICE).to(torch.bfloat16)
             times = {}
-            for name, env in [("mma", {"SALR_CUDA_DENSE_CROSSOVER": str(1 << 30)}),
+            for name, env in [("mma", {"SALR_CUDA_KERNEL": "mma", "SALR_CUDA_DENSE_CROSSOVER": str(1 << 30)}),
                               ("stream", PATHS["stream"]), ("decode", PATHS["decode"])]:
                 with forced_path(env):
                     times[name] = graph_time_per_call(lambda i: case.salr(x, i), calls, repeats)
