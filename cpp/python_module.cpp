@@ -12,6 +12,10 @@
 #include "kernels/kernels.h"
 
 namespace py = pybind11;
+
+namespace salr::stream {
+void register_stream_host_twins(py::module_& m);  // stream_host_twins.cpp
+}
 using salr::kernels::Isa;
 
 namespace {
@@ -109,5 +113,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("mma_a_fragments", &mma_a_fragments, py::arg("bitmap_words"), py::arg("values"),
         py::arg("band_starts"),
         "Host run of the CUDA kernel's lane -> mma A-fragment decode for one band pair and group.");
+  salr::stream::register_stream_host_twins(m);
   m.def("cuda_compiled", &cuda_compiled, "Whether this build contains the CUDA kernels.");
 }

@@ -17,7 +17,9 @@
 #include <atomic>
 #include <cstdlib>
 
+#include "cuda_common.cuh"
 #include "sparse_mma_kernel.cuh"
+#include "stream_gemm.h"
 
 namespace salr::cuda {
 namespace {
@@ -204,6 +206,9 @@ at::Tensor sparse_lowrank_gemm_cuda(const at::Tensor& x, const at::Tensor& bitma
   if (adapter.rank > 0) t = at::mm(x2d.to(at::kFloat), adapter.a.to(at::kFloat).t()).contiguous();
 
   const bool mma_dtype = values.scalar_type() == at::kBFloat16 || values.scalar_type() == at::kHalf;
+  if (mma_dtype && m <= stream::kMaxStreamRows && stream::selected()) {  // opt-in: SALR_CUDA_KERNEL=stream
+    return stream::forward(x2d, bitmap, values, offsets, rows, cols, adapter.b, adapter.rank, t, bias_c).view(out_shape);
+  }
   at::Tensor y = mma_dtype && m < cuda_dense_crossover_rows(kCudaDenseCrossoverRows)
                      ? sparse_path(x2d, bitmap, values, offsets, rows, cols, adapter, t, bias_c)
                      : dense_path(x2d, bitmap, values, offsets, rows, cols, adapter, t, bias_c);

@@ -19,7 +19,7 @@
 // offset is clamped into values and into the 512-value slot, so a bad weight never faults.
 #pragma once
 
-#include "cuda_common.cuh"
+#include "device_common.cuh"
 
 namespace salr::cuda::mma {
 
@@ -158,6 +158,19 @@ __device__ __forceinline__ void accumulator_position(int64_t band0, int64_t toke
   token = token0 + 8 * nt + format::mma_lane_pair_col(lane) + (i & 1);
 }
 
+// Split-K, after every thread of the block stored its partial sums: whether this block is the last
+// of its output tile's splits to arrive (then it sums them all, in split order). `flag` is a
+// shared-memory int; every thread gets the answer.
+__device__ __forceinline__ bool last_split_to_arrive(int* counter, int splits, int& flag) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) flag = atomicAdd(counter, 1) == splits - 1;
+  __syncthreads();
+  const bool last = flag != 0;
+  if (last) __threadfence();
+  return last;
+}
+
 template <typename Scalar>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sparse_mma_forward_kernel(const ForwardParams p) {
   __shared__ SharedStorage smem;
@@ -181,6 +194,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sparse_mma_forward_
     if (s < steps) load_stage(p, smem, band0, token0, group_begin, s, s);
     cp_async_commit();  // an empty group keeps the wait count uniform
   }
+  // SALR_BUDGET kernel=sparse_mma_forward_kernelI13__nv_bfloat16E tiles_per_iter=4 tile=16x16 bytes_per_tile=288 max_per_tile=55 gate=report
   for (int j = 0; j < steps; ++j) {
     cp_async_wait<kStages - 2>();
     __syncthreads();  // stage j landed for all threads; slot (j - 1) % kStages is free again
@@ -201,15 +215,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sparse_mma_forward_
         if (row < p.rows && token < p.m) __stcg(&p.workspace[(blockIdx.z * p.m + token) * p.rows + row], acc[nt][i]);
       }
     }
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      const int arrived = atomicAdd(&p.counters[blockIdx.y * gridDim.x + blockIdx.x], 1);
-      smem.is_last_block = arrived == p.splits - 1;
-    }
-    __syncthreads();
-    if (!smem.is_last_block) return;
-    __threadfence();
+    if (!last_split_to_arrive(&p.counters[blockIdx.y * gridDim.x + blockIdx.x], p.splits, smem.is_last_block)) return;
   }
 #pragma unroll
   for (int nt = 0; nt < 2; ++nt) {

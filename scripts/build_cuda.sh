@@ -49,16 +49,10 @@ export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
 rm -rf build/cuda-*/
 echo "build_cuda: building for TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST with torch $("$py" -c 'import torch; print(torch.__version__)')"
 set +e
-"$py" -m pip install -v --no-build-isolation --no-deps \
-  -C build-dir="build/cuda-{wheel_tag}" \
-  -C cmake.define.SALR_WITH_CUDA=ON \
-  -C cmake.define.SALR_WARNINGS_AS_ERRORS=ON \
-  -C cmake.define.SALR_PTXAS_VERBOSE=ON \
-  -C cmake.define.CMAKE_CUDA_COMPILER="$CUDACXX" \
-  -C cmake.define.CUDAToolkit_ROOT="$CUDA_HOME" \
-  -C cmake.define.CUDA_TOOLKIT_ROOT_DIR="$CUDA_HOME" \
-  -C cmake.define.CUDA_nvrtc_LIBRARY="$nv/lib/libnvrtc.so.13" \
-  . >"$log" 2>&1
+# shellcheck source=scripts/cuda_build_flags.sh
+. scripts/cuda_build_flags.sh
+salr_cuda_pip_flags "build/cuda-{wheel_tag}" "$nv/lib/libnvrtc.so.13"
+"$py" -m pip install -v --no-build-isolation --no-deps "${SALR_CUDA_PIP_FLAGS[@]}" . >"$log" 2>&1
 status=$?
 set -e
 if [ $status -ne 0 ]; then
