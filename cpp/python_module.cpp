@@ -14,6 +14,10 @@
 namespace py = pybind11;
 using salr::kernels::Isa;
 
+namespace salr::sparse24 {
+void register_sparse24_host_twins(py::module_& m);  // cpp/sparse24_host_twins.cpp
+}
+
 namespace {
 
 // The ISA the CPU kernels would use for the next call (honours SALR_CPU_ISA); raises on a bad value.
@@ -110,4 +114,5 @@ PYBIND11_MODULE(_C, m) {
         py::arg("band_starts"),
         "Host run of the CUDA kernel's lane -> mma A-fragment decode for one band pair and group.");
   m.def("cuda_compiled", &cuda_compiled, "Whether this build contains the CUDA kernels.");
+  salr::sparse24::register_sparse24_host_twins(m);
 }
