@@ -61,7 +61,12 @@ struct __align__(16) Stage24 {
 
 template <class S>
 struct Shared24 {
-  Stage24<S> stages[S::kStages];
+  static constexpr int kBlockRows = S::kBlockRowBlocks * layout::kTileRows;
+  static constexpr int kOutStride = kBlockRows + 4;  // +4 floats: the lanes' scattered writes hit 32 banks
+  union {
+    Stage24<S> stages[S::kStages];
+    float out[S::kTokens][kOutStride];  // after the main loop: the block's fp32 tile, token-major
+  };
   int is_last_block;
 };
 
@@ -165,25 +170,6 @@ __device__ __forceinline__ void compute_stage(const Stage24<S>& st, float acc[S:
   }
 }
 
-// Calls visit(value, row, token) for every accumulator of this lane that lands inside y: element i of
-// (row block r, n8 tile nt) in the mma C layout (rows g and g + 8, tokens 2t and 2t + 1).
-template <class S, typename Visit>
-__device__ __forceinline__ void for_each_output(const Params24& p, const float (&acc)[S::kRowBlocks][S::kTokenTiles][4],
-                                                int64_t row_block0, int64_t token0, Visit&& visit) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int r = 0; r < S::kRowBlocks; ++r)
-#pragma unroll
-    for (int nt = 0; nt < S::kTokenTiles; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int64_t row =
-            (row_block0 + warp * S::kRowBlocks + r) * layout::kTileRows + (lane >> 2) + (i >= 2 ? 8 : 0);
-        const int64_t token = token0 + 8 * nt + 2 * (lane & 3) + (i & 1);
-        if (row < p.rows && token < p.m) visit(acc[r][nt][i], row, token);
-      }
-}
-
 // y = sum + T·Bᵀ + bias for one output element, rounded once.
 template <typename Scalar>
 __device__ __forceinline__ void store_output(const Params24& p, int64_t row, int64_t token, float sum) {
@@ -220,7 +206,7 @@ __global__ void __launch_bounds__(kThreads, S::kMinBlocks) sparse24_forward_kern
   int read_slot = 0, write_slot = S::kStages - 1;
   // Budget per 16x32 2:4 tile (576 B): 132 SMs x 4 schedulers x 1.755 GHz / (0.9 x 4.8 TB/s / 576 B)
   // = 123.6 issue slots at H200 bandwidth, x ~0.65 issue efficiency = 80 warp-instructions. sm_90a
-  // (sass_budget.py): decode 191 per iteration of 4 tiles = 47.8; tiled 148 per 2 tiles = 74.0 (each
+  // (sass_budget.py): decode 192 per iteration of 4 tiles = 48.0; tiled 150 per 2 tiles = 75.0 (each
   // tile then serves 64 tokens: compute-bound, the memory budget is only an upper bound there).
   // SALR_BUDGET kernel=sparse24_forward_kernel.*Sparse24ShapeILi2ELi1ELi4ELi3ELi4E tiles_per_iter=4 tile=16x32 bytes_per_tile=576 max_per_tile=80
   // SALR_BUDGET kernel=sparse24_forward_kernel.*Sparse24ShapeILi8ELi2ELi1ELi4ELi2E tiles_per_iter=2 tile=16x32 bytes_per_tile=576 max_per_tile=80
@@ -235,13 +221,34 @@ __global__ void __launch_bounds__(kThreads, S::kMinBlocks) sparse24_forward_kern
     write_slot = write_slot == S::kStages - 1 ? 0 : write_slot + 1;
   }
   cp_async_wait<0>();
+  __syncthreads();  // every warp is done with the stages: their memory becomes the output tile
 
+  // Accumulators -> the block's tile in shared memory (mma C layout: rows g and g + 8, tokens 2t and
+  // 2t + 1), so the stores below run along rows: coalesced, and a short loop instead of an unrolled
+  // epilogue per accumulator.
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int r = 0; r < S::kRowBlocks; ++r)
+#pragma unroll
+    for (int nt = 0; nt < S::kTokenTiles; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = (warp * S::kRowBlocks + r) * layout::kTileRows + (lane >> 2) + (i >= 2 ? 8 : 0);
+        smem.out[8 * nt + 2 * (lane & 3) + (i & 1)][row] = acc[r][nt][i];
+      }
+  __syncthreads();
+
+  constexpr int kBlockRows = Shared24<S>::kBlockRows;
+  const int64_t row0 = row_block0 * layout::kTileRows;
   // Split-K: partial tiles to the workspace; the last block of a tile to arrive sums them in split
   // order (deterministic) and runs the epilogue.
   if (p.splits > 1) {
-    for_each_output<S>(p, acc, row_block0, token0, [&](float value, int64_t row, int64_t token) {
-      __stcg(&p.workspace[(blockIdx.z * p.m + token) * p.rows + row], value);
-    });
+    for (int i = threadIdx.x; i < S::kTokens * kBlockRows; i += kThreads) {
+      const int64_t token = token0 + i / kBlockRows, row = row0 + i % kBlockRows;
+      if (token < p.m && row < p.rows) {
+        __stcg(&p.workspace[(blockIdx.z * p.m + token) * p.rows + row], smem.out[i / kBlockRows][i % kBlockRows]);
+      }
+    }
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -252,13 +259,16 @@ __global__ void __launch_bounds__(kThreads, S::kMinBlocks) sparse24_forward_kern
     if (!smem.is_last_block) return;
     __threadfence();
   }
-  for_each_output<S>(p, acc, row_block0, token0, [&](float value, int64_t row, int64_t token) {
+  for (int i = threadIdx.x; i < S::kTokens * kBlockRows; i += kThreads) {
+    const int64_t token = token0 + i / kBlockRows, row = row0 + i % kBlockRows;
+    if (token >= p.m || row >= p.rows) continue;
+    float sum = smem.out[i / kBlockRows][i % kBlockRows];
     if (p.splits > 1) {
-      value = 0.f;
-      for (int z = 0; z < p.splits; ++z) value += __ldcg(&p.workspace[(z * p.m + token) * p.rows + row]);
+      sum = 0.f;
+      for (int z = 0; z < p.splits; ++z) sum += __ldcg(&p.workspace[(z * p.m + token) * p.rows + row]);
     }
-    store_output<Scalar>(p, row, token, value);
-  });
+    store_output<Scalar>(p, row, token, sum);
+  }
 }
 
 }  // namespace salr::cuda::mma24
