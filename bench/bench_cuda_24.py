@@ -9,6 +9,7 @@ detection and re-layout (cached per weight) is outside the timed calls, as in in
 
   python bench/bench_cuda_24.py --out OUTDIR            # 11008x4096, 4096x4096; M in {1, 16, 128, 2048}
   python bench/bench_cuda_24.py --quick --out OUTDIR    # 11008x4096; M in {1, 16}
+  python bench/bench_cuda_24.py --dry-run               # the script on the CPU, tiny shapes, no GPU
 Goals (issue 17) vs cuBLAS bf16: >= 1.7x at M <= 16, >= 1.3x at M = 128, >= 1.0x at M = 2048.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 import torch
@@ -28,13 +30,14 @@ from bench_cuda import copies_for, graph_time_per_call, time_per_call
 SHAPES = [(11008, 4096), (4096, 4096)]
 MS = [1, 16, 128, 2048]
 GOALS = {1: 1.7, 16: 1.7, 128: 1.3, 2048: 1.0}
+DEVICE = "cuda"  # --dry-run: "cpu" (wall-clock timing, no graphs, tiny shapes)
 
 
 def random_2to4(rows: int, cols: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
     """Exactly 2 nonzeros in every aligned 4-column chunk (what `salr prune --pattern 2:4` gives)."""
-    scores = torch.rand(rows, cols // 4, 4, generator=gen, device="cuda")
+    scores = torch.rand(rows, cols // 4, 4, generator=gen, device=DEVICE)
     keep = scores.argsort(-1).argsort(-1) < 2
-    dense = torch.randn(rows, cols, generator=gen, device="cuda")
+    dense = torch.randn(rows, cols, generator=gen, device=DEVICE)
     return (dense * keep.reshape(rows, cols)).to(dtype)
 
 
@@ -47,12 +50,15 @@ class Case:
         self.sparse = [(bitmap.clone(), values.clone(), offsets.clone()) for _ in range(copies_for(2 * real, l2_bytes))]
         self.dense = [dense.clone() for _ in range(copies_for(dense.numel() * 2, l2_bytes))]
         self.semi = None
+        self.semi_error = "CPU dry run"
         try:
+            if DEVICE == "cpu":
+                raise RuntimeError("CPU dry run")
             from torch.sparse import to_sparse_semi_structured
             self.semi = [to_sparse_semi_structured(d) for d in self.dense]
         except Exception as e:  # noqa: BLE001 - unsupported GPU / torch build / shape: the column reads n/a
             self.semi_error = f"{type(e).__name__}: {e}"[:80]
-        self.bias = torch.randn(rows, generator=gen, device="cuda").to(torch.bfloat16)
+        self.bias = torch.randn(rows, generator=gen, device=DEVICE).to(torch.bfloat16)
 
     def salr(self, x, i, sparse24: bool):
         os.environ["SALR_CUDA_SPARSE24"] = "1" if sparse24 else "0"
@@ -67,7 +73,15 @@ class Case:
 
 
 def timed(fn, calls, repeats):
-    """Graph time; eager time when the path cannot be captured (marked with *)."""
+    """Graph time; eager time when the path cannot be captured (marked with *); wall clock on the CPU."""
+    if DEVICE == "cpu":
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for i in range(calls):
+                fn(i)
+            samples.append((time.perf_counter() - start) / calls)
+        return statistics.median(samples) * 1e6, ""
     try:
         return graph_time_per_call(fn, calls, repeats) * 1e6, ""
     except Exception:  # noqa: BLE001
@@ -77,7 +91,7 @@ def timed(fn, calls, repeats):
 
 def bench(case: Case, m: int, repeats: int, gen) -> str:
     rows, cols = case.shape
-    x = torch.randn(m, cols, generator=gen, device="cuda").to(torch.bfloat16)
+    x = torch.randn(m, cols, generator=gen, device=DEVICE).to(torch.bfloat16)
     for i in range(len(case.sparse)):  # detection + re-layout of every copy, outside the timing
         case.salr(x, i, sparse24=True)
     want = case.linear(x, 0).float()
@@ -110,30 +124,40 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="11008x4096, M in {1, 16}")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", help="write the markdown table to OUT/bench_cuda_24.md")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run everything on the CPU with tiny shapes (checks the script, not the speed)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_cuda_24: no CUDA device")
-    if not (salr.native_available()
-            and torch._C._dispatch_has_kernel_for_dispatch_key("salr::sparse_lowrank_gemm", "CUDA")):
-        raise SystemExit(f"bench_cuda_24: salr has no CUDA kernels here ({salr.native_error() or 'CPU-only build'})")
-    props = torch.cuda.get_device_properties(0)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    machine = (f"{props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size / 2**20:.0f} MiB, "
-               f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; * = eager (not capturable)")
+    global DEVICE
+    if args.dry_run:
+        DEVICE = "cpu"
+        name, l2, repeats = "CPU dry run (timings meaningless)", 1 << 16, 2
+        shapes, ms = [(40, 136), (24, 72)], [1, 17]
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench_cuda_24: no CUDA device (--dry-run runs the script on the CPU)")
+        if not (salr.native_available()
+                and torch._C._dispatch_has_kernel_for_dispatch_key("salr::sparse_lowrank_gemm", "CUDA")):
+            raise SystemExit(f"bench_cuda_24: salr has no CUDA kernels here ({salr.native_error() or 'CPU-only build'})")
+        props = torch.cuda.get_device_properties(0)
+        name = f"{props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size / 2**20:.0f} MiB"
+        l2, repeats = props.L2_cache_size, args.repeats
+        shapes, ms = ([(11008, 4096)], [1, 16]) if args.quick else (SHAPES, MS)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    machine = f"{name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; * = eager (not capturable)"
     print(machine, flush=True)
     print(HEADER, flush=True)
     lines = HEADER.splitlines()
-    shapes, ms = ([(11008, 4096)], [1, 16]) if args.quick else (SHAPES, MS)
     previous = os.environ.get("SALR_CUDA_SPARSE24")
     try:
         for rows, cols in shapes:
-            case = Case(rows, cols, props.L2_cache_size, gen)
+            case = Case(rows, cols, l2, gen)
             for m in ms:
-                line = bench(case, m, args.repeats, gen)
+                line = bench(case, m, repeats, gen)
                 print(line, flush=True)
                 lines.append(line)
             del case
-            torch.cuda.empty_cache()
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
     finally:
         os.environ.pop("SALR_CUDA_SPARSE24", None) if previous is None else os.environ.update(SALR_CUDA_SPARSE24=previous)
     if args.out:
