@@ -46,7 +46,8 @@ std::vector<uint16_t> relayout(const std::vector<int64_t>& bitmap_words, const s
   std::vector<uint16_t> out(static_cast<size_t>(row_blocks(rows) * blocks_k * kTileHalves), 0);
   for (int64_t p = 0; p < row_blocks(rows); ++p) {
     for (int64_t q = 0; q < blocks_k; ++q) {
-      for (int lane = 0; lane < kLanes; ++lane) relayout_tile_lane(w, p, q, lane, &out[(p * blocks_k + q) * kTileHalves]);
+      uint16_t* tile = &out[(p * blocks_k + q) * kTileHalves];
+      for (int lane = 0; lane < kLanes; ++lane) relayout_tile_lane(w, p, q, lane, tile);
     }
   }
   return out;

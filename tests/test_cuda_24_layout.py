@@ -66,7 +66,8 @@ def test_detection_of_weights(rows, cols):
     assert _native._C.sparse24_is_2to4(bitmap.reshape(-1).tolist())
     # One third nonzero in one chunk of one row makes it not 2:4 (where a chunk has 3 columns).
     if cols >= 3:
-        row, chunk = int(torch.randint(rows, (1,), generator=gen)), int(torch.randint(cols // 4 or 1, (1,), generator=gen))
+        row = int(torch.randint(rows, (1,), generator=gen))
+        chunk = int(torch.randint(cols // 4 or 1, (1,), generator=gen))
         width = min(4, cols - 4 * chunk)
         if width >= 3:
             dense[row, 4 * chunk:4 * chunk + 3] = 1.0
