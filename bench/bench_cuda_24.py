@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 import torch
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 
 import salr
 from salr import ops
+from salr.benchmark import median_seconds
 from bench_cuda import copies_for, graph_time_per_call, time_per_call
 
 SHAPES = [(11008, 4096), (4096, 4096)]
@@ -75,13 +75,7 @@ class Case:
 def timed(fn, calls, repeats):
     """Graph time; eager time when the path cannot be captured (marked with *); wall clock on the CPU."""
     if DEVICE == "cpu":
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for i in range(calls):
-                fn(i)
-            samples.append((time.perf_counter() - start) / calls)
-        return statistics.median(samples) * 1e6, ""
+        return median_seconds(fn, calls, repeats) * 1e6, ""
     try:
         return graph_time_per_call(fn, calls, repeats) * 1e6, ""
     except Exception:  # noqa: BLE001
