@@ -18,6 +18,10 @@ void register_stream_host_twins(py::module_& m);  // stream_host_twins.cpp
 }
 using salr::kernels::Isa;
 
+namespace salr::sparse24 {
+void register_sparse24_host_twins(py::module_& m);  // cpp/sparse24_host_twins.cpp
+}
+
 namespace {
 
 // The ISA the CPU kernels would use for the next call (honours SALR_CPU_ISA); raises on a bad value.
@@ -115,4 +119,5 @@ PYBIND11_MODULE(_C, m) {
         "Host run of the CUDA kernel's lane -> mma A-fragment decode for one band pair and group.");
   salr::stream::register_stream_host_twins(m);
   m.def("cuda_compiled", &cuda_compiled, "Whether this build contains the CUDA kernels.");
+  salr::sparse24::register_sparse24_host_twins(m);
 }

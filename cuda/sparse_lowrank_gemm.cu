@@ -18,6 +18,7 @@
 #include <cstdlib>
 
 #include "cuda_common.cuh"
+#include "sparse24_gemm.h"
 #include "sparse_mma_kernel.cuh"
 #include "stream_gemm.h"
 
@@ -206,6 +207,10 @@ at::Tensor sparse_lowrank_gemm_cuda(const at::Tensor& x, const at::Tensor& bitma
   if (adapter.rank > 0) t = at::mm(x2d.to(at::kFloat), adapter.a.to(at::kFloat).t()).contiguous();
 
   const bool mma_dtype = values.scalar_type() == at::kBFloat16 || values.scalar_type() == at::kHalf;
+  if (mma_dtype && sparse24_enabled()) {  // 2:4 weights on the sparse tensor cores (sparse24_gemm.cu)
+    auto y24 = sparse24_forward(x2d, bitmap, values, offsets, rows, cols, adapter.b, t, bias_c);
+    if (y24.has_value()) return y24->view(out_shape);  // nullopt: W is not 2:4
+  }
   if (mma_dtype && m <= stream::kMaxStreamRows && stream::selected()) {  // opt-in: SALR_CUDA_KERNEL=stream
     return stream::forward(x2d, bitmap, values, offsets, rows, cols, adapter.b, adapter.rank, t, bias_c).view(out_shape);
   }
