@@ -85,4 +85,17 @@ __device__ __forceinline__ void mma_m16n8k16<__half>(float acc[4], const uint32_
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Split-K, after every thread of the block stored its partial sums: whether this block is the last
+// of its output tile's splits to arrive (then it sums them all, in split order). `flag` is a
+// shared-memory int; every thread gets the answer.
+__device__ __forceinline__ bool last_split_to_arrive(int* counter, int splits, int& flag) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) flag = atomicAdd(counter, 1) == splits - 1;
+  __syncthreads();
+  const bool last = flag != 0;
+  if (last) __threadfence();
+  return last;
+}
+
 }  // namespace salr::cuda

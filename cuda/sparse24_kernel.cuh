@@ -249,15 +249,7 @@ __global__ void __launch_bounds__(kThreads, S::kMinBlocks) sparse24_forward_kern
         __stcg(&p.workspace[(blockIdx.z * p.m + token) * p.rows + row], smem.out[i / kBlockRows][i % kBlockRows]);
       }
     }
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      const int arrived = atomicAdd(&p.counters[blockIdx.y * gridDim.x + blockIdx.x], 1);
-      smem.is_last_block = arrived == p.splits - 1;
-    }
-    __syncthreads();
-    if (!smem.is_last_block) return;
-    __threadfence();
+    if (!last_split_to_arrive(&p.counters[blockIdx.y * gridDim.x + blockIdx.x], p.splits, smem.is_last_block)) return;
   }
   for (int i = threadIdx.x; i < S::kTokens * kBlockRows; i += kThreads) {
     const int64_t token = token0 + i / kBlockRows, row = row0 + i % kBlockRows;

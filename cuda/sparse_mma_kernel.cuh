@@ -158,19 +158,6 @@ __device__ __forceinline__ void accumulator_position(int64_t band0, int64_t toke
   token = token0 + 8 * nt + format::mma_lane_pair_col(lane) + (i & 1);
 }
 
-// Split-K, after every thread of the block stored its partial sums: whether this block is the last
-// of its output tile's splits to arrive (then it sums them all, in split order). `flag` is a
-// shared-memory int; every thread gets the answer.
-__device__ __forceinline__ bool last_split_to_arrive(int* counter, int splits, int& flag) {
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) flag = atomicAdd(counter, 1) == splits - 1;
-  __syncthreads();
-  const bool last = flag != 0;
-  if (last) __threadfence();
-  return last;
-}
-
 template <typename Scalar>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sparse_mma_forward_kernel(const ForwardParams p) {
   __shared__ SharedStorage smem;

@@ -205,7 +205,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<kTokenTiles>())
     for_each_output(pair0, token0, q, acc, [&](int64_t row, int64_t token, float sum) {
       __stcg(&q.workspace[(blockIdx.z * q.m + token) * q.rows + row], sum);
     });
-    if (!mma::last_split_to_arrive(&q.counters[blockIdx.y * gridDim.x + blockIdx.x], q.splits, smem.is_last_block)) {
+    if (!last_split_to_arrive(&q.counters[blockIdx.y * gridDim.x + blockIdx.x], q.splits, smem.is_last_block)) {
       return;
     }
   }
