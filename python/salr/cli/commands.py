@@ -17,6 +17,7 @@ from salr import losa
 from salr._native import native_available, native_error
 from salr.cli import assets, bench, steps
 from salr.cli.demo import run_demo
+from salr.cli.generate import cmd_generate  # noqa: F401 (main dispatches to cmd_<command>)
 from salr.cli.runs import RunDirectory, markdown_table, open_run, plot_bars, plot_loss, plot_per_layer
 from salr.eval import lm_eval
 from salr.io.saved_model import is_saved_model, load, save

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 
 import torch
 
 from salr.cli import steps
-from salr.cli.runs import RunDirectory, markdown_table, open_run, plot_bars, plot_loss, plot_per_layer
+from salr.cli.layer_report import byte_limit, decode_markdown, decode_summary, plot_layer_errors, reconstruction_errors
+from salr.cli.machine import speed_context, speed_context_line
+from salr.cli.runs import RunDirectory, markdown_table, open_run, plot_bars, plot_loss
 from salr.io.saved_model import save
 
 RELOAD_TOLERANCE = 0.0  # the reloaded model must give bit-identical logits
@@ -39,14 +42,17 @@ def run_demo(args: argparse.Namespace) -> int:
         stages["dense"] = {"perplexity": steps.evaluate(model, splits, budget, "dense perplexity")}
     stages["dense"]["seconds"] = t.seconds
     speed_dtype = {"bf16": torch.bfloat16, "fp32": None}[args.speed_dtype]
-    # Kept for the decode-speed comparison at the end (conversion works in place), already in the
-    # speed dtype: half the memory while the model trains, and compare_speed needs no second copy.
-    dense_for_speed = steps.dense_copy(model).to(speed_dtype or torch.float32)
+    # Kept for the per-layer errors after pruning and the decode-speed comparison at the end
+    # (conversion works in place); fp32 until the errors are measured.
+    dense_for_speed = steps.dense_copy(model)
     dense_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".layers." in n)
     run.update_metrics(stages=stages)
 
     with steps.Timer() as t:
         steps.prune(model, splits, budget, sparsity=args.sparsity, criterion="wanda")
+    errors = reconstruction_errors(dense_for_speed, model)
+    # Now in the speed dtype: half the memory while the model trains, and compare_speed needs no copy.
+    dense_for_speed = dense_for_speed.to(speed_dtype or torch.float32)
     stages["pruned"] = {"perplexity": steps.evaluate(model, splits, budget, "pruned perplexity"), "seconds": t.seconds}
     run.update_metrics(stages=stages)
 
@@ -59,9 +65,11 @@ def run_demo(args: argparse.Namespace) -> int:
     merged = steps.merge_all(model)
     saved = save(model, run.file("model"), tokenizer=tokenizer, overwrite=True)
     reloaded, reload_diff = steps.reload_matches(model, saved, splits)
+    sparse_for_speed = steps.dense_copy(reloaded).to(speed_dtype or torch.float32)  # the model timed
+    limit = byte_limit(dense_for_speed, sparse_for_speed)
     (dense_tps, dense_text), (sparse_tps, sparse_text) = steps.compare_speed(
-        dense_for_speed, reloaded, tokenizer, budget, speed_dtype)
-    del dense_for_speed
+        dense_for_speed, sparse_for_speed, tokenizer, budget, speed_dtype)
+    del dense_for_speed, sparse_for_speed
     stages["dense"]["tokens_per_s"] = dense_tps
     stages["fine-tuned"]["tokens_per_s"] = sparse_tps
     layers = steps.layer_table(reloaded)
@@ -77,6 +85,8 @@ def run_demo(args: argparse.Namespace) -> int:
         "decode_speedup": sparse_tps / dense_tps, "block_weight_mb_dense": dense_bytes / 1e6,
         "block_weight_mb_salr": sparse_bytes / 1e6, "generation": {"dense": dense_text, "salr": sparse_text},
         "threads": torch.get_num_threads(), "model_dir": str(saved), "speed_dtype": args.speed_dtype,
+        "decode": decode_summary(dense_tps, sparse_tps, limit, speed_context(speed_dtype)),
+        "layer_errors": errors,
     }
     run.update_metrics(**metrics)
     _write_report(run, stages, metrics, layers, history)
@@ -87,7 +97,9 @@ def run_demo(args: argparse.Namespace) -> int:
 def _write_report(run, stages, metrics, layers, history) -> None:
     ppl_rows = [(name, s.get("perplexity"), s.get("tokens_per_s", "–")) for name, s in stages.items()]
     sections = [
-        ("Perplexity and decode speed", markdown_table(["stage", "perplexity", "decode tokens/s"], ppl_rows)),
+        ("Perplexity and decode speed", markdown_table(["stage", "perplexity", "decode tokens/s"], ppl_rows)
+         + f"\n\nDecode measured as {speed_context_line(metrics['decode'])}."),
+        ("Decode bytes and their limit", decode_markdown(metrics["decode"])),
         ("Sizes", markdown_table(["what", "MB"], [("decoder-block weights, dense fp32", metrics["block_weight_mb_dense"]),
                                                   ("decoder-block weights, salr (base + adapters)",
                                                    metrics["block_weight_mb_salr"])])),
@@ -99,17 +111,16 @@ def _write_report(run, stages, metrics, layers, history) -> None:
     ppl = {k: v["perplexity"] for k, v in stages.items()}
     plot_bars(run, "perplexity.png", list(ppl), list(ppl.values()), "perplexity (lower is better)")
     plot_bars(run, "speed.png", ["dense", "salr"], [stages["dense"]["tokens_per_s"], stages["fine-tuned"]["tokens_per_s"]],
-              "decode tokens/s (higher is better)")
-    plot_per_layer(run, "layers.png", [r["layer"] for r in layers],
-                   {"sparsity": [r["sparsity"] for r in layers],
-                    "adapter rank": [r["svd_rank"] + r["lora_rank"] for r in layers]})
+              "decode tokens/s (higher is better)", textwrap.fill(speed_context_line(metrics["decode"]), 48))
+    plot_layer_errors(run, "layers.png", metrics["layer_errors"], layers)
 
 
 def _print_summary(run, stages, metrics) -> None:
     d, p, f = (stages[k]["perplexity"] for k in ("dense", "pruned", "fine-tuned"))
     print(f"perplexity: dense {d:.2f}, pruned {p:.2f}, fine-tuned {f:.2f}")
     print(f"decode: dense {stages['dense']['tokens_per_s']:.1f} tok/s, salr {stages['fine-tuned']['tokens_per_s']:.1f} "
-          f"tok/s ({metrics['decode_speedup']:.2f}x); block weights {metrics['block_weight_mb_dense']:.0f} MB -> "
+          f"tok/s ({metrics['decode_speedup']:.2f}x, byte limit {metrics['decode']['byte_limit']:.2f}x) on "
+          f"{speed_context_line(metrics['decode'])}; block weights {metrics['block_weight_mb_dense']:.0f} MB -> "
           f"{metrics['block_weight_mb_salr']:.0f} MB")
     bad = [k for k in ("fine_tuning_lowered_perplexity", "reload_identical") if not metrics["checks"][k]]
     if bad:

@@ -4,11 +4,12 @@
     salr finetune  fine-tune the adapters of a model: --method salr | losa | salor | lora
     salr eval      perplexity of a model (dense HF directory or a salr-converted one)
     salr bench     the kernel benchmark (sparse_lowrank_gemm vs dense torch) on this machine
+    salr generate  greedy text from a saved salr model (or a dense one), streamed, with tokens/s
     salr demo      the whole path on the packaged SmolLM2-135M: prune, fine-tune, evaluate, merge,
                    save, generate; dense vs sparse perplexity and decode tokens/s
 
-Every subcommand writes a run directory (config.json, metrics.json, report.md, plots) and prints
-where. Mistakes in the arguments or inputs end with one line on stderr and exit status 2
+Every subcommand but generate writes a run directory (config.json, metrics.json, report.md, plots)
+and prints where. Mistakes in the arguments or inputs end with one line on stderr and exit status 2
 (SALR_DEBUG=1 shows the traceback instead).
 """
 
@@ -155,4 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed-dtype", choices=["bf16", "fp32"], default="bf16",
                    help="dtype of the dense and salr copies timed for decode tokens/s (default bf16)")
     _add_run_args(p, "runs/demo")
+
+    p = sub.add_parser("generate", help="greedy text from a saved (or dense) model, streamed; tokens/s",
+                       description="Loads a directory written by salr (prune / finetune / demo), a dense Hugging "
+                                   "Face directory or 'smollm2', streams a greedy continuation of --prompt "
+                                   "(--chat: through the tokenizer's chat template) and prints tokens/s on stderr.")
+    p.add_argument("--model", default="smollm2",
+                   help="a directory written by salr (prune / finetune / demo), a dense Hugging Face model "
+                        "directory, or 'smollm2' (default)")
+    p.add_argument("--prompt", required=True, help="the text to continue (or the user message with --chat)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template (instruct models)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
     return parser
