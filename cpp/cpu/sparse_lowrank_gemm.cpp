@@ -12,6 +12,7 @@
 #include <algorithm>
 
 #include "checks.h"
+#include "op_checks.h"
 #include "dense_chunks.h"
 
 namespace salr {
@@ -22,33 +23,9 @@ constexpr const char* kOp = "sparse_lowrank_gemm";
 // Minimum weights per parallel task: below this the threading overhead exceeds the work.
 constexpr int64_t kMinWeightsPerTask = int64_t{1} << 15;
 
-struct Adapter {
-  at::Tensor a;  // [rank, in_features]
-  at::Tensor b;  // [out_features, rank]
-  int64_t rank = 0;
-};
-
-Adapter check_adapter(const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& b,
-                      const at::Tensor& values, int64_t rows, int64_t cols) {
-  SALR_CHECK(a.has_value() == b.has_value(), kOp,
-             "adapter_a and adapter_b must be given together (got only ",
-             a.has_value() ? "adapter_a" : "adapter_b", ")");
-  if (!a.has_value()) return {};
-  check_cpu(kOp, "adapter_a", *a);
-  check_cpu(kOp, "adapter_b", *b);
-  check_dtype(kOp, "adapter_a", *a, values.scalar_type());
-  check_dtype(kOp, "adapter_b", *b, values.scalar_type());
-  check_dim(kOp, "adapter_a", *a, 2);
-  check_dim(kOp, "adapter_b", *b, 2);
-  SALR_CHECK(a->size(1) == cols, kOp, "adapter_a must have shape [rank, ", cols, "], got ", a->sizes());
-  SALR_CHECK(b->size(0) == rows && b->size(1) == a->size(0), kOp, "adapter_b must have shape [",
-             rows, ", ", a->size(0), "] to match adapter_a, got ", b->sizes());
-  return {*a, b->contiguous(), a->size(0)};
-}
-
 // Decode-and-GEMM path for large M: y[:, chunk] = x · W_chunkᵀ (+ adapter, bias) per band chunk.
 void dense_chunked_gemm(const at::Tensor& x2d, const kernels::SparseWeightView& view,
-                        const at::Tensor& values, const Adapter& adapter, const at::Tensor& t,
+                        const at::Tensor& values, const CheckedAdapter& adapter, const at::Tensor& t,
                         const std::optional<at::Tensor>& bias, at::Tensor& y) {
   for_each_decoded_chunk(kOp, view, values, [&](int64_t r0, int64_t r1, const at::Tensor& w_chunk) {
     at::Tensor y_chunk = y.narrow(1, r0, r1 - r0);
@@ -75,19 +52,9 @@ at::Tensor sparse_lowrank_gemm_cpu(const at::Tensor& x, const at::Tensor& bitmap
                                    const std::optional<at::Tensor>& adapter_b,
                                    const std::optional<at::Tensor>& bias) {
   const int64_t rows = out_features, cols = in_features;
-  check_cpu(kOp, "x", x);
   check_cpu(kOp, "values", values);
-  check_bitmap_weight(kOp, bitmap, values, offsets, rows, cols);
-  check_dtype(kOp, "x", x, values.scalar_type());
-  SALR_CHECK(x.dim() >= 1 && x.size(-1) == cols, kOp, "x must have shape [..., ", cols,
-             "] (in_features), got ", x.sizes());
-  const Adapter adapter = check_adapter(adapter_a, adapter_b, values, rows, cols);
-  if (bias.has_value()) {
-    check_cpu(kOp, "bias", *bias);
-    check_dtype(kOp, "bias", *bias, values.scalar_type());
-    SALR_CHECK(bias->dim() == 1 && bias->size(0) == rows, kOp, "bias must have shape [", rows,
-               "], got ", bias->sizes());
-  }
+  const CheckedAdapter adapter =
+      check_sparse_lowrank_gemm_args(kOp, x, bitmap, values, offsets, rows, cols, adapter_a, adapter_b, bias);
   check_offsets_ends(kOp, values, offsets);
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
