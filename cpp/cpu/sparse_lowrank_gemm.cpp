@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "checks.h"
 #include "op_checks.h"
@@ -20,8 +21,10 @@ namespace {
 
 constexpr const char* kOp = "sparse_lowrank_gemm";
 
-// Minimum weights per parallel task: below this the threading overhead exceeds the work.
-constexpr int64_t kMinWeightsPerTask = int64_t{1} << 15;
+// Minimum weights (x rows counted) per parallel task: 128K weights are ~256 KB of bf16, ~15 µs of
+// L2-resident work, against a few µs to fork and join a parallel region. A layer below one task
+// (SmolLM2's 192x576 k/v projections at M = 1) runs on the calling thread with no parallel region.
+constexpr int64_t kMinWeightsPerTask = int64_t{1} << 17;
 
 // Decode-and-GEMM path for large M: y[:, chunk] = x · W_chunkᵀ (+ adapter, bias) per band chunk.
 void dense_chunked_gemm(const at::Tensor& x2d, const kernels::SparseWeightView& view,
@@ -66,18 +69,28 @@ at::Tensor sparse_lowrank_gemm_cpu(const at::Tensor& x, const at::Tensor& bitmap
   at::Tensor y = at::empty({m, rows}, x.options());
   if (m == 0 || rows == 0) return y.view(out_shape);
 
-  // T = x·Aᵀ once, in fp32: the rank-R intermediate every band's epilogue reads.
-  at::Tensor t;
-  if (adapter.rank > 0) t = at::mm(x2d.to(at::kFloat), adapter.a.to(at::kFloat).t()).contiguous();
   const std::optional<at::Tensor> bias_c =
       bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   const kernels::SparseWeightView view = weight_view(bitmap, values, offsets, rows, cols);
+  const kernels::KernelTable& table = selected_kernels(kOp);
 
   const int64_t crossover = dense_crossover_rows(
       values.scalar_type() == at::kFloat ? kDenseCrossoverRowsFp32Forward : kDenseCrossoverRows);
   if (m >= crossover) {
+    // T = x·Aᵀ once, in fp32: the rank-R intermediate every chunk's epilogue reads.
+    at::Tensor t;
+    if (adapter.rank > 0) t = at::mm(x2d.to(at::kFloat), adapter.a.to(at::kFloat).t()).contiguous();
     dense_chunked_gemm(x2d, view, values, adapter, t, bias_c, y);
     return y.view(out_shape);
+  }
+  // Kernel path: T by the ISA's GEMV into a per-thread scratch (no fp32 copy of A, no allocation
+  // once warm): at M = 1 an ATen mm with two dtype conversions cost as much as a small layer.
+  thread_local std::vector<float> t_scratch;
+  const at::Tensor a_c = adapter.rank > 0 ? adapter.a.contiguous() : at::Tensor();
+  if (adapter.rank > 0) {
+    if (static_cast<int64_t>(t_scratch.size()) < m * adapter.rank) t_scratch.resize(m * adapter.rank);
+    table.adapter_project({x2d.const_data_ptr(), m, x2d.stride(0), a_c.const_data_ptr(), adapter.rank, cols,
+                           kernel_dtype(values.scalar_type()), t_scratch.data()});
   }
   const kernels::GemmArgs args{view,
                                x2d.const_data_ptr(),
@@ -85,11 +98,10 @@ at::Tensor sparse_lowrank_gemm_cpu(const at::Tensor& x, const at::Tensor& bitmap
                                x2d.stride(0),
                                y.data_ptr(),
                                y.stride(0),
-                               adapter.rank > 0 ? t.const_data_ptr<float>() : nullptr,
+                               adapter.rank > 0 ? t_scratch.data() : nullptr,
                                adapter.rank > 0 ? adapter.b.const_data_ptr() : nullptr,
                                adapter.rank,
                                bias_c.has_value() ? bias_c->const_data_ptr() : nullptr};
-  const kernels::KernelTable& table = selected_kernels(kOp);
   const int64_t grain = std::max<int64_t>(1, kMinWeightsPerTask / std::max<int64_t>(1, 8 * cols * m));
   FirstBadGroup bad;
   at::parallel_for(0, format::num_bands(rows), grain, [&](int64_t b0, int64_t b1) {

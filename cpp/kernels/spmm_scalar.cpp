@@ -67,7 +67,21 @@ int64_t gemm_transposed_groups_scalar(const GemmTransposedArgs& a, int64_t group
   return -1;
 }
 
-const KernelTable kScalarTable{"scalar", gemm_bands_scalar, gemm_transposed_groups_scalar, decode_bands};
+// t[i, r] = x[i, :] · A[r, :] in fp32.
+void adapter_project_scalar(const AdapterProjectArgs& a) {
+  for (int64_t i = 0; i < a.m; ++i) {
+    for (int64_t r = 0; r < a.rank; ++r) {
+      float acc = 0.0f;
+      for (int64_t k = 0; k < a.cols; ++k) {
+        acc += load_as_float(a.x, i * a.x_row_stride + k, a.dtype) * load_as_float(a.a, r * a.cols + k, a.dtype);
+      }
+      a.t[i * a.rank + r] = acc;
+    }
+  }
+}
+
+const KernelTable kScalarTable{"scalar", gemm_bands_scalar, gemm_transposed_groups_scalar, decode_bands,
+                               adapter_project_scalar};
 
 }  // namespace
 
