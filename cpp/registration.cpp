@@ -1,5 +1,5 @@
 // Every salr op schema, once (design.md §2). Backends only add implementations
-// (TORCH_LIBRARY_IMPL in <op>_cpu.cpp / cuda/<op>.cu); fake kernels and autograd live in
+// (TORCH_LIBRARY_IMPL in cpu/<op>.cpp / cuda/<op>.cu); fake kernels and autograd live in
 // python/salr/_meta.py.
 #include <torch/library.h>
 

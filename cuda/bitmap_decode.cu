@@ -107,7 +107,7 @@ void launch_decode(const at::Tensor& bitmap, const at::Tensor& values, const at:
 at::Tensor bitmap_decode_cuda(const at::Tensor& bitmap, const at::Tensor& values, const at::Tensor& offsets,
                               int64_t rows, int64_t cols) {
   check_cuda(kOp, "values", values);
-  check_bitmap_weight(kOp, bitmap, values, offsets, rows, cols);
+  check_bitmap_decode_args(kOp, bitmap, values, offsets, rows, cols);
   const c10::cuda::CUDAGuard guard(values.device());
   // The same O(1) sentinel check as the CPU, plus the per-group check, in one device->host read.
   at::Tensor bad = at::full({1}, std::numeric_limits<int64_t>::max(), offsets.options().dtype(at::kLong));

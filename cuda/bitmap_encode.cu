@@ -110,9 +110,7 @@ void launch_gather(const at::Tensor& src, const at::Tensor& bitmap, const at::Te
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bitmap_encode_cuda(const at::Tensor& dense_in) {
   check_cuda(kOp, "dense", dense_in);
-  check_dim(kOp, "dense", dense_in, 2);
-  SALR_CHECK(is_weight_dtype(dense_in.scalar_type()), kOp, "dense must be float32, bfloat16 or float16, got ",
-             dense_in.scalar_type());
+  check_bitmap_encode_args(kOp, dense_in);
   const c10::cuda::CUDAGuard guard(dense_in.device());
   const at::Tensor dense = dense_in.contiguous();
   const int64_t rows = dense.size(0), cols = dense.size(1);

@@ -1,4 +1,4 @@
-// Shared host and device helpers of the CUDA backend: argument checks (on top of cpp/checks.h), the
+// Shared host and device helpers of the CUDA backend: argument checks (on top of cpp/op_checks.h), the
 // codec launchers that several ops reuse (decode for the dense paths, gather for sampled_gemm), and
 // (device_common.cuh, torch-free) the 16-bit scalar traits, cp.async and mma.sync wrappers.
 #pragma once
@@ -16,6 +16,7 @@
 
 #include "checks.h"
 #include "device_common.cuh"
+#include "op_checks.h"
 
 namespace salr::cuda {
 
@@ -24,12 +25,6 @@ namespace salr::cuda {
 inline void check_cuda(const char* op, const char* arg, const at::Tensor& t) {
   SALR_CHECK(t.is_cuda(), op, arg, " must be a CUDA tensor here (this kernel is the CUDA one), got ",
              t.device());
-}
-
-// Every tensor of one call on the device of `values` (the weight decides where the op runs).
-inline void check_same_device(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& values) {
-  SALR_CHECK(t.device() == values.device(), op, arg, " must be on the weight's device ", values.device(),
-             ", got ", t.device());
 }
 
 // Rows of x from which decode + cuBLAS beats the mma kernel, with the same environment override

@@ -19,13 +19,8 @@ constexpr const char* kOp = "sparse_gemm_transposed";
 at::Tensor sparse_gemm_transposed_cuda(const at::Tensor& grad_out, const at::Tensor& bitmap, const at::Tensor& values,
                                        const at::Tensor& offsets, int64_t out_features, int64_t in_features) {
   const int64_t rows = out_features, cols = in_features;
-  check_cuda(kOp, "grad_out", grad_out);
   check_cuda(kOp, "values", values);
-  check_bitmap_weight(kOp, bitmap, values, offsets, rows, cols);
-  check_same_device(kOp, "grad_out", grad_out, values);
-  check_dtype(kOp, "grad_out", grad_out, values.scalar_type());
-  SALR_CHECK(grad_out.dim() >= 1 && grad_out.size(-1) == rows, kOp, "grad_out must have shape [..., ", rows,
-             "] (out_features), got ", grad_out.sizes());
+  check_sparse_gemm_transposed_args(kOp, grad_out, bitmap, values, offsets, rows, cols);
   const c10::cuda::CUDAGuard guard(values.device());
   std::vector<int64_t> out_shape(grad_out.sizes().begin(), grad_out.sizes().end());
   out_shape.back() = cols;

@@ -48,29 +48,7 @@ int64_t target_blocks(int device) {
   return 2 * static_cast<int64_t>(sms) * mma::kMinBlocksPerSm;
 }
 
-struct Adapter {
-  at::Tensor a, b;
-  int64_t rank = 0;
-};
-
-Adapter check_adapter(const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& b,
-                      const at::Tensor& values, int64_t rows, int64_t cols) {
-  SALR_CHECK(a.has_value() == b.has_value(), kOp, "adapter_a and adapter_b must be given together (got only ",
-             a.has_value() ? "adapter_a" : "adapter_b", ")");
-  if (!a.has_value()) return {};
-  check_cuda(kOp, "adapter_a", *a);
-  check_cuda(kOp, "adapter_b", *b);
-  check_same_device(kOp, "adapter_a", *a, values);
-  check_same_device(kOp, "adapter_b", *b, values);
-  check_dtype(kOp, "adapter_a", *a, values.scalar_type());
-  check_dtype(kOp, "adapter_b", *b, values.scalar_type());
-  check_dim(kOp, "adapter_a", *a, 2);
-  check_dim(kOp, "adapter_b", *b, 2);
-  SALR_CHECK(a->size(1) == cols, kOp, "adapter_a must have shape [rank, ", cols, "], got ", a->sizes());
-  SALR_CHECK(b->size(0) == rows && b->size(1) == a->size(0), kOp, "adapter_b must have shape [", rows, ", ",
-             a->size(0), "] to match adapter_a, got ", b->sizes());
-  return {*a, b->contiguous(), a->size(0)};
-}
+using Adapter = CheckedAdapter;  // op_checks.h: a, b (contiguous), rank
 
 // Decode + cuBLAS: the large-M path and the fp32 path.
 at::Tensor dense_path(const at::Tensor& x2d, const at::Tensor& bitmap, const at::Tensor& values,
@@ -173,23 +151,11 @@ at::Tensor sparse_lowrank_gemm_cuda(const at::Tensor& x, const at::Tensor& bitma
                                     const std::optional<at::Tensor>& adapter_b,
                                     const std::optional<at::Tensor>& bias) {
   const int64_t rows = out_features, cols = in_features;
-  check_cuda(kOp, "x", x);
   check_cuda(kOp, "values", values);
-  check_bitmap_weight(kOp, bitmap, values, offsets, rows, cols);
-  check_same_device(kOp, "x", x, values);
-  check_dtype(kOp, "x", x, values.scalar_type());
-  SALR_CHECK(x.dim() >= 1 && x.size(-1) == cols, kOp, "x must have shape [..., ", cols, "] (in_features), got ",
-             x.sizes());
-  const Adapter adapter = check_adapter(adapter_a, adapter_b, values, rows, cols);
-  std::optional<at::Tensor> bias_c;
-  if (bias.has_value()) {
-    check_cuda(kOp, "bias", *bias);
-    check_same_device(kOp, "bias", *bias, values);
-    check_dtype(kOp, "bias", *bias, values.scalar_type());
-    SALR_CHECK(bias->dim() == 1 && bias->size(0) == rows, kOp, "bias must have shape [", rows, "], got ",
-               bias->sizes());
-    bias_c = bias->contiguous();
-  }
+  const Adapter adapter =
+      check_sparse_lowrank_gemm_args(kOp, x, bitmap, values, offsets, rows, cols, adapter_a, adapter_b, bias);
+  const std::optional<at::Tensor> bias_c =
+      bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   const c10::cuda::CUDAGuard guard(values.device());
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());

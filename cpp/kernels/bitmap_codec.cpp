@@ -56,12 +56,9 @@ void encode_fill(const void* dense, const SparseWeightView& out, void* values, i
   for (int64_t band = band_begin; band < band_end; ++band) {
     int64_t v = out.offsets[band * geo.groups];
     for (int64_t t = 0; t < geo.tiles; ++t) {
-      uint64_t bits = out.bitmap[band * geo.tiles + t];
-      while (bits != 0) {
-        const int bit = __builtin_ctzll(bits);
-        bits &= bits - 1;
-        copy_element(dense, (8 * band + (bit >> 3)) * out.cols + 8 * t + (bit & 7), values, v++, size);
-      }
+      v = for_each_set_bit(out.bitmap[band * geo.tiles + t], v, [&](int bit, int64_t value) {
+        copy_element(dense, (8 * band + (bit >> 3)) * out.cols + 8 * t + (bit & 7), values, value, size);
+      });
     }
   }
 }
@@ -77,16 +74,10 @@ int64_t decode_bands(const SparseWeightView& w, void* dense, int64_t band_begin,
   }
   for (int64_t band = band_begin; band < band_end; ++band) {
     for (int64_t group = 0; group < geo.groups; ++group) {
-      int64_t v = checked_group_start(w, geo, band, group);
-      if (v < 0) return band * geo.groups + group;
-      for (int64_t t = group_tile_begin(group); t < group_tile_end(geo, group); ++t) {
-        uint64_t bits = w.bitmap[band * geo.tiles + t];
-        while (bits != 0) {
-          const int bit = __builtin_ctzll(bits);
-          bits &= bits - 1;
-          copy_element(w.values, v++, dense, (8 * band + (bit >> 3)) * w.cols + 8 * t + (bit & 7), size);
-        }
-      }
+      const bool consistent = for_each_nonzero(w, geo, band, group, [&](int64_t t, int bit, int64_t v) {
+        copy_element(w.values, v, dense, (8 * band + (bit >> 3)) * w.cols + 8 * t + (bit & 7), size);
+      });
+      if (!consistent) return band * geo.groups + group;
     }
   }
   return -1;
@@ -98,16 +89,10 @@ int64_t gather_bands(const SparseWeightView& w, const float* dense_rows, int64_t
   for (int64_t band = band_begin; band < band_end; ++band) {
     const float* band_rows = dense_rows + (band - band_begin) * 8 * row_stride;
     for (int64_t group = 0; group < geo.groups; ++group) {
-      int64_t v = checked_group_start(w, geo, band, group);
-      if (v < 0) return band * geo.groups + group;
-      for (int64_t t = group_tile_begin(group); t < group_tile_end(geo, group); ++t) {
-        uint64_t bits = w.bitmap[band * geo.tiles + t];
-        while (bits != 0) {
-          const int bit = __builtin_ctzll(bits);
-          bits &= bits - 1;
-          store_from_float(values, v++, band_rows[(bit >> 3) * row_stride + 8 * t + (bit & 7)], w.dtype);
-        }
-      }
+      const bool consistent = for_each_nonzero(w, geo, band, group, [&](int64_t t, int bit, int64_t v) {
+        store_from_float(values, v, band_rows[(bit >> 3) * row_stride + 8 * t + (bit & 7)], w.dtype);
+      });
+      if (!consistent) return band * geo.groups + group;
     }
   }
   return -1;

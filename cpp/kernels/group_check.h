@@ -61,6 +61,31 @@ inline int64_t checked_group_start(const SparseWeightView& w, const GroupGeometr
   return start;
 }
 
+// Calls fn(bit, value_index) for every set bit of one tile word in storage order (row-major
+// inside the tile), value indices counting up from `v`. Returns the index after the tile's values.
+template <class BitFn>
+inline int64_t for_each_set_bit(uint64_t word, int64_t v, BitFn&& fn) {
+  while (word != 0) {
+    fn(__builtin_ctzll(word), v++);
+    word &= word - 1;
+  }
+  return v;
+}
+
+// The scalar walk of one (band, group): checks it (checked_group_start), then calls
+// fn(tile, bit, value_index) for each nonzero in storage order. Returns false, having called
+// nothing, when the group is inconsistent. The scalar kernels and the codec all walk through this.
+template <class NonzeroFn>
+inline bool for_each_nonzero(const SparseWeightView& w, const GroupGeometry& g, int64_t band, int64_t group,
+                             NonzeroFn&& fn) {
+  int64_t v = checked_group_start(w, g, band, group);
+  if (v < 0) return false;
+  for (int64_t t = group_tile_begin(group); t < group_tile_end(g, group); ++t) {
+    v = for_each_set_bit(w.bitmap[band * g.tiles + t], v, [&](int bit, int64_t value) { fn(t, bit, value); });
+  }
+  return true;
+}
+
 // Why: every decoder walks the same way — bands, checked groups, tiles — and differs only in how
 // it expands one tile. Calls tile(word, first_value, dense_offset, rows, width) for every tile of
 // bands [band_begin, band_end); dense_offset is the tile's first element in the row-major [rows, cols]

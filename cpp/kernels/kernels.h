@@ -66,16 +66,34 @@ using GemmTransposedGroupsFn = int64_t (*)(const GemmTransposedArgs& args, int64
 using DecodeBandsFn = int64_t (*)(const SparseWeightView& weight, void* dense, int64_t band_begin,
                                   int64_t band_end);
 
+// t[i, r] = sum_k x[i, k] * a[r, k] in fp32: the adapter's rank-R intermediate T = x·Aᵀ of the
+// kernel path (small M), computed once per call before the bands run.
+struct AdapterProjectArgs {
+  const void* x;  // [m, cols], row stride x_row_stride, of `dtype`
+  int64_t m;
+  int64_t x_row_stride;
+  const void* a;  // [rank, cols] contiguous, of `dtype`
+  int64_t rank;
+  int64_t cols;
+  DType dtype;
+  float* t;  // [m, rank] contiguous; overwritten
+};
+using AdapterProjectFn = void (*)(const AdapterProjectArgs& args);
+
 struct KernelTable {
   const char* name;
   GemmBandsFn gemm;
   GemmTransposedGroupsFn gemm_transposed;
   DecodeBandsFn decode;
+  AdapterProjectFn adapter_project;
 };
 
-// The SIMD decoders live in their own files (decode_avx512.cpp) and are wired into the tables.
+// The SIMD decoders live in their own files (decode_avx2.cpp, decode_avx512.cpp) and are wired into
+// the tables; the AVX-512 table shares the AVX2 adapter projection (a GEMV over cache-resident A).
+int64_t decode_bands_avx2(const SparseWeightView& weight, void* dense, int64_t band_begin, int64_t band_end);
 int64_t decode_bands_avx512(const SparseWeightView& weight, void* dense, int64_t band_begin,
                             int64_t band_end);
+void adapter_project_avx2(const AdapterProjectArgs& args);
 
 enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <vector>
 
+#include "avx2_rows.h"
 #include "group_check.h"
 #include "kernels.h"
 #include "numeric.h"
@@ -15,108 +16,10 @@
 namespace salr::kernels {
 namespace {
 
-constexpr int64_t kPad = 8;           // a row expansion reads 8 elements from the row's first value
 constexpr int64_t kGroupValues = 512;  // most values one 64-column group of one band can hold
 constexpr int64_t kChunk = 64;         // x rows per pass of the blocked path: bounds scratch memory
 constexpr int64_t kDirectMaxM = 1;    // up to this m, decode straight into registers per x row
 constexpr int kPrefetchBytes = 2048;  // values prefetch distance: covers page crossings of the stream
-
-// Expansion tables, one entry per row mask, built by code at static init.
-struct Tables {
-  alignas(32) uint8_t bf16[256][32];    // vpshufb of a broadcast 16-byte load: bf16 -> fp32 bits
-  alignas(16) uint8_t fp16[256][16];    // pshufb: packed halves to their slots, zero elsewhere
-  alignas(32) int32_t f32_idx[256][8];  // vpermps source lane of each slot
-  alignas(32) int32_t f32_keep[256][8];  // all ones where the slot holds a value
-  Tables() {
-    for (int mask = 0; mask < 256; ++mask) {
-      int j = 0;  // index of the next packed value
-      for (int c = 0; c < 8; ++c) {
-        const bool set = (mask >> c) & 1;
-        for (int b = 0; b < 4; ++b) bf16[mask][4 * c + b] = 0x80;
-        fp16[mask][2 * c] = fp16[mask][2 * c + 1] = 0x80;
-        f32_idx[mask][c] = set ? j : 0;
-        f32_keep[mask][c] = set ? -1 : 0;
-        if (!set) continue;
-        bf16[mask][4 * c + 2] = static_cast<uint8_t>(2 * j);  // bf16 is the high half of fp32
-        bf16[mask][4 * c + 3] = static_cast<uint8_t>(2 * j + 1);
-        fp16[mask][2 * c] = static_cast<uint8_t>(2 * j);
-        fp16[mask][2 * c + 1] = static_cast<uint8_t>(2 * j + 1);
-        ++j;
-      }
-    }
-  }
-};
-const Tables g_tables;
-
-// Per-dtype loads, stores and row expansion: the three template instantiations of every kernel.
-struct Bf16 {
-  using T = uint16_t;
-  // One row of a tile: 8 packed values from p, placed by the mask's shuffle.
-  static __m256 row(const T* p, unsigned mask) {
-    const __m256i src = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    const __m256i ctl = _mm256_load_si256(reinterpret_cast<const __m256i*>(g_tables.bf16[mask]));
-    return _mm256_castsi256_ps(_mm256_shuffle_epi8(src, ctl));
-  }
-  static __m256 load8(const T* p) {
-    const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-  }
-  // Round to nearest even with NaN kept quiet, bit-identical to numeric.h's float_to_bf16.
-  static void store8(T* p, __m256 v) {
-    const __m256i b = _mm256_castps_si256(v);
-    const __m256i hi = _mm256_srli_epi32(b, 16);
-    const __m256i bias = _mm256_add_epi32(_mm256_and_si256(hi, _mm256_set1_epi32(1)), _mm256_set1_epi32(0x7fff));
-    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(b, bias), 16);
-    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x7fffffff)),
-                                           _mm256_set1_epi32(0x7f800000));
-    const __m256i r = _mm256_blendv_epi8(rounded, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                     _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
-  }
-};
-
-struct Fp16 {
-  using T = uint16_t;
-  static __m256 row(const T* p, unsigned mask) {
-    const __m128i src = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    const __m128i ctl = _mm_load_si128(reinterpret_cast<const __m128i*>(g_tables.fp16[mask]));
-    return _mm256_cvtph_ps(_mm_shuffle_epi8(src, ctl));
-  }
-  static __m256 load8(const T* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-  // vcvtps2ph rounds to nearest even and quiets NaN exactly like numeric.h's float_to_fp16.
-  static void store8(T* p, __m256 v) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
-};
-
-struct F32 {
-  using T = float;
-  static __m256 row(const T* p, unsigned mask) {
-    const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(g_tables.f32_idx[mask]));
-    const __m256 keep = _mm256_load_ps(reinterpret_cast<const float*>(g_tables.f32_keep[mask]));
-    return _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(p), idx), keep);
-  }
-  static __m256 load8(const T* p) { return _mm256_loadu_ps(p); }
-  static void store8(T* p, __m256 v) { _mm256_storeu_ps(p, v); }
-};
-
-// Loads n <= 8 elements through a zeroed buffer: never reads past the n valid ones.
-template <class D>
-inline __m256 load_partial(const typename D::T* p, int64_t n) {
-  if (n == 8) return D::load8(p);
-  typename D::T tmp[8] = {};
-  std::memcpy(tmp, p, static_cast<size_t>(n) * sizeof(tmp[0]));
-  return D::load8(tmp);
-}
-
-// Stores the first n <= 8 lanes: output rows past the weight's last row are not ours to write.
-template <class D>
-inline void store_partial(typename D::T* p, __m256 v, int64_t n) {
-  if (n == 8) return D::store8(p, v);
-  typename D::T tmp[8];
-  D::store8(tmp, v);
-  std::memcpy(p, tmp, static_cast<size_t>(n) * sizeof(tmp[0]));
-}
 
 // `rows` rows of n elements (row stride `stride`) -> fp32 rows of `width` >= n, zero padded, so
 // the inner loops load whole 8-column segments with no tail handling.
@@ -214,8 +117,48 @@ struct BandExtras {
   }
 };
 
+// Offsets of the eight tile rows' first values inside the tile, byte r = popcount of rows < r:
+// byte popcounts (SWAR) and an exclusive prefix by one multiplication, no serial popcount chain.
+inline uint64_t row_offsets(uint64_t word) {
+  uint64_t c = word - ((word >> 1) & 0x5555555555555555ull);
+  c = (c & 0x3333333333333333ull) + ((c >> 2) & 0x3333333333333333ull);
+  c = (c + (c >> 4)) & 0x0f0f0f0f0f0f0f0full;  // byte r: popcount of row r (<= 8)
+  return c * 0x0101010101010100ull;            // byte r: sum of bytes < r (<= 56: no carry)
+}
+
+// acc[r] += row r of one tile * the tile's 8 x columns; the row offsets come from row_offsets and
+// the masks are the bitmap word's bytes, so the eight rows are independent of each other.
+// The masks are read as the bytes of the word in memory (a load each, sparing the ALU ports the
+// row expansion needs); the offsets are shifted out of one register.
+template <class D>
+__attribute__((always_inline)) inline void tile_fma_direct(const typename D::T* p, const uint64_t* word_at,
+                                                           __m256 xv, __m256* acc) {
+  const uint64_t offs = row_offsets(*word_at);
+  const uint8_t* masks = reinterpret_cast<const uint8_t*>(word_at);  // x86: byte r = row r
+#pragma GCC unroll 8
+  for (int r = 0; r < 8; ++r) {
+    const unsigned off = static_cast<unsigned>(offs >> (8 * r)) & 0xffu;
+    acc[r] = _mm256_fmadd_ps(D::row(p + off, masks[r]), xv, acc[r]);
+  }
+}
+
+// The group check of the hot loop: for an interior full group (8 tiles, no padding possible) the
+// same test as checked_group_start, fused with the popcounts the walk needs; else the general one.
+inline int64_t direct_group_start(const SparseWeightView& w, const GroupGeometry& geo, int64_t band,
+                                  int64_t group, bool full) {
+  if (!full) return checked_group_start(w, geo, band, group);
+  const int32_t* offs = w.offsets + band * geo.groups + group;
+  const uint64_t* gw = w.bitmap + band * geo.tiles + 8 * group;
+  int64_t count = 0;
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) count += _mm_popcnt_u64(gw[i]);
+  const int64_t v = offs[0];
+  return v < 0 || v + count != offs[1] || offs[1] > w.values_count ? -1 : v;
+}
+
 // Small m: one x row at a time, tiles expanded straight into FMAs, 8 row accumulators in
-// registers; prefetch ahead of the values and bitmap streams so DRAM latency overlaps the decode.
+// registers. Values prefetch runs one cache line at a time kPrefetchBytes ahead of the walk (one
+// sequential stream per thread: bands are contiguous), the bitmap a few groups ahead.
 template <class D>
 int64_t gemm_direct(const GemmArgs& a, const GroupGeometry& geo, const float* xs, const float* ts,
                     int64_t band_begin, int64_t band_end) {
@@ -224,25 +167,39 @@ int64_t gemm_direct(const GemmArgs& a, const GroupGeometry& geo, const float* xs
   const int64_t width = geo.tiles * 8;
   BandExtras<D> ex(a);
   alignas(32) T buf[kGroupValues + kPad];
+  const char* values = static_cast<const char*>(w.values);
   for (int64_t band = band_begin; band < band_end; ++band) {
     const int64_t nrows = std::min<int64_t>(8, w.rows - 8 * band);
     ex.load(a, band, nrows);
     const uint64_t* words = w.bitmap + band * geo.tiles;
+    const bool interior = band + 1 < geo.bands;
     for (int64_t i = 0; i < a.m; ++i) {
       const float* x = xs + i * width;
       __m256 acc[8];
       for (auto& v : acc) v = _mm256_setzero_ps();
+      const char* pf = values + int64_t{w.offsets[band * geo.groups]} * static_cast<int64_t>(sizeof(T));
       for (int64_t group = 0; group < geo.groups; ++group) {
-        const int64_t start = checked_group_start(w, geo, band, group);
+        const bool full = interior && group + 1 < geo.groups;
+        const int64_t start = direct_group_start(w, geo, band, group, full);
         if (start < 0) return band * geo.groups + group;
         const int64_t next = w.offsets[band * geo.groups + group + 1];
-        const T* p = group_values(w, start, next, buf);
+        const char* pf_end = values + next * static_cast<int64_t>(sizeof(T)) + kPrefetchBytes;
+        for (; pf < pf_end; pf += 64) prefetch_ahead(pf, 0);
         prefetch_ahead(words + 8 * group, 256);  // bitmap words 4 groups ahead
-        for (int64_t t = group_tile_begin(group); t < group_tile_end(geo, group); ++t) {
-          const uint64_t word = words[t];
-          prefetch_ahead(p, kPrefetchBytes);
-          tile_fma<D>(p, word, _mm256_loadu_ps(x + 8 * t), acc);
-          p += _mm_popcnt_u64(word);
+        const int64_t t0 = group_tile_begin(group);
+        if (full && next + kPad <= w.values_count) {
+          const T* p = static_cast<const T*>(w.values) + start;
+#pragma GCC unroll 8
+          for (int t = 0; t < 8; ++t) {
+            tile_fma_direct<D>(p, words + t0 + t, _mm256_loadu_ps(x + 8 * (t0 + t)), acc);
+            p += _mm_popcnt_u64(words[t0 + t]);
+          }
+          continue;
+        }
+        const T* p = group_values(w, start, next, buf);
+        for (int64_t t = t0; t < group_tile_end(geo, group); ++t) {
+          tile_fma_direct<D>(p, words + t, _mm256_loadu_ps(x + 8 * t), acc);
+          p += _mm_popcnt_u64(words[t]);
         }
       }
       ex.finish(acc, ts + i * ex.rank8, static_cast<T*>(a.y) + i * a.y_row_stride + 8 * band, nrows);
@@ -383,74 +340,49 @@ int64_t gemm_transposed_avx2(const GemmTransposedArgs& a, int64_t group_begin, i
   return -1;
 }
 
-// ---- decode for the large-M paths ---------------------------------------------------------
-// Why: the decode-a-chunk + dense GEMM path must decode near memory speed; the scalar bit loop is
-// ~7x slower. One pshufb (16-bit) or vpermps (fp32) per tile row, the same tables as the GEMM.
+}  // namespace
 
-// Why: the last rows of the values array may hold fewer than 8 values: bounce them through a
-// zeroed buffer so no load reads past values_count.
+// t[i, :] = x[i, :] · Aᵀ in fp32 (8-wide FMAs, 4 chains): the adapter's rank-R intermediate for the
+// kernel path, once per call on the calling thread; the x row is converted once.
 template <class D>
-inline const typename D::T* row_source(const typename D::T* values, int64_t v, int64_t count,
-                                       typename D::T (&bounce)[8]) {
-  if (v + 8 <= count) return values + v;
-  std::memset(bounce, 0, sizeof(bounce));
-  if (count > v) std::memcpy(bounce, values + v, static_cast<size_t>(count - v) * sizeof(bounce[0]));
-  return bounce;
-}
-
-// Why: 16-bit values keep their bits (no conversion): the fp16 table places packed halves.
-inline void decode_row16(const uint16_t* src, unsigned mask, uint16_t* dst, int width) {
-  const __m128i ctl = _mm_load_si128(reinterpret_cast<const __m128i*>(g_tables.fp16[mask]));
-  const __m128i row = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)), ctl);
-  if (width == 8) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), row);
-  } else {
-    alignas(16) uint16_t tmp[8];
-    _mm_store_si128(reinterpret_cast<__m128i*>(tmp), row);
-    std::memcpy(dst, tmp, static_cast<size_t>(width) * sizeof(uint16_t));
-  }
-}
-
-inline void decode_row32(const float* src, unsigned mask, float* dst, int width) {
-  const __m256 row = F32::row(src, mask);
-  if (width == 8) {
-    _mm256_storeu_ps(dst, row);
-  } else {
-    alignas(32) float tmp[8];
-    _mm256_store_ps(tmp, row);
-    std::memcpy(dst, tmp, static_cast<size_t>(width) * sizeof(float));
-  }
-}
-
-template <class D>
-int64_t decode_bands_t(const SparseWeightView& w, void* dense, int64_t band_begin, int64_t band_end) {
+void adapter_project_t(const AdapterProjectArgs& a) {
   using T = typename D::T;
-  const T* values = static_cast<const T*>(w.values);
-  T* out = static_cast<T*>(dense);
-  T bounce[8];
-  return for_each_checked_tile(w, band_begin, band_end, [&](uint64_t word, int64_t v, int64_t first, int rows,
-                                                           int width) {
-    for (int r = 0; r < rows; ++r) {  // rows past `rows` are padding: their bits are zero
-      const unsigned mask = static_cast<unsigned>(word >> (8 * r)) & 0xffu;
-      const T* src = row_source<D>(values, v, w.values_count, bounce);
-      if constexpr (sizeof(T) == 4) {
-        decode_row32(src, mask, out + first + r * w.cols, width);
-      } else {
-        decode_row16(src, mask, out + first + r * w.cols, width);
+  const int64_t k8 = (a.cols + 7) / 8 * 8;
+  thread_local std::vector<float> xs;
+  if (static_cast<int64_t>(xs.size()) < k8) xs.resize(static_cast<size_t>(k8));
+  for (int64_t i = 0; i < a.m; ++i) {
+    rows_to_f32<D>(static_cast<const T*>(a.x) + i * a.x_row_stride, a.x_row_stride, 1, a.cols, xs.data(), k8);
+    for (int64_t r = 0; r < a.rank; ++r) {
+      const T* row = static_cast<const T*>(a.a) + r * a.cols;
+      __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      int64_t k = 0;
+      for (; k + 32 <= a.cols; k += 32) {
+        for (int c = 0; c < 4; ++c) {
+          acc[c] = _mm256_fmadd_ps(D::load8(row + k + 8 * c), _mm256_loadu_ps(xs.data() + k + 8 * c), acc[c]);
+        }
       }
-      v += __builtin_popcount(mask);
+      for (; k < a.cols; k += 8) {
+        const __m256 w = load_partial<D>(row + k, std::min<int64_t>(8, a.cols - k));
+        acc[0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xs.data() + k), acc[0]);
+      }
+      const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+      const __m128 h = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+      const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      a.t[i * a.rank + r] = _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
     }
-  });
+  }
 }
 
-int64_t decode_bands_avx2(const SparseWeightView& w, void* dense, int64_t band_begin, int64_t band_end) {
-  // bf16 and fp16 decode identically (raw 16-bit moves): one instantiation serves both.
-  if (w.dtype == DType::kFloat32) return decode_bands_t<F32>(w, dense, band_begin, band_end);
-  return decode_bands_t<Fp16>(w, dense, band_begin, band_end);
+void adapter_project_avx2(const AdapterProjectArgs& a) {
+  switch (a.dtype) {
+    case DType::kFloat32: return adapter_project_t<F32>(a);
+    case DType::kBFloat16: return adapter_project_t<Bf16>(a);
+    case DType::kFloat16: return adapter_project_t<Fp16>(a);
+  }
 }
 
-const KernelTable kAvx2Table{"avx2", gemm_avx2, gemm_transposed_avx2, decode_bands_avx2};
-
+namespace {
+const KernelTable kAvx2Table{"avx2", gemm_avx2, gemm_transposed_avx2, decode_bands_avx2, adapter_project_avx2};
 }  // namespace
 
 const KernelTable* avx2_kernel_table() { return &kAvx2Table; }

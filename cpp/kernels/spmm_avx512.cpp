@@ -524,7 +524,8 @@ int64_t gemm_transposed_avx512(const GemmTransposedArgs& a, int64_t group_begin,
   return -1;
 }
 
-const KernelTable kAvx512Table{"avx512", gemm_avx512, gemm_transposed_avx512, decode_bands_avx512};
+const KernelTable kAvx512Table{"avx512", gemm_avx512, gemm_transposed_avx512, decode_bands_avx512,
+                                adapter_project_avx2};
 
 }  // namespace
 

@@ -21,16 +21,10 @@ int64_t gemm_bands_scalar(const GemmArgs& a, int64_t band_begin, int64_t band_en
     for (int64_t band = band_begin; band < band_end; ++band) {
       float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       for (int64_t group = 0; group < geo.groups; ++group) {
-        int64_t v = checked_group_start(w, geo, band, group);
-        if (v < 0) return band * geo.groups + group;
-        for (int64_t t = group_tile_begin(group); t < group_tile_end(geo, group); ++t) {
-          uint64_t bits = w.bitmap[band * geo.tiles + t];
-          while (bits != 0) {
-            const int bit = __builtin_ctzll(bits);
-            bits &= bits - 1;
-            acc[bit >> 3] += load_as_float(w.values, v++, dt) * x_row[t * 8 + (bit & 7)];
-          }
-        }
+        const bool consistent = for_each_nonzero(w, geo, band, group, [&](int64_t t, int bit, int64_t v) {
+          acc[bit >> 3] += load_as_float(w.values, v, dt) * x_row[t * 8 + (bit & 7)];
+        });
+        if (!consistent) return band * geo.groups + group;
       }
       const int64_t row_end = std::min<int64_t>(8 * band + 8, w.rows);
       for (int64_t n = 8 * band; n < row_end; ++n) {
@@ -59,17 +53,11 @@ int64_t gemm_transposed_groups_scalar(const GemmTransposedArgs& a, int64_t group
     for (int64_t i = 0; i < a.m; ++i) {
       std::fill(acc, acc + format::kGroupColumns, 0.0f);
       for (int64_t band = 0; band < geo.bands; ++band) {
-        int64_t v = checked_group_start(w, geo, band, group);
-        if (v < 0) return band * geo.groups + group;
-        for (int64_t t = group_tile_begin(group); t < group_tile_end(geo, group); ++t) {
-          uint64_t bits = w.bitmap[band * geo.tiles + t];
-          while (bits != 0) {
-            const int bit = __builtin_ctzll(bits);
-            bits &= bits - 1;
-            const float dy = load_as_float(a.dy, i * a.dy_row_stride + 8 * band + (bit >> 3), dt);
-            acc[(t - group_tile_begin(group)) * 8 + (bit & 7)] += dy * load_as_float(w.values, v++, dt);
-          }
-        }
+        const bool consistent = for_each_nonzero(w, geo, band, group, [&](int64_t t, int bit, int64_t v) {
+          const float dy = load_as_float(a.dy, i * a.dy_row_stride + 8 * band + (bit >> 3), dt);
+          acc[(t - group_tile_begin(group)) * 8 + (bit & 7)] += dy * load_as_float(w.values, v, dt);
+        });
+        if (!consistent) return band * geo.groups + group;
       }
       for (int64_t k = col_begin; k < col_end; ++k) {
         store_from_float(a.dx, i * a.dx_row_stride + k, acc[k - col_begin], dt);
@@ -79,7 +67,21 @@ int64_t gemm_transposed_groups_scalar(const GemmTransposedArgs& a, int64_t group
   return -1;
 }
 
-const KernelTable kScalarTable{"scalar", gemm_bands_scalar, gemm_transposed_groups_scalar, decode_bands};
+// t[i, r] = x[i, :] · A[r, :] in fp32.
+void adapter_project_scalar(const AdapterProjectArgs& a) {
+  for (int64_t i = 0; i < a.m; ++i) {
+    for (int64_t r = 0; r < a.rank; ++r) {
+      float acc = 0.0f;
+      for (int64_t k = 0; k < a.cols; ++k) {
+        acc += load_as_float(a.x, i * a.x_row_stride + k, a.dtype) * load_as_float(a.a, r * a.cols + k, a.dtype);
+      }
+      a.t[i * a.rank + r] = acc;
+    }
+  }
+}
+
+const KernelTable kScalarTable{"scalar", gemm_bands_scalar, gemm_transposed_groups_scalar, decode_bands,
+                               adapter_project_scalar};
 
 }  // namespace
 

@@ -35,22 +35,22 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 ADAPTER_RANK = 32  # r = 16 + 16: the SVD residual adapter and the LoRA, concatenated
 
 
-def median_seconds(fn, layers: int, repeats: int) -> float:
+def median_seconds(fn, layers: int, repeats: int, clock=time.perf_counter) -> float:
     """Median over `repeats` of the time per layer of one pass over the whole rotation."""
     fn(0)  # warm-up (first-touch, thread pool)
     samples = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         for i in range(layers):
             fn(i)
-        samples.append((time.perf_counter() - start) / layers)
+        samples.append((clock() - start) / layers)
     return statistics.median(samples)
 
 
-def bulk_read_gbps(gib: float = 2.0, repeats: int = 5) -> float:
+def bulk_read_gbps(gib: float = 2.0, repeats: int = 5, clock=time.perf_counter) -> float:
     """GB/s of a multithreaded streaming read (a float32 sum) of a buffer far larger than the caches."""
     buf = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
-    seconds = median_seconds(lambda _: buf.sum(), 1, repeats)
+    seconds = median_seconds(lambda _: buf.sum(), 1, repeats, clock)
     return buf.numel() * 4 / seconds / 1e9
 
 

@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "checks.h"
+#include "op_checks.h"
 
 namespace salr {
 namespace {
@@ -15,9 +16,7 @@ constexpr const char* kOp = "bitmap_encode";
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bitmap_encode_cpu(const at::Tensor& dense_in) {
   check_cpu(kOp, "dense", dense_in);
-  check_dim(kOp, "dense", dense_in, 2);
-  SALR_CHECK(is_weight_dtype(dense_in.scalar_type()), kOp,
-             "dense must be float32, bfloat16 or float16, got ", dense_in.scalar_type());
+  check_bitmap_encode_args(kOp, dense_in);
   const at::Tensor dense = dense_in.contiguous();
   const int64_t rows = dense.size(0), cols = dense.size(1);
   const int64_t bands = format::num_bands(rows), tiles = format::tiles_per_band(cols);

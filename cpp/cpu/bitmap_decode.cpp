@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "op_checks.h"
 
 namespace salr {
 namespace {
@@ -13,7 +14,7 @@ constexpr const char* kOp = "bitmap_decode";
 at::Tensor bitmap_decode_cpu(const at::Tensor& bitmap, const at::Tensor& values,
                              const at::Tensor& offsets, int64_t rows, int64_t cols) {
   check_cpu(kOp, "values", values);
-  check_bitmap_weight(kOp, bitmap, values, offsets, rows, cols);
+  check_bitmap_decode_args(kOp, bitmap, values, offsets, rows, cols);
   check_offsets_ends(kOp, values, offsets);
   at::Tensor dense = at::empty({rows, cols}, values.options());
   const kernels::SparseWeightView view = weight_view(bitmap, values, offsets, rows, cols);

@@ -10,6 +10,7 @@
 #include <algorithm>
 
 #include "checks.h"
+#include "op_checks.h"
 #include "dense_chunks.h"
 
 namespace salr {
@@ -21,12 +22,8 @@ at::Tensor sparse_gemm_transposed_cpu(const at::Tensor& grad_out, const at::Tens
                                       const at::Tensor& values, const at::Tensor& offsets,
                                       int64_t out_features, int64_t in_features) {
   const int64_t rows = out_features, cols = in_features;
-  check_cpu(kOp, "grad_out", grad_out);
   check_cpu(kOp, "values", values);
-  check_bitmap_weight(kOp, bitmap, values, offsets, rows, cols);
-  check_dtype(kOp, "grad_out", grad_out, values.scalar_type());
-  SALR_CHECK(grad_out.dim() >= 1 && grad_out.size(-1) == rows, kOp, "grad_out must have shape [..., ",
-             rows, "] (out_features), got ", grad_out.sizes());
+  check_sparse_gemm_transposed_args(kOp, grad_out, bitmap, values, offsets, rows, cols);
   check_offsets_ends(kOp, values, offsets);
 
   std::vector<int64_t> out_shape(grad_out.sizes().begin(), grad_out.sizes().end());

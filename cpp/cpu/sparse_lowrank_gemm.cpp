@@ -10,8 +10,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "checks.h"
+#include "op_checks.h"
 #include "dense_chunks.h"
 
 namespace salr {
@@ -19,36 +21,14 @@ namespace {
 
 constexpr const char* kOp = "sparse_lowrank_gemm";
 
-// Minimum weights per parallel task: below this the threading overhead exceeds the work.
-constexpr int64_t kMinWeightsPerTask = int64_t{1} << 15;
-
-struct Adapter {
-  at::Tensor a;  // [rank, in_features]
-  at::Tensor b;  // [out_features, rank]
-  int64_t rank = 0;
-};
-
-Adapter check_adapter(const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& b,
-                      const at::Tensor& values, int64_t rows, int64_t cols) {
-  SALR_CHECK(a.has_value() == b.has_value(), kOp,
-             "adapter_a and adapter_b must be given together (got only ",
-             a.has_value() ? "adapter_a" : "adapter_b", ")");
-  if (!a.has_value()) return {};
-  check_cpu(kOp, "adapter_a", *a);
-  check_cpu(kOp, "adapter_b", *b);
-  check_dtype(kOp, "adapter_a", *a, values.scalar_type());
-  check_dtype(kOp, "adapter_b", *b, values.scalar_type());
-  check_dim(kOp, "adapter_a", *a, 2);
-  check_dim(kOp, "adapter_b", *b, 2);
-  SALR_CHECK(a->size(1) == cols, kOp, "adapter_a must have shape [rank, ", cols, "], got ", a->sizes());
-  SALR_CHECK(b->size(0) == rows && b->size(1) == a->size(0), kOp, "adapter_b must have shape [",
-             rows, ", ", a->size(0), "] to match adapter_a, got ", b->sizes());
-  return {*a, b->contiguous(), a->size(0)};
-}
+// Minimum weights (x rows counted) per parallel task: 128K weights are ~256 KB of bf16, ~15 µs of
+// L2-resident work, against a few µs to fork and join a parallel region. A layer below one task
+// (SmolLM2's 192x576 k/v projections at M = 1) runs on the calling thread with no parallel region.
+constexpr int64_t kMinWeightsPerTask = int64_t{1} << 17;
 
 // Decode-and-GEMM path for large M: y[:, chunk] = x · W_chunkᵀ (+ adapter, bias) per band chunk.
 void dense_chunked_gemm(const at::Tensor& x2d, const kernels::SparseWeightView& view,
-                        const at::Tensor& values, const Adapter& adapter, const at::Tensor& t,
+                        const at::Tensor& values, const CheckedAdapter& adapter, const at::Tensor& t,
                         const std::optional<at::Tensor>& bias, at::Tensor& y) {
   for_each_decoded_chunk(kOp, view, values, [&](int64_t r0, int64_t r1, const at::Tensor& w_chunk) {
     at::Tensor y_chunk = y.narrow(1, r0, r1 - r0);
@@ -75,19 +55,9 @@ at::Tensor sparse_lowrank_gemm_cpu(const at::Tensor& x, const at::Tensor& bitmap
                                    const std::optional<at::Tensor>& adapter_b,
                                    const std::optional<at::Tensor>& bias) {
   const int64_t rows = out_features, cols = in_features;
-  check_cpu(kOp, "x", x);
   check_cpu(kOp, "values", values);
-  check_bitmap_weight(kOp, bitmap, values, offsets, rows, cols);
-  check_dtype(kOp, "x", x, values.scalar_type());
-  SALR_CHECK(x.dim() >= 1 && x.size(-1) == cols, kOp, "x must have shape [..., ", cols,
-             "] (in_features), got ", x.sizes());
-  const Adapter adapter = check_adapter(adapter_a, adapter_b, values, rows, cols);
-  if (bias.has_value()) {
-    check_cpu(kOp, "bias", *bias);
-    check_dtype(kOp, "bias", *bias, values.scalar_type());
-    SALR_CHECK(bias->dim() == 1 && bias->size(0) == rows, kOp, "bias must have shape [", rows,
-               "], got ", bias->sizes());
-  }
+  const CheckedAdapter adapter =
+      check_sparse_lowrank_gemm_args(kOp, x, bitmap, values, offsets, rows, cols, adapter_a, adapter_b, bias);
   check_offsets_ends(kOp, values, offsets);
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
@@ -99,18 +69,28 @@ at::Tensor sparse_lowrank_gemm_cpu(const at::Tensor& x, const at::Tensor& bitmap
   at::Tensor y = at::empty({m, rows}, x.options());
   if (m == 0 || rows == 0) return y.view(out_shape);
 
-  // T = x·Aᵀ once, in fp32: the rank-R intermediate every band's epilogue reads.
-  at::Tensor t;
-  if (adapter.rank > 0) t = at::mm(x2d.to(at::kFloat), adapter.a.to(at::kFloat).t()).contiguous();
   const std::optional<at::Tensor> bias_c =
       bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   const kernels::SparseWeightView view = weight_view(bitmap, values, offsets, rows, cols);
+  const kernels::KernelTable& table = selected_kernels(kOp);
 
   const int64_t crossover = dense_crossover_rows(
       values.scalar_type() == at::kFloat ? kDenseCrossoverRowsFp32Forward : kDenseCrossoverRows);
   if (m >= crossover) {
+    // T = x·Aᵀ once, in fp32: the rank-R intermediate every chunk's epilogue reads.
+    at::Tensor t;
+    if (adapter.rank > 0) t = at::mm(x2d.to(at::kFloat), adapter.a.to(at::kFloat).t()).contiguous();
     dense_chunked_gemm(x2d, view, values, adapter, t, bias_c, y);
     return y.view(out_shape);
+  }
+  // Kernel path: T by the ISA's GEMV into a per-thread scratch (no fp32 copy of A, no allocation
+  // once warm): at M = 1 an ATen mm with two dtype conversions cost as much as a small layer.
+  thread_local std::vector<float> t_scratch;
+  const at::Tensor a_c = adapter.rank > 0 ? adapter.a.contiguous() : at::Tensor();
+  if (adapter.rank > 0) {
+    if (static_cast<int64_t>(t_scratch.size()) < m * adapter.rank) t_scratch.resize(m * adapter.rank);
+    table.adapter_project({x2d.const_data_ptr(), m, x2d.stride(0), a_c.const_data_ptr(), adapter.rank, cols,
+                           kernel_dtype(values.scalar_type()), t_scratch.data()});
   }
   const kernels::GemmArgs args{view,
                                x2d.const_data_ptr(),
@@ -118,11 +98,10 @@ at::Tensor sparse_lowrank_gemm_cpu(const at::Tensor& x, const at::Tensor& bitmap
                                x2d.stride(0),
                                y.data_ptr(),
                                y.stride(0),
-                               adapter.rank > 0 ? t.const_data_ptr<float>() : nullptr,
+                               adapter.rank > 0 ? t_scratch.data() : nullptr,
                                adapter.rank > 0 ? adapter.b.const_data_ptr() : nullptr,
                                adapter.rank,
                                bias_c.has_value() ? bias_c->const_data_ptr() : nullptr};
-  const kernels::KernelTable& table = selected_kernels(kOp);
   const int64_t grain = std::max<int64_t>(1, kMinWeightsPerTask / std::max<int64_t>(1, 8 * cols * m));
   FirstBadGroup bad;
   at::parallel_for(0, format::num_bands(rows), grain, [&](int64_t b0, int64_t b1) {

@@ -8,6 +8,7 @@
 #include <algorithm>
 
 #include "checks.h"
+#include "op_checks.h"
 #include "dense_chunks.h"
 
 namespace salr {
@@ -19,20 +20,8 @@ at::Tensor sampled_gemm_cpu(const at::Tensor& left, const at::Tensor& right, con
                             const at::Tensor& values, const at::Tensor& offsets, int64_t out_features,
                             int64_t in_features) {
   const int64_t rows = out_features, cols = in_features;
-  check_cpu(kOp, "left", left);
-  check_cpu(kOp, "right", right);
   check_cpu(kOp, "values", values);
-  check_bitmap_weight(kOp, bitmap, values, offsets, rows, cols);
-  check_dim(kOp, "left", left, 2);
-  check_dim(kOp, "right", right, 2);
-  SALR_CHECK(is_weight_dtype(left.scalar_type()) && left.scalar_type() == right.scalar_type(), kOp,
-             "left and right must share a float dtype, got ", left.scalar_type(), " and ",
-             right.scalar_type());
-  SALR_CHECK(left.size(1) == rows, kOp, "left must have shape [T, ", rows, "] (out_features), got ",
-             left.sizes());
-  SALR_CHECK(right.size(1) == cols && right.size(0) == left.size(0), kOp,
-             "right must have shape [", left.size(0), ", ", cols, "] (T, in_features), got ",
-             right.sizes());
+  check_sampled_gemm_args(kOp, left, right, bitmap, values, offsets, rows, cols);
   check_offsets_ends(kOp, values, offsets);
 
   at::Tensor out = at::empty_like(values);

@@ -1,0 +1,96 @@
+"""SmolLM2-135M layer shapes at M = 1 with the weights cache-resident (one layer, called repeatedly),
+on every CPU ISA path in one run (issue 20: small layers without overhead).
+
+Per (shape, dtype) the median µs per call, all variants interleaved repeat by repeat:
+  dense          F.linear(x, W)
+  dense+lora     F.linear(x, W) + F.linear(F.linear(x, A), B)      (the adapter as two dense GEMVs)
+  salr           sparse_lowrank_gemm, 50% BM8x8, no adapter         (per ISA)
+  salr+r80       sparse_lowrank_gemm with the r = 80 adapter fused  (per ISA)
+The goal: salr+r80 below dense on every shape, dtype and ISA.
+
+  python bench/cpu_small_layers.py
+  python bench/cpu_small_layers.py --isa avx2 --dtype bf16 --threads 1 --clock cpu   # shared machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from salr import BitmapSparseWeight
+from salr.benchmark import random_sparse_weight
+
+SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # q/o, k/v, gate/up, down
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def interleaved_medians(fns: dict, calls: int, repeats: int, clock=time.perf_counter) -> dict:
+    for fn in fns.values():
+        for _ in range(10):
+            fn()
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = clock()
+            for _ in range(calls):
+                fn()
+            samples[name].append((clock() - start) / calls)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def with_isa(isa, fn):
+    def run():
+        os.environ["SALR_CPU_ISA"] = isa
+        return fn()
+    return run
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--isa", nargs="+", default=["avx2", "avx512"])
+    parser.add_argument("--dtype", choices=list(DTYPES), nargs="+", default=["bf16", "fp32"])
+    parser.add_argument("--rank", type=int, default=80)
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: process CPU time (use with --threads 1 on a machine shared with other jobs)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, M = 1, 50% BM8x8, r = {args.rank}, µs/call ({args.clock} clock)")
+    cols = ["shape", "dtype", "dense", "dense+lora"]
+    for isa in args.isa:
+        cols += [f"{isa} salr", f"{isa} salr+r{args.rank}", f"{isa} salr+r{args.rank} vs dense"]
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    gen = torch.Generator().manual_seed(0)
+    for dname in args.dtype:
+        dtype = DTYPES[dname]
+        for rows, k in SHAPES:
+            dense = random_sparse_weight(rows, k, 0.5, dtype, gen)
+            sparse = BitmapSparseWeight.from_dense(dense)
+            a = (torch.randn(args.rank, k, generator=gen) / k**0.5).to(dtype)
+            b = (torch.randn(rows, args.rank, generator=gen) / 8).to(dtype)
+            x = torch.randn(1, k, generator=gen).to(dtype)
+            fns = {"dense": lambda: F.linear(x, dense),
+                   "dense+lora": lambda: F.linear(x, dense) + F.linear(F.linear(x, a), b)}
+            for isa in args.isa:
+                fns[f"{isa} salr"] = with_isa(isa, lambda: sparse.linear(x))
+                fns[f"{isa} salr+r"] = with_isa(isa, lambda: sparse.linear(x, a, b))
+            t = interleaved_medians(fns, args.calls, args.repeats,
+                                    time.process_time if args.clock == "cpu" else time.perf_counter)
+            os.environ.pop("SALR_CPU_ISA", None)
+            cells = [f"{rows}x{k}", dname, f"{t['dense'] * 1e6:.1f}", f"{t['dense+lora'] * 1e6:.1f}"]
+            for isa in args.isa:
+                cells += [f"{t[f'{isa} salr'] * 1e6:.1f}", f"{t[f'{isa} salr+r'] * 1e6:.1f}",
+                          f"{t['dense'] / t[f'{isa} salr+r']:.2f}×"]
+            print("| " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

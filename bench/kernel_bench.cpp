@@ -1,0 +1,149 @@
+// Torch-free single-thread timing of the BM8x8 GEMV kernels against a bulk read of the same machine,
+// in thread CPU time (so a machine shared with other jobs still gives per-core numbers). A tool for
+// kernel work: the torch-level comparison with dense lives in bench/cpu_roofline.py.
+//
+//   g++ -O2 -std=c++17 -Icpp -DSALR_WITH_X86_SIMD bench/kernel_bench.cpp cpp/kernels/*.cpp \
+//       -o /tmp/kernel_bench   (with the per-file ISA flags of CMakeLists.txt: see scripts/kernel_bench.sh)
+//   /tmp/kernel_bench 11008 4096 0.5 bf16 [m]
+#include <time.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../cpp/bitmap_format.h"
+#include "../cpp/kernels/kernels.h"
+#include "../cpp/kernels/numeric.h"
+
+using namespace salr;
+using namespace salr::kernels;
+
+static double thread_seconds() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+struct Weight {
+  std::vector<uint64_t> bitmap;
+  std::vector<uint16_t> values16;
+  std::vector<float> values32;
+  std::vector<int32_t> offsets;
+  SparseWeightView view;
+  int64_t bytes;
+};
+
+static Weight encode(const std::vector<float>& dense32, const std::vector<uint16_t>& dense16, int64_t rows,
+                     int64_t cols, DType dt) {
+  Weight w;
+  const int64_t bands = format::num_bands(rows), tiles = format::tiles_per_band(cols);
+  const int64_t groups = format::groups_per_band(cols);
+  w.bitmap.resize(bands * tiles);
+  w.offsets.resize(bands * groups + 1);
+  const void* dense = dt == DType::kFloat32 ? static_cast<const void*>(dense32.data()) : dense16.data();
+  encode_count(dense, rows, cols, dt, w.bitmap.data(), w.offsets.data() + 1, 0, bands);
+  w.offsets[0] = 0;
+  for (size_t i = 1; i < w.offsets.size(); ++i) w.offsets[i] += w.offsets[i - 1];
+  const int64_t nnz = w.offsets.back();
+  void* values;
+  if (dt == DType::kFloat32) {
+    w.values32.resize(nnz);
+    values = w.values32.data();
+  } else {
+    w.values16.resize(nnz);
+    values = w.values16.data();
+  }
+  w.view = SparseWeightView{w.bitmap.data(), values, w.offsets.data(), nnz, rows, cols, dt};
+  encode_fill(dense, w.view, values, 0, bands);
+  w.bytes = nnz * element_size(dt) + w.bitmap.size() * 8 + w.offsets.size() * 4;
+  return w;
+}
+
+int main(int argc, char** argv) {
+  const int64_t rows = argc > 1 ? atoll(argv[1]) : 11008, cols = argc > 2 ? atoll(argv[2]) : 4096;
+  const double sparsity = argc > 3 ? atof(argv[3]) : 0.5;
+  const std::string dname = argc > 4 ? argv[4] : "bf16";
+  const int64_t m = argc > 5 ? atoll(argv[5]) : 1;
+  const DType dt = dname == "fp32" ? DType::kFloat32 : dname == "fp16" ? DType::kFloat16 : DType::kBFloat16;
+  std::mt19937 gen(0);
+  std::uniform_real_distribution<float> u(0.f, 1.f);
+  std::normal_distribution<float> nd;
+  std::vector<float> dense32(rows * cols);
+  std::vector<uint16_t> dense16(rows * cols);
+  for (int64_t i = 0; i < rows * cols; ++i) {
+    dense32[i] = u(gen) < sparsity ? 0.f : nd(gen);
+    dense16[i] = dt == DType::kFloat16 ? float_to_fp16(dense32[i]) : float_to_bf16(dense32[i]);
+    dense32[i] = load_as_float(dense16.data(), i, dt == DType::kFloat32 ? DType::kBFloat16 : dt);
+  }
+  const int copies = std::max<int64_t>(2, (int64_t{512} << 20) / std::max<int64_t>(1, rows * cols));
+  std::vector<Weight> ws;
+  for (int c = 0; c < copies; ++c) ws.push_back(encode(dense32, dense16, rows, cols, dt));
+  dense32.clear();
+  dense32.shrink_to_fit();
+  std::vector<uint16_t> x16(m * cols);
+  std::vector<float> x32(m * cols);
+  for (int64_t i = 0; i < m * cols; ++i) {
+    x32[i] = nd(gen);
+    x16[i] = dt == DType::kFloat16 ? float_to_fp16(x32[i]) : float_to_bf16(x32[i]);
+  }
+  const void* x = dt == DType::kFloat32 ? static_cast<const void*>(x32.data()) : x16.data();
+  const int es = element_size(dt);
+  std::vector<char> y(m * rows * es), y_ref(m * rows * es);
+
+  // Bulk read: an integer sum over 512 MB (4 independent chains of 64-bit adds: far from
+  // compute-bound), the kind of loop the DRAM stream limit applies to.
+  std::vector<uint64_t> bulk(int64_t{64} << 20, 1);
+  double bulk_best = 1e9;
+  volatile uint64_t sink = 0;
+  for (int rep = 0; rep < 5; ++rep) {
+    const double t0 = thread_seconds();
+    uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (size_t i = 0; i < bulk.size(); i += 4) {
+      s0 += bulk[i];
+      s1 += bulk[i + 1];
+      s2 += bulk[i + 2];
+      s3 += bulk[i + 3];
+    }
+    sink = s0 + s1 + s2 + s3;
+    bulk_best = std::min(bulk_best, thread_seconds() - t0);
+  }
+  (void)sink;
+  const double bulk_gbps = bulk.size() * 8 / bulk_best / 1e9;
+  bulk.clear();
+  bulk.shrink_to_fit();
+
+  const int64_t bands = format::num_bands(rows);
+  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
+    if (!isa_compiled(isa) || !cpu_supports(isa)) continue;
+    const KernelTable& table = kernel_table(isa);
+    std::vector<double> times;
+    for (int rep = 0; rep < (isa == Isa::kScalar ? 1 : 7); ++rep) {
+      const double t0 = thread_seconds();
+      for (int c = 0; c < copies; ++c) {
+        const GemmArgs args{ws[c].view, x, m, cols, y.data(), rows, nullptr, nullptr, 0, nullptr};
+        if (table.gemm(args, 0, bands) >= 0) return 1;
+      }
+      times.push_back((thread_seconds() - t0) / copies);
+    }
+    std::sort(times.begin(), times.end());
+    const double t = times[times.size() / 2];
+    if (isa == Isa::kScalar) {
+      y_ref = y;
+    } else if (std::memcmp(y.data(), y_ref.data(), y.size()) != 0) {
+      int64_t diff = 0;
+      for (int64_t i = 0; i < m * rows; ++i) {
+        const float a = load_as_float(y.data(), i, dt), b = load_as_float(y_ref.data(), i, dt);
+        if (std::abs(a - b) > 1e-2f * (1.f + std::abs(b))) ++diff;
+      }
+      if (diff) std::printf("  %s: %lld outputs differ from scalar beyond rounding\n", isa_name(isa), (long long)diff);
+    }
+    std::printf("%s %lldx%lld %.0f%% %s m=%lld: %.3f ms, %.2f GB/s = %.0f%% of bulk read %.2f GB/s (1 thread, CPU time)\n",
+                isa_name(isa), (long long)rows, (long long)cols, sparsity * 100, dname.c_str(), (long long)m, t * 1e3,
+                ws[0].bytes / t / 1e9, 100 * ws[0].bytes / t / 1e9 / bulk_gbps, bulk_gbps);
+  }
+  return 0;
+}

@@ -1,0 +1,114 @@
+// AVX2 row expansion shared by the AVX2 translation units (spmm_avx2.cpp, decode_avx2.cpp; both
+// built with -mavx2 -mfma -mf16c): one table entry per 8-bit row mask places a tile row's packed
+// values in their 8 column slots (zeros elsewhere), plus the per-dtype loads and stores.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace salr::kernels {
+namespace {
+
+constexpr int64_t kPad = 8;  // a row expansion reads 8 elements from the row's first value
+
+// Expansion tables, one entry per row mask, built by code at static init.
+struct Tables {
+  alignas(32) uint8_t bf16[256][32];    // vpshufb of a broadcast 16-byte load: bf16 -> fp32 bits
+  alignas(16) uint8_t fp16[256][16];    // pshufb: packed halves to their slots, zero elsewhere
+  alignas(32) int32_t f32_idx[256][8];  // vpermps source lane of each slot
+  alignas(32) int32_t f32_keep[256][8];  // all ones where the slot holds a value
+  Tables() {
+    for (int mask = 0; mask < 256; ++mask) {
+      int j = 0;  // index of the next packed value
+      for (int c = 0; c < 8; ++c) {
+        const bool set = (mask >> c) & 1;
+        for (int b = 0; b < 4; ++b) bf16[mask][4 * c + b] = 0x80;
+        fp16[mask][2 * c] = fp16[mask][2 * c + 1] = 0x80;
+        f32_idx[mask][c] = set ? j : 0;
+        f32_keep[mask][c] = set ? -1 : 0;
+        if (!set) continue;
+        bf16[mask][4 * c + 2] = static_cast<uint8_t>(2 * j);  // bf16 is the high half of fp32
+        bf16[mask][4 * c + 3] = static_cast<uint8_t>(2 * j + 1);
+        fp16[mask][2 * c] = static_cast<uint8_t>(2 * j);
+        fp16[mask][2 * c + 1] = static_cast<uint8_t>(2 * j + 1);
+        ++j;
+      }
+    }
+  }
+};
+const Tables g_tables;
+
+// Per-dtype loads, stores and row expansion: the three template instantiations of every kernel.
+struct Bf16 {
+  using T = uint16_t;
+  // One row of a tile: 8 packed values from p, placed by the mask's shuffle.
+  static __m256 row(const T* p, unsigned mask) {
+    const __m256i src = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i ctl = _mm256_load_si256(reinterpret_cast<const __m256i*>(g_tables.bf16[mask]));
+    return _mm256_castsi256_ps(_mm256_shuffle_epi8(src, ctl));
+  }
+  static __m256 load8(const T* p) {
+    const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  }
+  // Round to nearest even with NaN kept quiet, bit-identical to numeric.h's float_to_bf16.
+  static void store8(T* p, __m256 v) {
+    const __m256i b = _mm256_castps_si256(v);
+    const __m256i hi = _mm256_srli_epi32(b, 16);
+    const __m256i bias = _mm256_add_epi32(_mm256_and_si256(hi, _mm256_set1_epi32(1)), _mm256_set1_epi32(0x7fff));
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(b, bias), 16);
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x7fffffff)),
+                                           _mm256_set1_epi32(0x7f800000));
+    const __m256i r = _mm256_blendv_epi8(rounded, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                     _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+  }
+};
+
+struct Fp16 {
+  using T = uint16_t;
+  static __m256 row(const T* p, unsigned mask) {
+    const __m128i src = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m128i ctl = _mm_load_si128(reinterpret_cast<const __m128i*>(g_tables.fp16[mask]));
+    return _mm256_cvtph_ps(_mm_shuffle_epi8(src, ctl));
+  }
+  static __m256 load8(const T* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  // vcvtps2ph rounds to nearest even and quiets NaN exactly like numeric.h's float_to_fp16.
+  static void store8(T* p, __m256 v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+};
+
+struct F32 {
+  using T = float;
+  static __m256 row(const T* p, unsigned mask) {
+    const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(g_tables.f32_idx[mask]));
+    const __m256 keep = _mm256_load_ps(reinterpret_cast<const float*>(g_tables.f32_keep[mask]));
+    return _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(p), idx), keep);
+  }
+  static __m256 load8(const T* p) { return _mm256_loadu_ps(p); }
+  static void store8(T* p, __m256 v) { _mm256_storeu_ps(p, v); }
+};
+
+// Loads n <= 8 elements through a zeroed buffer: never reads past the n valid ones.
+template <class D>
+inline __m256 load_partial(const typename D::T* p, int64_t n) {
+  if (n == 8) return D::load8(p);
+  typename D::T tmp[8] = {};
+  std::memcpy(tmp, p, static_cast<size_t>(n) * sizeof(tmp[0]));
+  return D::load8(tmp);
+}
+
+// Stores the first n <= 8 lanes: output rows past the weight's last row are not ours to write.
+template <class D>
+inline void store_partial(typename D::T* p, __m256 v, int64_t n) {
+  if (n == 8) return D::store8(p, v);
+  typename D::T tmp[8];
+  D::store8(tmp, v);
+  std::memcpy(p, tmp, static_cast<size_t>(n) * sizeof(tmp[0]));
+}
+
+}  // namespace
+}  // namespace salr::kernels

@@ -1,0 +1,107 @@
+// One argument check per op, shared by the CPU glue (cpp/cpu/<op>.cpp) and the CUDA glue
+// (cuda/<op>.cu): dtypes, shapes, layout, and "every tensor on the weight's device". Device-neutral
+// on purpose: each backend adds only the one line that says where `values` must live
+// (check_cpu / check_cuda), so a wrong-device call names the argument on every backend.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+#include "checks.h"
+
+namespace salr {
+
+// Every tensor of one call on the device of `values` (the weight decides where the op runs).
+inline void check_same_device(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& values) {
+  SALR_CHECK(t.device() == values.device(), op, arg, " must be on the weight's device ", values.device(),
+             ", got ", t.device());
+}
+
+// The adapter of sparse_lowrank_gemm as the kernels want it (b contiguous); rank 0 without one.
+struct CheckedAdapter {
+  at::Tensor a;  // [rank, in_features]
+  at::Tensor b;  // [out_features, rank], contiguous
+  int64_t rank = 0;
+};
+
+// salr.sparse_lowrank_gemm: x [..., cols], adapter_a [R, cols] with adapter_b [rows, R], bias [rows].
+inline CheckedAdapter check_sparse_lowrank_gemm_args(const char* op, const at::Tensor& x, const at::Tensor& bitmap,
+                                                     const at::Tensor& values, const at::Tensor& offsets,
+                                                     int64_t rows, int64_t cols,
+                                                     const std::optional<at::Tensor>& adapter_a,
+                                                     const std::optional<at::Tensor>& adapter_b,
+                                                     const std::optional<at::Tensor>& bias) {
+  check_bitmap_weight(op, bitmap, values, offsets, rows, cols);
+  check_same_device(op, "x", x, values);
+  check_dtype(op, "x", x, values.scalar_type());
+  SALR_CHECK(x.dim() >= 1 && x.size(-1) == cols, op, "x must have shape [..., ", cols, "] (in_features), got ",
+             x.sizes());
+  SALR_CHECK(adapter_a.has_value() == adapter_b.has_value(), op,
+             "adapter_a and adapter_b must be given together (got only ",
+             adapter_a.has_value() ? "adapter_a" : "adapter_b", ")");
+  CheckedAdapter adapter;
+  if (adapter_a.has_value()) {
+    const at::Tensor& a = *adapter_a;
+    const at::Tensor& b = *adapter_b;
+    check_same_device(op, "adapter_a", a, values);
+    check_same_device(op, "adapter_b", b, values);
+    check_dtype(op, "adapter_a", a, values.scalar_type());
+    check_dtype(op, "adapter_b", b, values.scalar_type());
+    check_dim(op, "adapter_a", a, 2);
+    check_dim(op, "adapter_b", b, 2);
+    SALR_CHECK(a.size(1) == cols, op, "adapter_a must have shape [rank, ", cols, "], got ", a.sizes());
+    SALR_CHECK(b.size(0) == rows && b.size(1) == a.size(0), op, "adapter_b must have shape [", rows, ", ",
+               a.size(0), "] to match adapter_a, got ", b.sizes());
+    adapter = {a, b.contiguous(), a.size(0)};
+  }
+  if (bias.has_value()) {
+    check_same_device(op, "bias", *bias, values);
+    check_dtype(op, "bias", *bias, values.scalar_type());
+    SALR_CHECK(bias->dim() == 1 && bias->size(0) == rows, op, "bias must have shape [", rows, "], got ",
+               bias->sizes());
+  }
+  return adapter;
+}
+
+// salr.sparse_gemm_transposed: grad_out [..., rows] in the weight's dtype.
+inline void check_sparse_gemm_transposed_args(const char* op, const at::Tensor& grad_out, const at::Tensor& bitmap,
+                                              const at::Tensor& values, const at::Tensor& offsets, int64_t rows,
+                                              int64_t cols) {
+  check_bitmap_weight(op, bitmap, values, offsets, rows, cols);
+  check_same_device(op, "grad_out", grad_out, values);
+  check_dtype(op, "grad_out", grad_out, values.scalar_type());
+  SALR_CHECK(grad_out.dim() >= 1 && grad_out.size(-1) == rows, op, "grad_out must have shape [..., ", rows,
+             "] (out_features), got ", grad_out.sizes());
+}
+
+// salr.sampled_gemm: left [T, rows] and right [T, cols] of one float dtype.
+inline void check_sampled_gemm_args(const char* op, const at::Tensor& left, const at::Tensor& right,
+                                    const at::Tensor& bitmap, const at::Tensor& values, const at::Tensor& offsets,
+                                    int64_t rows, int64_t cols) {
+  check_bitmap_weight(op, bitmap, values, offsets, rows, cols);
+  check_same_device(op, "left", left, values);
+  check_same_device(op, "right", right, values);
+  check_dim(op, "left", left, 2);
+  check_dim(op, "right", right, 2);
+  SALR_CHECK(is_weight_dtype(left.scalar_type()) && left.scalar_type() == right.scalar_type(), op,
+             "left and right must share a float dtype, got ", left.scalar_type(), " and ", right.scalar_type());
+  SALR_CHECK(left.size(1) == rows, op, "left must have shape [T, ", rows, "] (out_features), got ", left.sizes());
+  SALR_CHECK(right.size(1) == cols && right.size(0) == left.size(0), op, "right must have shape [", left.size(0),
+             ", ", cols, "] (T, in_features), got ", right.sizes());
+}
+
+// salr.bitmap_decode: the weight alone.
+inline void check_bitmap_decode_args(const char* op, const at::Tensor& bitmap, const at::Tensor& values,
+                                     const at::Tensor& offsets, int64_t rows, int64_t cols) {
+  check_bitmap_weight(op, bitmap, values, offsets, rows, cols);
+}
+
+// salr.bitmap_encode: a 2-D float matrix.
+inline void check_bitmap_encode_args(const char* op, const at::Tensor& dense) {
+  check_dim(op, "dense", dense, 2);
+  SALR_CHECK(is_weight_dtype(dense.scalar_type()), op, "dense must be float32, bfloat16 or float16, got ",
+             dense.scalar_type());
+}
+
+}  // namespace salr

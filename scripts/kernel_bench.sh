@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Builds and runs bench/kernel_bench.cpp (torch-free, one thread, CPU time) with the ISA flags of
+# CMakeLists.txt. Arguments go to the binary: rows cols sparsity dtype [m].
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+out="${KERNEL_BENCH_DIR:-/tmp/salr-kernel-bench}"
+mkdir -p "$out"
+cxx="${CXX:-g++} -O2 -std=c++17 -DSALR_WITH_X86_SIMD -I$root/cpp"
+k="$root/cpp/kernels"
+$cxx -c "$k/spmm_scalar.cpp" -o "$out/scalar.o"
+$cxx -c "$k/bitmap_codec.cpp" -o "$out/codec.o"
+$cxx -c "$k/isa_dispatch.cpp" -o "$out/dispatch.o"
+$cxx -mavx2 -mfma -mf16c -mbmi -mbmi2 -mpopcnt -c "$k/spmm_avx2.cpp" -o "$out/avx2.o"
+$cxx -mavx2 -mfma -mf16c -mbmi -mbmi2 -mpopcnt -c "$k/decode_avx2.cpp" -o "$out/decode2.o"
+avx512="-mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vbmi2 -mfma -mf16c -mbmi -mbmi2 -mpopcnt"
+$cxx $avx512 -c "$k/spmm_avx512.cpp" -o "$out/avx512.o"
+$cxx $avx512 -c "$k/decode_avx512.cpp" -o "$out/decode512.o"
+$cxx "$root/bench/kernel_bench.cpp" "$out"/*.o -o "$out/kernel_bench"
+"$out/kernel_bench" "$@"
