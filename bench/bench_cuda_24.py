@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import salr
 from salr import ops
-from salr.benchmark import median_seconds
+from salr.cli.bench import median_seconds
 from bench_cuda import copies_for, graph_time_per_call, time_per_call
 
 SHAPES = [(11008, 4096), (4096, 4096)]

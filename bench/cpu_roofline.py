@@ -6,7 +6,7 @@ alternating repeats of a rotation of layer copies larger than the caches (--work
   salr      sparse_lowrank_gemm on each ISA path (SALR_CPU_ISA=scalar|avx2|avx512, switched per call)
 and prints the compressed bytes streamed per second as a percentage of the bulk read bandwidth,
 measured in the same run as the median of a multithreaded torch float32 sum over a buffer of
---bulk-gib (the `bulk_read_gbps` of salr.benchmark): a plain sequential read of DRAM.
+--bulk-gib (the `bulk_read_gbps` of salr.cli.bench): a plain sequential read of DRAM.
 
   python bench/cpu_roofline.py                       # 11008x4096, M=1, 50/70%, bf16+fp32, avx2+avx512
   python bench/cpu_roofline.py --isa avx2 --dtype bf16 --sparsity 0.5
@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from salr.benchmark import Rotation, bulk_read_gbps, machine_line
+from salr.cli.bench import Rotation, bulk_read_gbps, machine_line
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

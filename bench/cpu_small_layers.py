@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from salr import BitmapSparseWeight
-from salr.benchmark import random_sparse_weight
+from salr.cli.bench import random_sparse_weight
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # q/o, k/v, gate/up, down
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from salr import workflow
+from salr.cli import steps as workflow
 from salr.io.files import atomic_write_text
 from salr.cli.steps import Budget
 
