@@ -1,0 +1,102 @@
+// AVX-512 lane helpers of spmm_avx512.cpp (built with its -mavx512{f,bw,vl,dq,vbmi2} -mfma -mf16c;
+// include it from such a translation unit only): 8 / 16 elements of any dtype loaded and stored as
+// fp32, the adapter epilogue of a band, and the tile decode by expand-loads.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "kernels.h"
+#include "numeric.h"
+
+namespace salr::kernels {
+namespace {
+
+// ---- loads and stores of 8 / 16 elements of any dtype as fp32 ------------------------------
+
+// Why: bias, dy and adapter rows end at arbitrary lengths; masked loads never touch past the end
+// (a full 8 takes a plain load, the common case).
+inline __m256 load8(const void* p, DType dt, int n) {
+  const __mmask8 m = static_cast<__mmask8>((1u << n) - 1u);
+  if (dt == DType::kFloat32) return n == 8 ? _mm256_loadu_ps(static_cast<const float*>(p)) : _mm256_maskz_loadu_ps(m, p);
+  const __m128i h = n == 8 ? _mm_loadu_si128(static_cast<const __m128i*>(p)) : _mm_maskz_loadu_epi16(m, p);
+  if (dt == DType::kFloat16) return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// Why: same as load8 for 16 lanes (x rows, adapter rows).
+inline __m512 load16(const void* p, DType dt, int n) {
+  const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+  if (dt == DType::kFloat32) return _mm512_maskz_loadu_ps(m, p);
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  if (dt == DType::kFloat16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Why: vcvtneps2bf16 flushes denormals; this integer form is numeric.h's float_to_bf16 exactly.
+inline __m128i to_bf16_rne(__m256 v) {
+  const __m256i b = _mm256_castps_si256(v);
+  const __mmask8 nan = _mm256_cmpgt_epu32_mask(_mm256_and_si256(b, _mm256_set1_epi32(0x7fffffff)),
+                                               _mm256_set1_epi32(0x7f800000));
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  r = _mm256_mask_mov_epi32(r, nan, _mm256_or_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(0x40)));
+  return _mm256_cvtepi32_epi16(r);
+}
+
+// Why: one rounding of the fp32 result into the output dtype, n (<= 8) elements.
+inline void store8(void* p, __m256 v, DType dt, int n) {
+  const __mmask8 m = static_cast<__mmask8>((1u << n) - 1u);
+  if (dt == DType::kFloat32) return _mm256_mask_storeu_ps(p, m, v);
+  const __m128i h = dt == DType::kFloat16 ? _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+                                          : to_bf16_rne(v);
+  _mm_mask_storeu_epi16(p, m, h);
+}
+
+// Why: the band's 8 adapter outputs Σ_r t[r]·B[n, r] at once. The band's B rows are one
+// contiguous [8, rank] block; one transposing reduction replaces eight horizontal sums.
+inline __m256 adapter_band(const float* t, const char* b_rows, int64_t rank, DType dt, int n_valid) {
+  const int es = element_size(dt);
+  __m512 acc[8];
+  for (int n = 0; n < 8; ++n) acc[n] = _mm512_setzero_ps();
+  for (int64_t r = 0; r < rank; r += 16) {
+    const int cnt = static_cast<int>(std::min<int64_t>(16, rank - r));
+    const __m512 tv = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << cnt) - 1u), t + r);
+    for (int n = 0; n < n_valid; ++n) {
+      acc[n] = _mm512_fmadd_ps(tv, load16(b_rows + (n * rank + r) * es, dt, cnt), acc[n]);
+    }
+  }
+  __m256 half[8];
+  for (int n = 0; n < 8; ++n) {
+    half[n] = _mm256_add_ps(_mm512_castps512_ps256(acc[n]), _mm512_extractf32x8_ps(acc[n], 1));
+  }
+  const __m256 q0 = _mm256_hadd_ps(_mm256_hadd_ps(half[0], half[1]), _mm256_hadd_ps(half[2], half[3]));
+  const __m256 q1 = _mm256_hadd_ps(_mm256_hadd_ps(half[4], half[5]), _mm256_hadd_ps(half[6], half[7]));
+  // q0 lanes: rows 0-3 of the low 128 bits | rows 0-3 of the high 128 bits; likewise q1 for 4-7.
+  return _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31));
+}
+
+// ---- tile decode: expand-loads read exactly popcount(mask) values -------------------------
+
+// Why: 16-bit tiles (bf16/fp16) as two zmm, rows 0-3 and 4-7; both pointers come from `p`.
+// (A plain 64-byte load + register vpexpandw measured no faster here, and needs end-of-array care.)
+inline void expand16(const uint16_t* p, uint64_t w, __m512i& lo, __m512i& hi) {
+  const uint32_t m0 = static_cast<uint32_t>(w);
+  lo = _mm512_maskz_expandloadu_epi16(m0, p);
+  hi = _mm512_maskz_expandloadu_epi16(static_cast<uint32_t>(w >> 32), p + _mm_popcnt_u32(m0));
+}
+
+// Why: the fma form wants fp32 rows 2p | 2p+1 in zmm p; 16-bit tiles widen here, once per tile.
+inline void widen16(__m512i lo, __m512i hi, DType dt, __m512* out) {
+  const __m256i h[4] = {_mm512_castsi512_si256(lo), _mm512_extracti64x4_epi64(lo, 1),
+                        _mm512_castsi512_si256(hi), _mm512_extracti64x4_epi64(hi, 1)};
+  for (int q = 0; q < 4; ++q) {
+    out[q] = dt == DType::kFloat16
+                 ? _mm512_cvtph_ps(h[q])
+                 : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h[q]), 16));
+  }
+}
+
+}  // namespace
+}  // namespace salr::kernels
