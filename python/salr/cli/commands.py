@@ -23,7 +23,6 @@ from salr.eval import lm_eval
 from salr.io.saved_model import is_saved_model, load, save
 from salr.methods.salor.config import FactorSparsityConfig
 from salr.train.config import TrainConfig
-from salr.train.data import TokenWindows
 from salr.train.distributed import init_distributed_from_env
 
 # "lora": the pruned base with a plain LoRA and no SVD residual adapter (the usual baseline).
@@ -213,8 +212,7 @@ def _finetune_losa(args: argparse.Namespace) -> int:
     stages = {"dense": {"perplexity": steps.evaluate(model, splits, budget, "dense")}}
     calibration = splits.calibration_windows(budget.calib_windows, budget.calib_seq_len)
     torch.manual_seed(args.seed)  # the LoRA factors are initialized from torch's global RNG
-    report = losa.run(model, config, calibration, TokenWindows(splits.train, budget.train_seq_len,
-                                                               seed=config.train.seed))
+    report = losa.run(model, config, calibration, splits.train_source(budget.train_seq_len, seed=config.train.seed))
     losa.export_salr(model)
     model.eval()
     stages["LoSA (merged)"] = {"perplexity": steps.evaluate(model, splits, budget, "LoSA (merged)")}

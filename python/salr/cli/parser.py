@@ -45,7 +45,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "model directory, or a directory written by `salr prune` / `salr finetune`")
     p.add_argument("--text", default="wikipedia",
                    help="'wikipedia' (the English Wikipedia excerpt in gensim's test data) or a .txt / .jsonl "
-                        "file of {\"text\": ...} records")
+                        "file of {\"text\": ...} records, or a .jsonl of {\"prompt\", \"completion\"} / {\"messages\"} "
+                        "records (chat template applied; loss and perplexity over the completions)")
     p.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per window (default 512)")
     p.add_argument("--eval-windows", type=_positive_int, default=64,
                    help="non-overlapping evaluation windows (default 64, design.md §5)")

@@ -16,7 +16,7 @@ from torch import nn
 
 from salr.cli import assets
 from salr.eval.generation import decode_speed
-from salr.eval.perplexity import perplexity
+from salr.eval.perplexity import completion_perplexity, perplexity
 from salr.io.saved_model import load as load_saved
 from salr.methods.registry import merge_, sparsify_
 from salr.methods.salor.config import FactorSparsityConfig, SALORConfig
@@ -24,7 +24,6 @@ from salr.methods.salor.factors import has_factor_masks, update_all_masks
 from salr.methods.salr.config import SALRConfig
 from salr.methods.salr.model import salr_layers
 from salr.train.config import TrainConfig
-from salr.train.data import TokenWindows
 from salr.train.loop import train
 
 PROMPT = "The history of the city begins"
@@ -62,6 +61,10 @@ def load(model: str, text: str = assets.WIKIPEDIA):
 
 
 def evaluate(model: nn.Module, splits: assets.TextSplits, budget: Budget, desc: str) -> float:
+    """Perplexity on the evaluation split: over every token of its windows, or for chat data over the
+    completion tokens of its first eval_windows conversations (exp of their mean NLL)."""
+    if isinstance(splits, assets.ChatSplits):
+        return completion_perplexity(model, splits.eval_batch(budget.eval_windows, budget.eval_seq_len), desc=desc)
     windows = splits.eval_windows(budget.eval_windows, budget.eval_seq_len)
     return perplexity(model, windows, desc=desc)
 
@@ -83,11 +86,11 @@ def prune(model: nn.Module, splits: assets.TextSplits, budget: Budget, seed: int
 
 def finetune(model: nn.Module, splits: assets.TextSplits, budget: Budget, run_dir=None,
              resume: bool = False, **train_options: Any) -> list[dict]:
-    """Train the adapters (whatever requires grad) on windows of the train pool; a model with SALOR
-    layers follows their mask schedule (update_all_masks after every step)."""
+    """Train the adapters (whatever requires grad) on windows of the train pool (for chat data: its
+    conversations, the loss on completion tokens only); a model with SALOR layers follows their mask schedule (update_all_masks after every step)."""
     config = TrainConfig(steps=budget.train_steps, batch_size=budget.train_batch, lr=budget.lr,
                          warmup_steps=budget.warmup, **train_options)
-    batches = TokenWindows(splits.train, budget.train_seq_len, seed=config.seed)
+    batches = splits.train_source(budget.train_seq_len, seed=config.seed)
     model.train()
     try:
         return train(model, batches, config, run_dir=run_dir, resume=resume,

@@ -50,3 +50,51 @@ def perplexity(model: nn.Module, windows: Any, *, batch_size: int = 1, progress:
                desc: str = "perplexity") -> float:
     """exp(mean NLL) of `model` on the windows (torch.no_grad, eval mode, tqdm progress)."""
     return math.exp(mean_nll(model, windows, batch_size=batch_size, progress=progress, desc=desc))
+
+
+@torch.no_grad()
+def completion_nll(model: nn.Module, batch: dict[str, torch.Tensor], *, batch_size: int = 1, progress: bool = True,
+                   desc: str = "completion perplexity") -> tuple[float, int]:
+    """(summed NLL in nats, number of tokens) over the labelled tokens of a padded chat batch.
+
+    batch: {"input_ids", "labels", "attention_mask"} [n, seq_len] as
+    :class:`salr.train.chat_data.ChatExamples` makes them; labels -100 mark the prompt and padding
+    tokens, which are not scored (label t is predicted from the tokens before t)."""
+    if not isinstance(batch, dict) or not all(isinstance(batch.get(k), torch.Tensor) and batch[k].dim() == 2
+                                              for k in ("input_ids", "labels", "attention_mask")):
+        raise ValueError("completion_nll: batch must be a dict of [n, seq_len] input_ids, labels, attention_mask")
+    ids = check_calibration(batch["input_ids"], vocab_size(model), name="batch['input_ids']")
+    labels, mask = batch["labels"], batch["attention_mask"]
+    if labels.shape != ids.shape or mask.shape != ids.shape:
+        raise ValueError(f"completion_nll: batch's labels {tuple(labels.shape)} and attention_mask "
+                         f"{tuple(mask.shape)} must have the input_ids' shape {tuple(ids.shape)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"completion_nll: batch_size must be an integer >= 1, got {batch_size!r}")
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        bar = tqdm(range(0, ids.shape[0], batch_size), desc=desc, unit="batch", disable=not progress)
+        for start in bar:
+            rows = slice(start, start + batch_size)
+            logits = model(input_ids=ids[rows].to(device), attention_mask=mask[rows].to(device),
+                           use_cache=False).logits
+            target = labels[rows, 1:].to(device)
+            total += F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                     ignore_index=-100, reduction="sum").item()
+            count += int((target != -100).sum())
+            if count:
+                bar.set_postfix(ppl=f"{math.exp(total / count):.3f}")
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("completion_nll: batch has no labelled (completion) token to score")
+    return total, count
+
+
+def completion_perplexity(model: nn.Module, batch: dict[str, torch.Tensor], *, batch_size: int = 1,
+                          progress: bool = True, desc: str = "completion perplexity") -> float:
+    """exp(mean NLL over the completion tokens) of a chat batch (see :func:`completion_nll`)."""
+    total, count = completion_nll(model, batch, batch_size=batch_size, progress=progress, desc=desc)
+    return math.exp(total / count)
