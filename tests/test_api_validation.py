@@ -31,7 +31,7 @@ from salr.methods.salr.layer import SALRLinear
 from salr.nn import svd
 from salr.ops.format import BitmapSparseWeight
 from salr.prune import criteria, masks
-from salr.train import checkpoint, data, distributed
+from salr.train import chat_data, checkpoint, data, distributed
 from salr.train import config as train_config
 from salr.train import loop as train_loop
 from salr.train import state as train_state
@@ -43,7 +43,7 @@ PUBLIC_MODULES = ["salr", "salr.ops", "salr.ops.format", "salr.methods", "salr.m
                   "salr.methods.salr.config", "salr.methods.salr.layer", "salr.methods.salr.model",
                   "salr.methods.salor.config", "salr.methods.salor.factors", "salr.methods.salor.layer",
                   "salr.methods.salor.model", "salr.prune.masks", "salr.prune.criteria", "salr.nn.svd", "salr.nn.bitmap_linear",
-                  "salr.train.config", "salr.train.loop", "salr.train.data", "salr.train.distributed",
+                  "salr.train.config", "salr.train.loop", "salr.train.data", "salr.train.chat_data", "salr.train.distributed",
                   "salr.train.checkpoint", "salr.train.state", "salr.eval.perplexity", "salr.eval.generation",
                   "salr.eval.lm_eval", "salr.io.saved_model", "salr.losa", "salr.interop.hf", "salr.interop.peft",
                   "salr.interop.compressed_tensors"]
@@ -59,7 +59,8 @@ NO_ARGUMENTS_TO_CHECK = {
     "salr.methods.salr.layer.SALRLinear.merge", "salr.methods.salr.layer.SALRLinear.extra_repr",
     "salr.methods.salr.layer.SALRLinear.combined_adapter", "salr.methods.salor.layer.SALORLinear.combined_adapter",
     "salr.train.config.TrainConfig.to_dict", "salr.train.data.IterableBatches.state_dict",
-    "salr.train.data.TokenWindows.state_dict", "salr.train.data.IterableBatches.take",  # rows: the iterable decides
+    "salr.train.data.TokenWindows.state_dict", "salr.train.chat_data.ChatExamples.state_dict",
+    "salr.train.data.IterableBatches.take",  # rows: the iterable decides
     "salr.losa.config.LoSAConfig.to_dict",
     "salr.losa.config.LoSAReport.to_dict", "salr.losa.layer.LoSALinear.extra_repr",
     "salr.nn.bitmap_linear.BitmapLinear.mask", "salr.losa.layer.LoSALinear.delta_values",
@@ -99,6 +100,12 @@ def fc():
 
 def model():
     return tiny_model("llama", hidden=32, layers=1)
+
+
+def _chat_examples():
+    """One 4-token conversation whose last two tokens are the completion."""
+    return chat_data.ChatExamples([chat_data.TokenizedConversation(
+        torch.arange(4), torch.tensor([False, False, True, True]))], 4)
 
 
 # (qualified name, bad call, error type, message fragment)
@@ -167,6 +174,22 @@ CASES = [
     ("salr.train.config.lr_factor", lambda: train_config.lr_factor(-1, train_config.TrainConfig()), E, "step"),
     ("salr.train.loop.train", lambda: train_loop.train(torch.nn.Linear(2, 2), [], {"lr": 1}), E, "config"),
     ("salr.train.distributed.init_distributed_from_env", lambda: distributed.init_distributed_from_env("carrier-pigeon"), E, "backend"),
+    ("salr.eval.perplexity.completion_nll", lambda: perplexity_mod.completion_nll(model(), {"input_ids": torch.ones(2, 8)}), E, "batch"),
+    ("salr.eval.perplexity.completion_perplexity", lambda: perplexity_mod.completion_perplexity(
+        model(), {k: torch.zeros(2, 8, dtype=torch.long) for k in ("input_ids", "labels", "attention_mask")},
+        batch_size=0), E, "batch_size"),
+    ("salr.train.chat_data.is_chat_jsonl", lambda: chat_data.is_chat_jsonl(3), E, "path"),
+    ("salr.train.chat_data.read_chat_jsonl", lambda: chat_data.read_chat_jsonl("/nonexistent/chat.jsonl"), E, "path"),
+    ("salr.train.chat_data.TokenizedConversation", lambda: chat_data.TokenizedConversation(
+        torch.arange(3), torch.ones(2, dtype=torch.bool)), E, "completion"),
+    ("salr.train.chat_data.tokenize_conversation", lambda: chat_data.tokenize_conversation(None, [{"role": "user"}]),
+     E, "messages"),
+    ("salr.train.chat_data.tokenize_conversations", lambda: chat_data.tokenize_conversations(None, "w1"), E,
+     "conversations"),
+    ("salr.train.chat_data.conversation_stream", lambda: chat_data.conversation_stream([]), E, "examples"),
+    ("salr.train.chat_data.ChatExamples", lambda: chat_data.ChatExamples([], 1), E, "seq_len"),
+    ("salr.train.chat_data.ChatExamples.take", lambda: _chat_examples().take(-1), E, "rows"),
+    ("salr.train.chat_data.ChatExamples.load_state_dict", lambda: _chat_examples().load_state_dict({}), E, "state"),
     ("salr.train.data.TokenWindows", lambda: data.TokenWindows(torch.arange(10), 1), E, "seq_len"),
     ("salr.train.data.TokenWindows.take", lambda: data.TokenWindows(torch.arange(10), 2).take(-1), E, "rows"),
     ("salr.train.data.TokenWindows.load_state_dict", lambda: data.TokenWindows(torch.arange(10), 2).load_state_dict({}), E, "state"),

@@ -19,12 +19,10 @@ from salr.nn.models import model_device, vocab_size
 
 
 @torch.no_grad()
-def mean_nll(model: nn.Module, windows: Any, *, batch_size: int = 1, progress: bool = True,
-             desc: str = "perplexity") -> float:
-    """Mean next-token negative log-likelihood (nats) over all windows ([n, seq_len] token ids)."""
-    ids = check_calibration(windows, vocab_size(model), name="windows")
-    if ids.shape[1] < 2:
-        raise ValueError(f"windows: need at least 2 tokens per window to predict one, got {ids.shape[1]}")
+def _summed_nll(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None,
+                batch_size: int, progress: bool, desc: str) -> tuple[float, int]:
+    """(summed next-token NLL in nats, tokens scored) over the rows of [n, seq_len] ids: label t (when
+    not -100) is predicted from the tokens before t. Eval mode, batch_size rows at a time, tqdm."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
     device = model_device(model)
@@ -34,15 +32,27 @@ def mean_nll(model: nn.Module, windows: Any, *, batch_size: int = 1, progress: b
     try:
         bar = tqdm(range(0, ids.shape[0], batch_size), desc=desc, unit="batch", disable=not progress)
         for start in bar:
-            batch = ids[start:start + batch_size].to(device)
-            logits = model(input_ids=batch, use_cache=False).logits
-            nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                  batch[:, 1:].reshape(-1), reduction="sum")
-            total += nll.item()
-            count += batch[:, 1:].numel()
-            bar.set_postfix(ppl=f"{math.exp(total / count):.3f}")
+            rows = slice(start, start + batch_size)
+            mask = {} if attention_mask is None else {"attention_mask": attention_mask[rows].to(device)}
+            logits = model(input_ids=ids[rows].to(device), use_cache=False, **mask).logits
+            target = labels[rows, 1:].to(device)
+            total += F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                     ignore_index=-100, reduction="sum").item()
+            count += int((target != -100).sum())
+            if count:
+                bar.set_postfix(ppl=f"{math.exp(total / count):.3f}")
     finally:
         model.train(was_training)
+    return total, count
+
+
+def mean_nll(model: nn.Module, windows: Any, *, batch_size: int = 1, progress: bool = True,
+             desc: str = "perplexity") -> float:
+    """Mean next-token negative log-likelihood (nats) over all windows ([n, seq_len] token ids)."""
+    ids = check_calibration(windows, vocab_size(model), name="windows")
+    if ids.shape[1] < 2:
+        raise ValueError(f"windows: need at least 2 tokens per window to predict one, got {ids.shape[1]}")
+    total, count = _summed_nll(model, ids, ids, None, batch_size, progress, desc)
     return total / count
 
 
@@ -52,7 +62,6 @@ def perplexity(model: nn.Module, windows: Any, *, batch_size: int = 1, progress:
     return math.exp(mean_nll(model, windows, batch_size=batch_size, progress=progress, desc=desc))
 
 
-@torch.no_grad()
 def completion_nll(model: nn.Module, batch: dict[str, torch.Tensor], *, batch_size: int = 1, progress: bool = True,
                    desc: str = "completion perplexity") -> tuple[float, int]:
     """(summed NLL in nats, number of tokens) over the labelled tokens of a padded chat batch.
@@ -68,26 +77,7 @@ def completion_nll(model: nn.Module, batch: dict[str, torch.Tensor], *, batch_si
     if labels.shape != ids.shape or mask.shape != ids.shape:
         raise ValueError(f"completion_nll: batch's labels {tuple(labels.shape)} and attention_mask "
                          f"{tuple(mask.shape)} must have the input_ids' shape {tuple(ids.shape)}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"completion_nll: batch_size must be an integer >= 1, got {batch_size!r}")
-    device = model_device(model)
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        bar = tqdm(range(0, ids.shape[0], batch_size), desc=desc, unit="batch", disable=not progress)
-        for start in bar:
-            rows = slice(start, start + batch_size)
-            logits = model(input_ids=ids[rows].to(device), attention_mask=mask[rows].to(device),
-                           use_cache=False).logits
-            target = labels[rows, 1:].to(device)
-            total += F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                     ignore_index=-100, reduction="sum").item()
-            count += int((target != -100).sum())
-            if count:
-                bar.set_postfix(ppl=f"{math.exp(total / count):.3f}")
-    finally:
-        model.train(was_training)
+    total, count = _summed_nll(model, ids, labels, mask, batch_size, progress, desc)
     if count == 0:
         raise ValueError("completion_nll: batch has no labelled (completion) token to score")
     return total, count

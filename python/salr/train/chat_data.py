@@ -28,6 +28,8 @@ CHAT_KEYS = ("prompt", "messages")
 
 def is_chat_jsonl(path: str | os.PathLike) -> bool:
     """True for a .jsonl file whose first record is in a chat layout ("prompt" or "messages" key)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"is_chat_jsonl: path must be a str or os.PathLike, got {type(path).__name__}")
     path = Path(path)
     if path.suffix != ".jsonl" or not path.is_file():
         return False
@@ -76,6 +78,8 @@ def _conversation(record: Any, path: Path, line_no: int) -> list[dict[str, str]]
 def read_chat_jsonl(path: str | os.PathLike) -> list[list[dict[str, str]]]:
     """The conversations of a chat jsonl file, in file order; a bad record raises ValueError naming
     the file, the line and the key."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"read_chat_jsonl: path must be a str or os.PathLike, got {type(path).__name__}")
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"read_chat_jsonl: path {str(path)!r} is not a readable file")
@@ -101,6 +105,13 @@ class TokenizedConversation:
     ids: torch.Tensor  # [n] int64
     completion: torch.Tensor  # [n] bool
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.ids, torch.Tensor) or self.ids.dim() != 1 or self.ids.dtype != torch.long:
+            raise ValueError("TokenizedConversation: ids must be a 1-D int64 tensor")
+        if (not isinstance(self.completion, torch.Tensor) or self.completion.dtype != torch.bool
+                or self.completion.shape != self.ids.shape):
+            raise ValueError("TokenizedConversation: completion must be a bool tensor shaped like ids")
+
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
@@ -113,6 +124,9 @@ def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]]) -> Tok
     The template is rendered turn by turn (each assistant turn after the conversation before it with
     the generation prompt), and each new piece is tokenized on its own: the ids are exactly what the
     rendered pieces tokenize to, and the completion mask is exact by construction."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                 and isinstance(m.get("content"), str) for m in messages):
+        raise ValueError("tokenize_conversation: messages must be a list of {'role': str, 'content': str}")
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("tokenize_conversation: tokenizer has no chat_template; chat / instruction data needs "
                          "one (an instruct model's tokenizer)")
@@ -142,11 +156,17 @@ def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]]) -> Tok
 
 
 def tokenize_conversations(tokenizer: Any, conversations: list[list[dict[str, str]]]) -> list[TokenizedConversation]:
+    """:func:`tokenize_conversation` of each conversation."""
+    if not isinstance(conversations, list):
+        raise ValueError(f"tokenize_conversations: conversations must be a list, got {type(conversations).__name__}")
     return [tokenize_conversation(tokenizer, messages) for messages in conversations]
 
 
 def conversation_stream(examples: list[TokenizedConversation]) -> torch.Tensor:
     """All conversations' ids end to end (1-D): token windows for calibration."""
+    if not isinstance(examples, list) or not examples or not all(isinstance(e, TokenizedConversation)
+                                                                 for e in examples):
+        raise ValueError("conversation_stream: examples must be a non-empty list of TokenizedConversation")
     return torch.cat([e.ids for e in examples])
 
 
