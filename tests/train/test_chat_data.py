@@ -204,6 +204,7 @@ def test_cli_finetune_on_chat_jsonl(tiny, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     pruned, tuned = metrics["stages"]["pruned"]["perplexity"], metrics["stages"]["fine-tuned"]["perplexity"]
     assert math.isfinite(pruned) and math.isfinite(tuned) and pruned > 1
+    assert metrics["perplexity_over"] == "completion tokens"
     assert len(metrics["history"]) == 3 and all(math.isfinite(h["loss"]) for h in metrics["history"])
 
 

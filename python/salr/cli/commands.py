@@ -95,7 +95,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                                limit=args.limit)
         rows = [(task, metric, f"{value:.4f}") for task, metrics in tasks.items() for metric, value in metrics.items()]
         sections.append(("lm-eval", markdown_table(["task", "metric", "value"], rows)))
-    run.update_metrics(model=str(args.model), perplexity=ppl, eval_windows=budget.eval_windows,
+    run.update_metrics(model=str(args.model), perplexity=ppl, perplexity_over=steps.perplexity_scope(splits),
+                       eval_windows=budget.eval_windows,
                        seq_len=budget.eval_seq_len, lm_eval=tasks)
     run.write_report(f"salr eval: {args.model}", sections)
     print(f"perplexity {ppl:.3f}" + "".join(f"; {t} {m} {v:.4f}" for t, ms in tasks.items() for m, v in ms.items())
@@ -177,7 +178,8 @@ def _finetune(args: argparse.Namespace, budget, factor_options: dict, dist=None)
     stages["fine-tuned"] = {"perplexity": steps.evaluate(model, splits, budget, "fine-tuned")}
     steps.merge_all(model)
     save(model, run.file("model"), tokenizer=tokenizer, overwrite=True)
-    run.update_metrics(method=args.method, stages=stages, history=history, layers=steps.layer_table(model))
+    run.update_metrics(method=args.method, stages=stages, perplexity_over=steps.perplexity_scope(splits),
+                       history=history, layers=steps.layer_table(model))
     plot_loss(run, history)
     _plot_stages(run, stages)
     run.write_report(f"salr finetune --method {args.method}", [("Perplexity", _stage_table(stages))])

@@ -69,6 +69,11 @@ def evaluate(model: nn.Module, splits: assets.TextSplits, budget: Budget, desc: 
     return perplexity(model, windows, desc=desc)
 
 
+def perplexity_scope(splits: assets.TextSplits) -> str:
+    """What :func:`evaluate`'s perplexity averages over, for the reports."""
+    return "completion tokens" if isinstance(splits, assets.ChatSplits) else "all tokens"
+
+
 def prune(model: nn.Module, splits: assets.TextSplits, budget: Budget, seed: int = 0, progress: bool = True,
           factor_config: FactorSparsityConfig | None = None, **salr_options: Any) -> nn.Module:
     """Calibrate on the train pool and sparsify every decoder-block linear in place: SALR with the
