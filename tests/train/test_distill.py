@@ -74,8 +74,8 @@ def test_hidden_state_matching_brings_the_layers_closer():
     # A large weight: the cross-entropy term stays at full weight (distill_weight = 0) beside it.
     train(student, train_windows(), TrainConfig(distill_hidden_weight=20.0, **SHORT_RUN), teacher=teacher)
     train(plain, train_windows(), TrainConfig(**SHORT_RUN))
-    assert probe_nmse(student) < 0.85 * before  # measured 0.122 -> 0.097
-    assert probe_nmse(student) < 0.8 * probe_nmse(plain)  # plain fine-tuning: 0.135
+    assert probe_nmse(student) < 0.85 * before  # measured 0.119 -> 0.094
+    assert probe_nmse(student) < 0.8 * probe_nmse(plain)  # plain fine-tuning: 0.132
 
 
 def _float64_pair():
