@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from salr.train import checkpoint as ckpt
 from salr.train.config import TrainConfig
 from salr.train.data import TokenWindows
+from salr.train.distill import frozen_teacher
 from salr.train.distributed import init_distributed_from_env
 from salr.train.loop import train
 from salr_helpers import TINY_VOCAB, tiny_model
@@ -60,6 +61,14 @@ def train_salr(parallel: str = "ddp") -> tuple[torch.nn.Module, list[dict]]:
     # No clipping here (the tiny-LM runs clip): the norm is still computed and logged, from DTensors under FSDP.
     return model, train(model, windows, config(steps=3, save_every=0, max_grad_norm=None, parallel=parallel),
                         resume=False)
+
+
+def train_distilled(parallel: str = "ddp") -> tuple[torch.nn.Module, list[dict]]:
+    """The tiny LM distilled from another (frozen, never wrapped: each rank runs its own copy on its slice)."""
+    model = make_tiny_lm()
+    distill = dict(distill_weight=0.5, distill_temperature=2.0, distill_hidden_weight=0.5)
+    return model, train(model, data(), config(steps=3, save_every=0, parallel=parallel, **distill), resume=False,
+                        teacher=frozen_teacher(make_tiny_lm(seed=1)))
 
 
 def _free_port() -> int:
@@ -107,7 +116,11 @@ def _worker(rank: int, port: int, out: str, parallel: str, single_run: str) -> N
         save_file(full_snapshot(model), str(out_dir / f"salr.rank{rank}.safetensors"))
         buffers = {n: [type(b).__name__, list(b.shape)] for n, b in model.named_buffers()}
         (out_dir / f"salr.rank{rank}.json").write_text(json.dumps({"history": salr_history, "buffers": buffers}))
-        # 4. A micro-batch that does not split over the ranks is refused, naming the field.
+        # 4. Distillation from a teacher every rank holds whole.
+        model, distill_history = train_distilled(parallel)
+        save_file(full_snapshot(model), str(out_dir / f"distill.rank{rank}.safetensors"))
+        (out_dir / f"distill.rank{rank}.json").write_text(json.dumps(distill_history))
+        # 5. A micro-batch that does not split over the ranks is refused, naming the field.
         try:
             train(make_tiny_lm(), data(), config(batch_size=3, parallel=parallel), resume=False)
         except ValueError as e:
@@ -206,6 +219,14 @@ def test_salr_model_matches_one_process(two_ranks):
         assert record["buffers"] == ref_buffers  # plain tensors, full shape: never sharded
         _assert_params_close(load_file(str(out / f"salr.rank{rank}.safetensors")), trainable_snapshot(model))
     assert all(e["grad_norm"] > 0 for e in ref_history)
+
+
+def test_distillation_matches_one_process(two_ranks):
+    out, _ = two_ranks
+    model, ref_history = train_distilled()
+    for rank in range(WORLD):
+        _assert_same_curve(json.loads((out / f"distill.rank{rank}.json").read_text()), ref_history)
+        _assert_params_close(load_file(str(out / f"distill.rank{rank}.safetensors")), trainable_snapshot(model))
 
 
 def test_only_rank_0_writes(two_ranks):

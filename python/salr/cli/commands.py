@@ -23,6 +23,7 @@ from salr.eval import lm_eval
 from salr.io.saved_model import is_saved_model, load, save
 from salr.methods.salor.config import FactorSparsityConfig
 from salr.train.config import TrainConfig
+from salr.train import distill
 from salr.train.distributed import init_distributed_from_env
 
 # "lora": the pruned base with a plain LoRA and no SVD residual adapter (the usual baseline).
@@ -39,6 +40,15 @@ def _factor_options(args: argparse.Namespace, budget) -> dict:
     factor = FactorSparsityConfig(0.5 if sparsity is None and pattern is None else sparsity, pattern,
                                   end_step=budget.train_steps // 2)
     return {"factor_config": factor}
+
+
+def _distill_options(args: argparse.Namespace) -> dict:
+    """The TrainConfig distill_* fields of --distill / --distill-temperature / --distill-hidden,
+    checked by TrainConfig before the model loads."""
+    options = {"distill_weight": args.distill, "distill_temperature": args.distill_temperature,
+               "distill_hidden_weight": args.distill_hidden}
+    TrainConfig(**options)
+    return options
 
 
 def _budget(args: argparse.Namespace) -> steps.Budget:
@@ -147,17 +157,19 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise ValueError(f"--method {args.method}: not wired into the CLI yet (available: {', '.join(METHOD_OPTIONS)})")
     budget = _budget(args)
     factor_options = _factor_options(args, budget)  # checked before the model loads
+    distill_options = _distill_options(args)
     if world == 1:
-        return _finetune(args, budget, factor_options)
+        return _finetune(args, budget, factor_options, distill_options)
     init_distributed_from_env()
     try:
-        return _finetune(args, budget, factor_options, dist)
+        return _finetune(args, budget, factor_options, distill_options, dist)
     finally:
         dist.destroy_process_group()
 
 
-def _finetune(args: argparse.Namespace, budget, factor_options: dict, dist=None) -> int:
-    """`dist`: torch.distributed with its process group joined, None in a single process."""
+def _finetune(args: argparse.Namespace, budget, factor_options: dict, distill_options: dict, dist=None) -> int:
+    """`dist`: torch.distributed with its process group joined, None in a single process. With
+    distillation every rank keeps its own frozen dense teacher (DDP does not wrap it)."""
     main = dist is None or dist.get_rank() == 0
     if main:
         run = open_run(args)
@@ -168,11 +180,15 @@ def _finetune(args: argparse.Namespace, budget, factor_options: dict, dist=None)
     options = {"sparsity": args.sparsity, "criterion": args.criterion, "pattern": args.pattern,
                "lora_alpha": args.lora_alpha, **METHOD_OPTIONS[args.method], **factor_options}
     stages = {"pruned": {}}
+    # The dense model, kept before pruning works in place, is the distillation teacher.
+    teacher = distill.frozen_teacher(model) if TrainConfig(**distill_options).distilling else None
     steps.prune(model, splits, budget, seed=args.seed, progress=main, **options)
     if main:
         stages["pruned"]["perplexity"] = steps.evaluate(model, splits, budget, "pruned")
-    history = steps.finetune(model, splits, budget, run_dir=Path(args.out), resume=args.resume,
-                                schedule=args.schedule, grad_accum=args.grad_accum, seed=args.seed)
+    history = steps.finetune(model, splits, budget, run_dir=Path(args.out), resume=args.resume, teacher=teacher,
+                             schedule=args.schedule, grad_accum=args.grad_accum, seed=args.seed,
+                             **distill_options)
+    del teacher  # its memory is not needed for evaluation and saving
     if not main:
         return 0
     stages["fine-tuned"] = {"perplexity": steps.evaluate(model, splits, budget, "fine-tuned")}
@@ -190,7 +206,7 @@ def _finetune(args: argparse.Namespace, budget, factor_options: dict, dist=None)
 
 def _losa_config(args: argparse.Namespace, budget: steps.Budget) -> losa.LoSAConfig:
     for flag, bad in (("--criterion", args.criterion != "wanda"), ("--pattern", args.pattern is not None),
-                      ("--resume", args.resume)):
+                      ("--resume", args.resume), ("--distill", args.distill > 0 or args.distill_hidden > 0)):
         if bad:
             raise ValueError(f"{flag}: not available with --method losa (it prunes with Wanda, unstructured, "
                              f"in rounds that do not checkpoint)")

@@ -83,6 +83,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "of the steps (default 0.5, or 1 - N/M with --factor-pattern)")
     p.add_argument("--factor-pattern", default=None,
                    help="SALOR: N:M pattern of the factors (along K for A, along the rank for B), e.g. 2:4")
+    p.add_argument("--distill", type=_fraction, default=0.0,
+                   help="weight w of distillation from the dense model (kept before pruning): loss = (1-w) CE + "
+                        "w T^2 KL(dense || sparse) on the logits (default 0 = off)")
+    p.add_argument("--distill-temperature", type=float, default=1.0, help="distillation temperature T (default 1)")
+    p.add_argument("--distill-hidden", type=float, default=0.0,
+                   help="weight of per-layer hidden-state matching with the dense model (normalized MSE, as in "
+                        "SquareHead; default 0 = off)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--seed", type=int, default=0, help="seeds the LoRA initialization and the training data order "
                                                        "(default 0)")

@@ -90,16 +90,18 @@ def prune(model: nn.Module, splits: assets.TextSplits, budget: Budget, seed: int
 
 
 def finetune(model: nn.Module, splits: assets.TextSplits, budget: Budget, run_dir=None,
-             resume: bool = False, **train_options: Any) -> list[dict]:
+             resume: bool = False, teacher: nn.Module | None = None, **train_options: Any) -> list[dict]:
     """Train the adapters (whatever requires grad) on windows of the train pool (for chat data: its
-    conversations, the loss on completion tokens only); a model with SALOR layers follows their mask schedule (update_all_masks after every step)."""
+    conversations, the loss on completion tokens only); a model with SALOR layers follows their mask
+    schedule (update_all_masks after every step). With `teacher` (the dense model,
+    :func:`salr.train.distill.frozen_teacher`) and distill_* options, the loss distils from it."""
     config = TrainConfig(steps=budget.train_steps, batch_size=budget.train_batch, lr=budget.lr,
                          warmup_steps=budget.warmup, **train_options)
     batches = splits.train_source(budget.train_seq_len, seed=config.seed)
     model.train()
     try:
         return train(model, batches, config, run_dir=run_dir, resume=resume,
-                     on_step=update_all_masks if has_factor_masks(model) else None)
+                     on_step=update_all_masks if has_factor_masks(model) else None, teacher=teacher)
     finally:
         model.eval()
 

@@ -18,7 +18,8 @@ StepCallback = Callable[[torch.nn.Module, int], Any]  # train(on_step=...): fn(m
 AUTOCAST_CHOICES = ("auto", "bfloat16", None)
 # Config fields that change the trajectory: a resume with other values is no longer "the same run".
 TRAJECTORY_FIELDS = ("lr", "weight_decay", "warmup_steps", "schedule", "min_lr_ratio", "batch_size",
-                      "grad_accum", "max_grad_norm", "seed", "betas", "eps")
+                      "grad_accum", "max_grad_norm", "seed", "betas", "eps", "distill_weight",
+                      "distill_temperature", "distill_hidden_weight")
 
 
 @dataclass
@@ -31,6 +32,9 @@ class TrainConfig:
     would hand bf16 activations to modules holding fp32 weights); "bfloat16" forces it; None = off.
     parallel: with more than one rank, "ddp" replicates the model, "fsdp" shards its parameters
     (FSDP2, one unit per decoder block + the root); ignored in a single process.
+    distill_weight w, distill_temperature T, distill_hidden_weight h: distillation from a frozen
+    teacher passed to train() (:mod:`salr.train.distill`): loss = (1-w)*CE + w*T^2*KL(teacher || student)
+    + h*(normalized hidden-state MSE); w = h = 0 (the default) is the plain loss, no teacher needed.
     """
 
     lr: float = 2e-4
@@ -54,6 +58,9 @@ class TrainConfig:
     progress: bool = True
     ddp_find_unused_parameters: bool = False
     parallel: str = "ddp"
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
+    distill_hidden_weight: float = 0.0
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> ValueError:
@@ -76,6 +83,9 @@ class TrainConfig:
         check_float("weight_decay", 0.0)
         check_float("min_lr_ratio", 0.0, 1.0)
         check_float("eps", 0.0, open_min=True)
+        check_float("distill_weight", 0.0, 1.0)
+        check_float("distill_temperature", 0.0, open_min=True)
+        check_float("distill_hidden_weight", 0.0)
         check_int("steps", 1)
         check_int("warmup_steps", 0)
         check_int("batch_size", 1)
@@ -104,6 +114,11 @@ class TrainConfig:
         for flag in ("grad_checkpointing", "progress", "ddp_find_unused_parameters"):
             if not isinstance(getattr(self, flag), bool):
                 raise bad(flag, "must be True or False")
+
+    @property
+    def distilling(self) -> bool:
+        """Whether the loss has a teacher term (train() then needs a teacher)."""
+        return self.distill_weight > 0 or self.distill_hidden_weight > 0
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -6,6 +6,7 @@ at ``requires_grad`` and calls ``model(input_ids=..., labels=...)`` (HF style, `
 - AdamW over the trainable parameters (weight decay on matrices only), warmup + cosine / linear /
   constant schedule (LambdaLR), gradient accumulation, clipping, optional gradient checkpointing,
   bf16 autocast on devices that support it, periodic evaluation, tqdm with loss and tokens/s.
+- Optional distillation from a frozen dense teacher (``teacher=``, :mod:`salr.train.distill`).
 - Data comes from a deterministic, resumable batch source (:class:`TokenWindows`), whose position is
   part of the checkpoint, so a resumed run reproduces the uninterrupted loss curve exactly.
 - Checkpoints (:mod:`salr.train.checkpoint`) are atomic; Ctrl-C saves one at the last finished step and
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 
 from salr.io.files import jsonable
 from salr.train import checkpoint as ckpt
+from salr.train import distill
 from salr.train.config import TRAJECTORY_FIELDS, StepCallback, TrainConfig, lr_factor
 from salr.train.data import as_source, shard_batch
 from salr.train.distributed import distributed_context, _fully_shard_blocks, _grad_sync
@@ -158,7 +160,8 @@ def _resolve_resume(resume: bool | str | os.PathLike, run_dir: Path | None, worl
 def train(model: torch.nn.Module, train_batches: Any, config: TrainConfig, run_dir: str | os.PathLike | None = None,
           eval_fn: Callable[[torch.nn.Module], Any] | None = None,
           resume: bool | str | os.PathLike = True,
-          on_step: StepCallback | Sequence[StepCallback] | None = None) -> list[dict[str, Any]]:
+          on_step: StepCallback | Sequence[StepCallback] | None = None,
+          teacher: torch.nn.Module | None = None) -> list[dict[str, Any]]:
     """Fine-tunes the parameters of ``model`` that have requires_grad=True; returns the history.
 
     model: a causal LM called as ``model(input_ids=..., labels=...)`` returning ``.loss``; it is
@@ -178,6 +181,8 @@ def train(model: torch.nn.Module, train_batches: Any, config: TrainConfig, run_d
       that step is evaluated or checkpointed (e.g. :func:`salr.methods.salor.factors.update_all_masks`, the SALOR
       mask schedule). What a callback changes outside the trainable parameters is not checkpointed:
       it must be a function of the step and those parameters, so a resume rebuilds it.
+    teacher: the frozen dense model to distil from (:mod:`salr.train.distill`), on the student's
+      device, run under no_grad on every micro-batch; needed when config.distilling, unused otherwise.
 
     Seeds torch's global RNG with config.seed (a resume restores the saved RNG state instead).
 
@@ -191,6 +196,7 @@ def train(model: torch.nn.Module, train_batches: Any, config: TrainConfig, run_d
     model = ckpt.unwrap_model(model)
     params = _trainable(model, config, world)
     device = next(iter(params.values())).device
+    teacher = distill.check_teacher(teacher, config, model, device)
     run_path = Path(run_dir) if run_dir is not None else None
     if run_path is not None and is_main:
         run_path.mkdir(parents=True, exist_ok=True)
@@ -231,7 +237,7 @@ def train(model: torch.nn.Module, train_batches: Any, config: TrainConfig, run_d
             run.last_saved = at_step
 
     step_context = _StepContext(train_model, params, optimizer, scheduler, source, config, device, rank, world,
-                                fsdp, callbacks)
+                                fsdp, callbacks, teacher)
     try:
         while run.step < config.steps:
             entry = _train_step(step_context, model, run)
@@ -339,6 +345,7 @@ class _StepContext:
     world: int
     fsdp: bool
     callbacks: list[StepCallback] = field(default_factory=list)
+    teacher: torch.nn.Module | None = None
 
 
 def _forward_backward(ctx: _StepContext) -> tuple[float, int]:
@@ -353,7 +360,8 @@ def _forward_backward(ctx: _StepContext) -> tuple[float, int]:
         sync = micro == config.grad_accum - 1
         with _grad_sync(ctx.train_model, ctx.fsdp, sync) if ctx.world > 1 else contextlib.nullcontext():
             with _autocast(config, device):
-                loss = _loss_of(ctx.train_model(**kwargs))
+                output = ctx.train_model(**kwargs, **distill.student_kwargs(config, ctx.teacher))
+                loss = distill.blend(_loss_of(output), output, ctx.teacher, kwargs, config)
             # Mean over micro-batches (DDP / FSDP average over ranks): the gradient of the
             # global-batch mean when every micro-batch holds the same number of tokens.
             (loss.float() / config.grad_accum).backward()
