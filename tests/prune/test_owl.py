@@ -151,6 +151,23 @@ def test_cli_prune_layerwise_owl(tiny_assets, tmp_path):
     assert {round(r["sparsity"], 1) for r in layers} == {round(r, 1) for r in ratios}
 
 
+@pytest.mark.parametrize("method", ["salr", "salor"])
+def test_cli_finetune_layerwise_owl(tiny_assets, tmp_path, method):
+    model_dir, text = tiny_assets
+    out = tmp_path / "run"
+    assert cli.main(["finetune", "--method", method, "--model", str(model_dir), "--text", str(text), "--out",
+                     str(out), *SEQ, "--steps", "2", "--batch-size", "2", "--train-seq-len", "32", "--warmup", "1",
+                     "--lora-rank", "4", "--sparsity", "0.6", "--layerwise", "owl"]) == 0
+    model = salr.load(out / "model")
+    ratios = model.salr_config.sparsity
+    assert model.salr_method == method and model.salr_config.layerwise == "owl" and len(set(ratios)) > 1
+    assert all(0.52 - 1e-12 <= r <= 0.68 + 1e-12 for r in ratios)
+    sparse = salr_layers(model)
+    total = sum(m.in_features * m.out_features for m in sparse.values())
+    kept = sum(int(m.values.numel()) for m in sparse.values())
+    assert abs((total - kept) - 0.6 * total) <= 0.5 * sum(m.out_features for m in sparse.values())
+
+
 @pytest.mark.parametrize("args, message", [
     (["prune", "--layerwise", "rmi"], "--layerwise rmi: only with --method losa"),
     (["prune", "--layerwise", "owl", "--owl-m", "0"], "owl_m"),
