@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from salr._checks import check_tensor
 from salr.nn.models import weight_view
 from salr.prune.calibration import LinearStats, run_sequential
 from salr.prune.criteria import wanda_scores
@@ -47,6 +48,10 @@ def check_owl_params(target: Any, m: Any, lam: Any, where: str = "owl") -> tuple
 
 def outlier_count(scores: torch.Tensor, m: float) -> int:
     """How many entries of `scores` exceed `m` × their mean."""
+    check_tensor(scores, "outlier_count: scores")
+    if scores.numel() == 0:
+        raise ValueError("outlier_count: scores is empty")
+    _, m, _ = check_owl_params(0.0, m, 0.0, "outlier_count")
     return int((scores > m * scores.mean()).sum())
 
 

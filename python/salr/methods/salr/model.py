@@ -79,6 +79,8 @@ def make_config(config: SALRConfig | None, overrides: dict[str, Any]) -> SALRCon
 def resolve_layerwise(model: nn.Module, config: SALRConfig, calibration: Any, progress: bool = True) -> SALRConfig:
     """`config` with its per-block ratios chosen: for layerwise='owl' with a global target, OWL's
     ratios measured on `model` as it is now (dense, before any pruning); otherwise `config` itself."""
+    if not isinstance(config, SALRConfig):
+        raise ValueError(f"resolve_layerwise: config must be a salr.SALRConfig, got {type(config).__name__}")
     if not config.owl_pending:
         return config
     _plan(model, config)  # the cheap checks before a calibration pass
