@@ -168,10 +168,28 @@ def test_cli_finetune_layerwise_owl(tiny_assets, tmp_path, method):
     assert abs((total - kept) - 0.6 * total) <= 0.5 * sum(m.out_features for m in sparse.values())
 
 
+def test_cli_losa_layerwise_owl(tiny_assets, tmp_path):
+    from salr.cli import steps
+    from salr.losa.schedule import sparsity_schedule
+
+    model_dir, text = tiny_assets
+    dense, _, splits = steps.load(str(model_dir), str(text))
+    expected = owl_block_sparsity(dense, splits.calibration_windows(4, 32), 0.6, progress=False)
+    out = tmp_path / "run"
+    assert cli.main(["finetune", "--method", "losa", "--model", str(model_dir), "--text", str(text), "--out",
+                     str(out), *SEQ, "--steps", "3", "--batch-size", "2", "--train-seq-len", "32", "--warmup", "1",
+                     "--lora-rank", "2", "--rounds", "3", "--final-share", "0", "--sparsity", "0.6",
+                     "--layerwise", "owl"]) == 0
+    rounds = json.loads((out / "metrics.json").read_text())["losa"]["rounds"]
+    for r, target in zip(rounds, sparsity_schedule(0.6, 3)):  # OWL's ratios scaled to each round's target
+        assert r["block_sparsity"] == pytest.approx([e * target / 0.6 for e in expected], abs=0.01)
+    assert len(set(expected)) > 1 and sum(rounds[-1]["block_sparsity"]) / 3 == pytest.approx(0.6, abs=0.01)
+
+
 @pytest.mark.parametrize("args, message", [
     (["prune", "--layerwise", "rmi"], "--layerwise rmi: only with --method losa"),
     (["prune", "--layerwise", "owl", "--owl-m", "0"], "owl_m"),
-    (["finetune", "--method", "losa", "--layerwise", "owl"], "--layerwise owl: not available with --method losa"),
+    (["finetune", "--method", "losa", "--layerwise", "owl", "--owl-lambda", "0.6"], "owl_lambda"),
 ])
 def test_cli_bad_layerwise_flags(tiny_assets, tmp_path, args, message, capsys):
     model_dir, text = tiny_assets

@@ -203,7 +203,7 @@ def _finetune(args: argparse.Namespace, budget, factor_options: dict, dist=None)
 
 def _losa_config(args: argparse.Namespace, budget: steps.Budget) -> losa.LoSAConfig:
     for flag, bad in (("--criterion", args.criterion != "wanda"), ("--pattern", args.pattern is not None),
-                      ("--resume", args.resume), ("--layerwise owl", args.layerwise == "owl")):
+                      ("--resume", args.resume)):
         if bad:
             raise ValueError(f"{flag}: not available with --method losa (it prunes with Wanda, unstructured, "
                              f"in rounds that do not checkpoint)")
@@ -214,7 +214,7 @@ def _losa_config(args: argparse.Namespace, budget: steps.Budget) -> losa.LoSACon
     return losa.LoSAConfig(sparsity=args.sparsity, rounds=args.rounds, total_steps=budget.train_steps,
                       final_share=args.final_share or None, mean_rank=args.lora_rank,
                       r_max=args.r_max or 4 * args.lora_rank, lora_alpha=args.lora_alpha,
-                      layerwise=args.layerwise or "rmi",
+                      layerwise=args.layerwise or "rmi", owl_m=args.owl_m, owl_lambda=args.owl_lambda,
                       rank_allocation=args.rank_allocation, train=train)
 
 

@@ -63,7 +63,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4 (default unstructured)")
     p.add_argument("--layerwise", choices=["uniform", "owl", "rmi"], default=None,
                    help="per-block sparsity around --sparsity: uniform, owl (outlier-weighted, Yin et al. 2023; "
-                        "unstructured only) or rmi (CKA importance, --method losa only); default uniform, "
+                        "unstructured only; for losa scaled to every round's target) or rmi (CKA importance, "
+                        "--method losa only); default uniform, "
                         "rmi for losa")
     p.add_argument("--owl-m", type=float, default=5.0,
                    help="OWL: outlier threshold as a multiple of a layer's mean Wanda score (default 5)")
