@@ -189,6 +189,7 @@ def test_cli_losa_layerwise_owl(tiny_assets, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["prune", "--layerwise", "rmi"], "--layerwise rmi: only with --method losa"),
     (["prune", "--layerwise", "owl", "--owl-m", "0"], "owl_m"),
+    (["prune", "--layerwise", "owl", "--pattern", "2:4"], "does not combine with --pattern 2:4"),
     (["finetune", "--method", "losa", "--layerwise", "owl", "--owl-lambda", "0.6"], "owl_lambda"),
 ])
 def test_cli_bad_layerwise_flags(tiny_assets, tmp_path, args, message, capsys):

@@ -51,6 +51,9 @@ def _layerwise_options(args: argparse.Namespace) -> dict:
                          f"{getattr(args, 'method', 'salr prune')})")
     if layerwise == "owl":
         check_owl_params(args.sparsity, args.owl_m, args.owl_lambda, "--layerwise owl")
+        if args.pattern is not None:
+            raise ValueError(f"--layerwise owl: varies the unstructured sparsity per block; it does not combine "
+                             f"with --pattern {args.pattern}")
     return {"layerwise": layerwise, "owl_m": args.owl_m, "owl_lambda": args.owl_lambda}
 
 
