@@ -30,7 +30,7 @@ from salr.methods.salr.config import SALRConfig, dtype_from_name, rename_legacy
 from salr.methods.salr.layer import SALRLinear
 from salr.nn import svd
 from salr.ops.format import BitmapSparseWeight
-from salr.prune import criteria, masks
+from salr.prune import criteria, masks, owl
 from salr.train import chat_data, checkpoint, data, distributed
 from salr.train import config as train_config
 from salr.train import loop as train_loop
@@ -42,8 +42,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PUBLIC_MODULES = ["salr", "salr.ops", "salr.ops.format", "salr.methods", "salr.methods.registry", "salr.methods.convert",
                   "salr.methods.salr.config", "salr.methods.salr.layer", "salr.methods.salr.model",
                   "salr.methods.salor.config", "salr.methods.salor.factors", "salr.methods.salor.layer",
-                  "salr.methods.salor.model", "salr.prune.masks", "salr.prune.criteria", "salr.nn.svd", "salr.nn.bitmap_linear",
-                  "salr.train.config", "salr.train.loop", "salr.train.data", "salr.train.chat_data", "salr.train.distributed",
+                  "salr.methods.salor.model", "salr.prune.masks", "salr.prune.criteria", "salr.prune.owl", "salr.nn.svd",
+                  "salr.nn.bitmap_linear", "salr.train.config", "salr.train.loop", "salr.train.data", "salr.train.chat_data",
+                  "salr.train.distributed",
                   "salr.train.checkpoint", "salr.train.state", "salr.eval.perplexity", "salr.eval.generation",
                   "salr.eval.lm_eval", "salr.io.saved_model", "salr.losa", "salr.interop.hf", "salr.interop.peft",
                   "salr.interop.compressed_tensors"]
@@ -146,11 +147,18 @@ CASES = [
     ("salr.io.saved_model.load", lambda: saved_model.load("/nonexistent/model"), E, "directory"),
     ("salr.io.saved_model.read_record", lambda: saved_model.read_record("/nonexistent/model"), E, "directory"),
     ("salr.methods.salr.model.salr_layers", lambda: salr_model.salr_layers("model"), E, "model: expected a torch.nn.Module"),
+    ("salr.methods.salr.model.resolve_layerwise", lambda: salr_model.resolve_layerwise(model(), {"layerwise": "owl"}, None), E, "resolve_layerwise: config"),
+    ("salr.methods.salr.model.resolve_layerwise", lambda: salr_model.resolve_layerwise(model(), SALRConfig(layerwise="owl", svd_rank=4, lora_rank=4), None), E, "calibration: layerwise='owl'"),
     ("salr.methods.salr.model.freeze_all_but_adapters", lambda: salr_model.freeze_all_but_adapters(None), E, "model: expected a torch.nn.Module"),
     ("salr.eval.perplexity.perplexity", lambda: perplexity_mod.perplexity(model(), torch.zeros(2, 8, dtype=torch.long), batch_size=0), E, "batch_size"),
     ("salr.eval.perplexity.mean_nll", lambda: perplexity_mod.mean_nll(model(), torch.ones(2, 8)), E, "windows"),
     ("salr.eval.generation.decode_speed", lambda: generation.decode_speed(None, None, "hi", new_tokens=1), E, "new_tokens"),
     # ---- pruning and SVD
+    ("salr.prune.owl.check_owl_params", lambda: owl.check_owl_params(0.5, 5.0, 0.6), E, "owl_lambda"),
+    ("salr.prune.owl.outlier_count", lambda: owl.outlier_count([1.0, 2.0], 5.0), E, "outlier_count: scores"),
+    ("salr.prune.owl.block_outlier_ratios", lambda: owl.block_outlier_ratios(model(), torch.ones(2, 4), m=0), E, "owl_m"),
+    ("salr.prune.owl.owl_ratios", lambda: owl.owl_ratios([0.1, 0.2], [10], 0.5), E, "owl_ratios: lods and sizes"),
+    ("salr.prune.owl.owl_block_sparsity", lambda: owl.owl_block_sparsity(model(), torch.ones(2, 4, dtype=torch.long), 1.2), E, "sparsity"),
     ("salr.prune.criteria.check_criterion", lambda: criteria.check_criterion("random"), E, "criterion"),
     ("salr.prune.masks.check_nm_width", lambda: masks.check_nm_width(10, (2, 4)), E, "weight"),
     ("salr.prune.masks.check_sparsity", lambda: masks.check_sparsity(1.0), E, "sparsity"),

@@ -22,6 +22,7 @@ from salr.cli.runs import RunDirectory, markdown_table, open_run, plot_bars, plo
 from salr.eval import lm_eval
 from salr.io.saved_model import is_saved_model, load, save
 from salr.methods.salor.config import FactorSparsityConfig
+from salr.prune.owl import check_owl_params
 from salr.train.config import TrainConfig
 from salr.train import distill
 from salr.train.distributed import init_distributed_from_env
@@ -49,6 +50,20 @@ def _distill_options(args: argparse.Namespace) -> dict:
                "distill_hidden_weight": args.distill_hidden}
     TrainConfig(**options)
     return options
+
+
+def _layerwise_options(args: argparse.Namespace) -> dict:
+    """SALRConfig's layer-wise fields for salr / salor / lora (RMI is LoSA's alone)."""
+    layerwise = args.layerwise or "uniform"
+    if layerwise == "rmi":
+        raise ValueError(f"--layerwise rmi: only with --method losa (use uniform or owl for "
+                         f"{getattr(args, 'method', 'salr prune')})")
+    if layerwise == "owl":
+        check_owl_params(args.sparsity, args.owl_m, args.owl_lambda, "--layerwise owl")
+        if args.pattern is not None:
+            raise ValueError(f"--layerwise owl: varies the unstructured sparsity per block; it does not combine "
+                             f"with --pattern {args.pattern}")
+    return {"layerwise": layerwise, "owl_m": args.owl_m, "owl_lambda": args.owl_lambda}
 
 
 def _budget(args: argparse.Namespace) -> steps.Budget:
@@ -115,13 +130,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    layerwise = _layerwise_options(args)  # bad flags fail before the run directory is touched
     run = open_run(args)
     run.write_config(vars(args))
     budget = _budget(args)
     model, tokenizer, splits = steps.load(args.model, args.text)
     stages = {"dense": {"perplexity": steps.evaluate(model, splits, budget, "dense")}}
     steps.prune(model, splits, budget, sparsity=args.sparsity, criterion=args.criterion, pattern=args.pattern,
-                   lora_rank=0)
+                lora_rank=0, **layerwise)
     stages["pruned"] = {"perplexity": steps.evaluate(model, splits, budget, "pruned")}
     layers = steps.layer_table(model)
     save(model, run.file("model"), tokenizer=tokenizer)
@@ -156,7 +172,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.method not in METHOD_OPTIONS:
         raise ValueError(f"--method {args.method}: not wired into the CLI yet (available: {', '.join(METHOD_OPTIONS)})")
     budget = _budget(args)
-    factor_options = _factor_options(args, budget)  # checked before the model loads
+    # checked before the model loads
+    factor_options = {**_factor_options(args, budget), **_layerwise_options(args)}
     distill_options = _distill_options(args)
     if world == 1:
         return _finetune(args, budget, factor_options, distill_options)
@@ -216,7 +233,8 @@ def _losa_config(args: argparse.Namespace, budget: steps.Budget) -> losa.LoSACon
                         seed=args.seed)
     return losa.LoSAConfig(sparsity=args.sparsity, rounds=args.rounds, total_steps=budget.train_steps,
                       final_share=args.final_share or None, mean_rank=args.lora_rank,
-                      r_max=args.r_max or 4 * args.lora_rank, lora_alpha=args.lora_alpha, layerwise=args.layerwise,
+                      r_max=args.r_max or 4 * args.lora_rank, lora_alpha=args.lora_alpha,
+                      layerwise=args.layerwise or "rmi", owl_m=args.owl_m, owl_lambda=args.owl_lambda,
                       rank_allocation=args.rank_allocation, train=train)
 
 

@@ -62,6 +62,15 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity", type=_fraction, default=0.5, help="fraction of each layer's weights pruned")
     p.add_argument("--criterion", choices=CRITERIA, default="wanda", help="pruning criterion (default wanda)")
     p.add_argument("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4 (default unstructured)")
+    p.add_argument("--layerwise", choices=["uniform", "owl", "rmi"], default=None,
+                   help="per-block sparsity around --sparsity: uniform, owl (outlier-weighted, Yin et al. 2023; "
+                        "unstructured only; for losa scaled to every round's target) or rmi (CKA importance, "
+                        "--method losa only); default uniform, "
+                        "rmi for losa")
+    p.add_argument("--owl-m", type=float, default=5.0,
+                   help="OWL: outlier threshold as a multiple of a layer's mean Wanda score (default 5)")
+    p.add_argument("--owl-lambda", type=float, default=0.08,
+                   help="OWL: block sparsities stay within --sparsity +- this (default 0.08)")
     p.add_argument("--svd-rank", type=int, default=64,
                    help="rank of the SVD residual adapter (0 = none; default 64)")
     p.add_argument("--calib-windows", type=_positive_int, default=32, help="calibration windows (default 32)")
@@ -107,8 +116,6 @@ def _add_losa_args(p: argparse.ArgumentParser) -> None:
                         "split the rest evenly (0 = all rounds equal; default 0.6)")
     g.add_argument("--r-max", type=_positive_int, default=None,
                    help="largest rank a block may get (default 4 x --lora-rank)")
-    g.add_argument("--layerwise", choices=["rmi", "uniform"], default="rmi",
-                   help="per-block sparsity: RMI (CKA importance) or the uniform target (default rmi)")
     g.add_argument("--rank-allocation", choices=["error", "uniform"], default="error",
                    help="per-block rank: proportional to the reconstruction error, or --lora-rank everywhere")
 

@@ -82,7 +82,11 @@ def _summary(model: nn.Module, layers: dict[str, SALRLinear]) -> dict[str, Any]:
 def _config_record(config: SALRConfig) -> dict[str, Any]:
     """The config as format 2 stores it: the field names salr 0.1 wrote."""
     new_to_old = {new: old for old, new in LEGACY_NAMES.items()}
-    return {new_to_old.get(k, k): v for k, v in config.to_dict().items()}
+    data = config.to_dict()
+    if data["layerwise"] == "uniform":  # OWL's fields say nothing then; format 2 files stay as they were
+        for key in ("layerwise", "owl_m", "owl_lambda"):
+            del data[key]
+    return {new_to_old.get(k, k): v for k, v in data.items()}
 
 
 def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False, tokenizer: Any = None,

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from salr.losa.schedule import check_final_share, check_rounds, split_steps
+from salr.prune.owl import DEFAULT_LAMBDA, DEFAULT_M, check_owl_params
 from salr.train.config import TrainConfig
 
-LAYERWISE = ("rmi", "uniform")
+LAYERWISE = ("rmi", "uniform", "owl")
 RANK_ALLOCATION = ("error", "uniform")
 
 
@@ -28,7 +29,8 @@ class LoSAConfig:
     scale is lora_alpha / mean_rank for every layer, fixed when ranks change. beta: importance
     temperature (the LP solution depends only on the order of the importances, so any beta > 0
     gives the same sparsities barring ties). delta: None = :func:`salr.losa.rmi.sparsity_delta`.
-    layerwise: "rmi" or "uniform"; rank_allocation: "error" or "uniform"; masked: False trains a
+    layerwise: "rmi", "uniform" or "owl" (OWL's ratios at the final target, measured once on the dense
+    model with owl_m / owl_lambda as in salr.prune.owl, scaled to each round's target); rank_allocation: "error" or "uniform"; masked: False trains a
     plain LoRA on the sparse base (the baseline; its update is then masked at the final merge).
     targets: linear names to adapt/prune (None = every linear in the decoder blocks).
     cka_tokens: tokens sampled per window for the CKA Gram matrices. train: the optimizer settings
@@ -48,6 +50,8 @@ class LoSAConfig:
     beta: float = 1.0
     delta: float | None = None
     layerwise: str = "rmi"
+    owl_m: float = DEFAULT_M
+    owl_lambda: float = DEFAULT_LAMBDA
     rank_allocation: str = "error"
     masked: bool = True
     targets: tuple[str, ...] | None = None
@@ -99,6 +103,8 @@ class LoSAConfig:
                 raise bad("delta", "a negative bound on |x_l - target| makes the layer-wise program infeasible")
         if self.layerwise not in LAYERWISE:
             raise bad("layerwise", f"must be one of {LAYERWISE}")
+        if self.layerwise == "owl":
+            check_owl_params(self.sparsity, self.owl_m, self.owl_lambda, "LoSAConfig")
         if self.rank_allocation not in RANK_ALLOCATION:
             raise bad("rank_allocation", f"must be one of {RANK_ALLOCATION}")
         if not self.masked and self.rank_allocation != "uniform":

@@ -40,6 +40,7 @@ from salr.losa.rmi import block_importance, layerwise_sparsity, sparsity_delta
 from salr.losa.schedule import sparsity_schedule, split_steps
 from salr.nn.models import block_linears, find_blocks, set_submodule, vocab_size
 from salr.prune.calibration import check_calibration
+from salr.prune.owl import owl_block_sparsity
 from salr.train.loop import train
 
 
@@ -66,6 +67,10 @@ def run(model: nn.Module, config: LoSAConfig, calibration: Any, train_data: Any,
     dense = {name: lin for _, lins in per_block for name, lin in lins.items() if isinstance(lin, nn.Linear)}
     if not dense:
         raise ValueError("model: no nn.Linear to adapt (already converted?)")
+    owl = None
+    if config.layerwise == "owl":  # measured once, on the dense model, as OWL prescribes
+        owl = torch.tensor(owl_block_sparsity(model, ids, config.sparsity, m=config.owl_m, lam=config.owl_lambda,
+                                              targets=config.targets, progress=config.progress), dtype=torch.float64)
     gen = torch.Generator().manual_seed(config.seed)
     for name, lin in dense.items():  # 0 % sparse at first; round 1 prunes
         set_submodule(model, name, LoSALinear.from_linear(lin, rank=0, scale=config.scale, masked=config.masked))
@@ -90,6 +95,10 @@ def run(model: nn.Module, config: LoSAConfig, calibration: Any, train_data: Any,
             except ValueError as exc:  # masks only grow and the band cannot hold the mean: stay put
                 warnings.warn(f"LoSA round {t}: {exc}; using max(target, current) per block", stacklevel=2)
                 ratios = torch.clamp(current, min=target)
+        elif owl is not None:
+            # OWL's final ratios scaled to this round's target: the weighted mean is the round's target and
+            # every block's ratio grows round by round (masks only grow), ending at OWL's ratios.
+            ratios = torch.clamp(owl * (target / config.sparsity if config.sparsity else 0.0), min=current)
         else:
             ratios = torch.clamp(current, min=target)
         errors = prune_pass(model, ids, names_by_block, dense, ratios.tolist(), config.progress, t)

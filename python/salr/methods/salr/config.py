@@ -15,6 +15,7 @@ import torch
 from salr.nn.svd import SVD_METHODS
 from salr.prune.criteria import check_criterion, resolve_group
 from salr.prune.masks import parse_pattern, resolve_sparsity
+from salr.prune.owl import DEFAULT_LAMBDA, DEFAULT_M, LAYERWISE, check_owl_params
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -71,6 +72,11 @@ class SALRConfig:
     dtype: storage/compute dtype of the converted layers ("float32", "bfloat16", "float16";
         None = each layer's own).
     blocksize, damping: SparseGPT's column block size and Hessian damping (fraction of mean diag).
+    layerwise: "uniform" (`sparsity` as given) or "owl": `sparsity` is the global target and each
+        decoder block gets its OWL ratio (:mod:`salr.prune.owl`; needs calibration data, unstructured
+        only) within ``[target − owl_lambda, target + owl_lambda]``; owl_m is the outlier threshold
+        (a multiple of the layer's mean Wanda score). After the conversion the recorded config holds
+        the per-block ratios OWL chose, so re-applying it gives the same model.
     """
 
     sparsity: float | Sequence[float] | Mapping[str, float] | None = 0.5
@@ -88,6 +94,9 @@ class SALRConfig:
     dtype: str | None = None
     blocksize: int = 128
     damping: float = 0.01
+    layerwise: str = "uniform"
+    owl_m: float = DEFAULT_M
+    owl_lambda: float = DEFAULT_LAMBDA
 
     def __post_init__(self) -> None:
         check_criterion(self.criterion)
@@ -103,6 +112,7 @@ class SALRConfig:
         else:
             self.sparsity = resolve_sparsity(self.sparsity, self.pattern)
         resolve_group(self.group, self.criterion, self.pattern)
+        self._check_layerwise()
         _check_int(self.svd_rank, "svd_rank", 0)
         if self.svd_method not in SVD_METHODS:
             raise ValueError(f"svd_method: expected one of {', '.join(SVD_METHODS)}, got {self.svd_method!r}")
@@ -127,9 +137,29 @@ class SALRConfig:
         if not (isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping > 0):
             raise ValueError(f"damping: expected a finite number > 0, got {self.damping!r}")
 
+    def _check_layerwise(self) -> None:
+        if self.layerwise not in LAYERWISE:
+            raise ValueError(f"layerwise: expected one of {', '.join(LAYERWISE)}, got {self.layerwise!r}")
+        if self.layerwise != "owl":
+            return
+        if self.pattern is not None:
+            raise ValueError(f"layerwise: 'owl' varies the unstructured sparsity per block; pattern must be None, "
+                             f"got {self.pattern!r}")
+        if isinstance(self.sparsity, Mapping) or self.sparsity is None:
+            raise ValueError(f"sparsity: layerwise='owl' needs one global target (or the per-block ratios OWL "
+                             f"chose), got {self.sparsity!r}")
+        # A sequence is the ratios OWL already chose (a saved model's config): only M and λ to check.
+        target = 0.0 if isinstance(self.sparsity, Sequence) else self.sparsity
+        check_owl_params(target, self.owl_m, self.owl_lambda, "SALRConfig")
+
+    @property
+    def owl_pending(self) -> bool:
+        """OWL is asked for and its per-block ratios are not chosen yet."""
+        return self.layerwise == "owl" and isinstance(self.sparsity, float)
+
     @property
     def needs_calibration(self) -> bool:
-        return self.criterion != "magnitude" or self.activation_aware_svd
+        return self.criterion != "magnitude" or self.activation_aware_svd or self.owl_pending
 
     def layer_sparsity(self, block_index: int, name: str) -> float:
         """The ratio for the linear `name` of decoder block `block_index`."""

@@ -11,6 +11,7 @@ driver with a layer wrapper (:mod:`salr.methods.salor.model`).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import torch
@@ -26,6 +27,7 @@ from salr.nn.svd import check_rank
 from salr.prune.calibration import LinearStats, check_calibration, run_sequential
 from salr.prune.criteria import prune_weight
 from salr.prune.masks import check_nm_width, parse_pattern
+from salr.prune.owl import owl_block_sparsity
 
 
 @register(SALRConfig)
@@ -52,6 +54,7 @@ def convert_linears(model: nn.Module, config: SALRConfig, calibration: Any, *, p
         module.train(lin.training)
         set_submodule(model, name, module)
 
+    config = resolve_layerwise(model, config, calibration, progress)
     _run(model, config, calibration, progress, f"{method.upper()}: {config.criterion} {_ratio_text(config)}", act)
     freeze_all_but_adapters(model)
     model.salr_config = config if type(config) is SALRConfig else SALRConfig.from_dict(
@@ -71,6 +74,22 @@ def make_config(config: SALRConfig | None, overrides: dict[str, Any]) -> SALRCon
         data.update(overrides)
         return type(config).from_dict(data)
     return config
+
+
+def resolve_layerwise(model: nn.Module, config: SALRConfig, calibration: Any, progress: bool = True) -> SALRConfig:
+    """`config` with its per-block ratios chosen: for layerwise='owl' with a global target, OWL's
+    ratios measured on `model` as it is now (dense, before any pruning); otherwise `config` itself."""
+    if not isinstance(config, SALRConfig):
+        raise ValueError(f"resolve_layerwise: config must be a salr.SALRConfig, got {type(config).__name__}")
+    if not config.owl_pending:
+        return config
+    _plan(model, config)  # the cheap checks before a calibration pass
+    if calibration is None:
+        raise ValueError("calibration: layerwise='owl' needs calibration token ids (an integer tensor "
+                         "[n_windows, seq_len]) to measure the activation outliers")
+    ratios = owl_block_sparsity(model, calibration, config.sparsity, m=config.owl_m, lam=config.owl_lambda,
+                                targets=config.target_modules, progress=progress)
+    return dataclasses.replace(config, sparsity=ratios)
 
 
 def _plan(model: nn.Module, config: SALRConfig) -> list[tuple[int, dict[str, nn.Module]]]:
@@ -139,7 +158,8 @@ def prune_model(model: nn.Module, config: SALRConfig | None = None, calibration:
     """Prune the target linears in place (dense layers keep their class, pruned weights become 0;
     SparseGPT also updates the survivors). SVD / LoRA settings are ignored. Returns the sparsity of
     every pruned layer by qualified name."""
-    config = make_config(config, {"svd_rank": 0, "lora_rank": 0, **overrides})
+    config = resolve_layerwise(model, make_config(config, {"svd_rank": 0, "lora_rank": 0, **overrides}),
+                               calibration, progress)
     report: dict[str, float] = {}
 
     def act(index: int, name: str, lin: nn.Module, stats: LinearStats | None) -> None:
