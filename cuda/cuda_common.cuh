@@ -4,6 +4,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -11,6 +13,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 
@@ -83,6 +86,32 @@ __device__ __forceinline__ LaneTile lane_tile(const uint64_t* bitmap, int64_t ba
     }
   }
   return out;
+}
+
+// Split-K plan shared by the three forward kernels: `wanted` splits (enough to fill the GPU) clamped
+// to [lo, max(lo, hi)]; SALR_CUDA_SPLIT_K forces a count for tuning (clamped to [lo, steps];
+// bench/bench_cuda.py --splits sweeps it); then rounded so that no split is empty. `steps` are the
+// kernel's K-steps (64-column groups or k32 stages). With splits > 1: the fp32 partial sums
+// [splits, m, rows] and one zeroed arrival counter per output block (last_split_to_arrive).
+struct SplitK {
+  int64_t splits, steps_per_split;
+  at::Tensor workspace, counters;
+};
+
+inline SplitK plan_split_k(int64_t wanted, int64_t lo, int64_t hi, int64_t steps, int64_t m, int64_t rows,
+                           int64_t output_blocks, const at::Tensor& x) {
+  int64_t splits = std::clamp<int64_t>(wanted, lo, std::max<int64_t>(lo, hi));
+  if (const char* forced = std::getenv("SALR_CUDA_SPLIT_K"); forced != nullptr && forced[0] != '\0') {
+    splits = std::clamp<int64_t>(std::atoll(forced), lo, steps);
+  }
+  SplitK plan{};
+  plan.steps_per_split = (steps + splits - 1) / splits;
+  plan.splits = (steps + plan.steps_per_split - 1) / plan.steps_per_split;  // no empty split
+  if (plan.splits > 1) {
+    plan.workspace = at::empty({plan.splits, m, rows}, x.options().dtype(at::kFloat));
+    plan.counters = at::zeros({output_blocks}, x.options().dtype(at::kInt));
+  }
+  return plan;
 }
 
 }  // namespace salr::cuda

@@ -154,22 +154,14 @@ at::Tensor launch(const at::Tensor& x2d, const at::Tensor& tiles, int64_t rows, 
   // Split K until two waves of resident blocks fill the GPU, keeping >= 2 stages per split (as the
   // unstructured kernel; SALR_CUDA_SPLIT_K forces a count for tuning).
   const int64_t target = 2 * sm_count(x2d) * S::kMinBlocks;
-  int64_t splits = std::clamp<int64_t>((target + block_rows * token_blocks - 1) / (block_rows * token_blocks), 1,
-                                       std::max<int64_t>(1, steps / 2));
-  if (const char* forced = std::getenv("SALR_CUDA_SPLIT_K"); forced != nullptr && forced[0] != '\0') {
-    splits = std::clamp<int64_t>(std::atoll(forced), 1, steps);
-  }
-  const int64_t steps_per_split = (steps + splits - 1) / splits;
-  splits = (steps + steps_per_split - 1) / steps_per_split;  // no empty split
+  const int64_t wanted = (target + block_rows * token_blocks - 1) / (block_rows * token_blocks);
+  const SplitK plan = plan_split_k(wanted, 1, steps / 2, steps, m, rows, block_rows * token_blocks, x2d);
+  const int64_t splits = plan.splits, steps_per_split = plan.steps_per_split;
+  const at::Tensor &workspace = plan.workspace, &counters = plan.counters;
   TORCH_CHECK(block_rows < (int64_t{1} << 31) && token_blocks < 65536 && splits < 65536, "salr.", kOp,
               ": the weight or batch is too large for one launch of the 2:4 kernel");
 
   at::Tensor y = at::empty({m, rows}, x2d.options());
-  at::Tensor workspace, counters;
-  if (splits > 1) {
-    workspace = at::empty({splits, m, rows}, x2d.options().dtype(at::kFloat));
-    counters = at::zeros({block_rows * token_blocks}, x2d.options().dtype(at::kInt));
-  }
   mma24::Params24 p{};
   p.tiles = static_cast<const uint16_t*>(tiles.const_data_ptr());
   p.row_blocks = row_blocks;

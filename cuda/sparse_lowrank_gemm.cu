@@ -97,22 +97,13 @@ at::Tensor sparse_path(const at::Tensor& x2d_in, const at::Tensor& bitmap, const
   const int64_t min_splits = (groups + mma::kMaxGroupsPerSplit - 1) / mma::kMaxGroupsPerSplit;
   const int64_t wanted = (target_blocks(values.get_device()) + band_blocks * token_blocks - 1) /
                          (band_blocks * token_blocks);
-  int64_t splits = std::clamp<int64_t>(wanted, min_splits, std::max<int64_t>(min_splits, groups / 4));
-  // Tuning aid: SALR_CUDA_SPLIT_K forces the split count (bench/bench_cuda.py --splits sweeps it).
-  if (const char* forced = std::getenv("SALR_CUDA_SPLIT_K"); forced != nullptr && forced[0] != '\0') {
-    splits = std::clamp<int64_t>(std::atoll(forced), min_splits, groups);
-  }
-  const int64_t groups_per_split = (groups + splits - 1) / splits;
-  splits = (groups + groups_per_split - 1) / groups_per_split;  // no empty split
+  const SplitK plan = plan_split_k(wanted, min_splits, groups / 4, groups, m, rows, band_blocks * token_blocks, x2d);
+  const int64_t splits = plan.splits, groups_per_split = plan.steps_per_split;
+  const at::Tensor &workspace = plan.workspace, &counters = plan.counters;
   TORCH_CHECK(band_blocks < (int64_t{1} << 31) && token_blocks < 65536 && splits < 65536, "salr.", kOp,
               ": the weight or batch is too large for one launch (", band_blocks, " x ", token_blocks, " x ",
               splits, " blocks)");
 
-  at::Tensor workspace, counters;
-  if (splits > 1) {
-    workspace = at::empty({splits, m, rows}, x2d.options().dtype(at::kFloat));
-    counters = at::zeros({band_blocks * token_blocks}, x2d.options().dtype(at::kInt));
-  }
   mma::ForwardParams p{};
   p.bitmap = reinterpret_cast<const uint64_t*>(bitmap.const_data_ptr<int64_t>());
   p.values = static_cast<const uint16_t*>(values.const_data_ptr());

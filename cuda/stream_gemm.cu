@@ -169,22 +169,14 @@ at::Tensor forward(const at::Tensor& x2d, const at::Tensor& bitmap, const at::Te
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t min_splits = (groups + kMaxGroupsPerSplit - 1) / kMaxGroupsPerSplit;
   const int64_t target = 2 * sms * blocks_per_sm(token_tiles);
-  int64_t splits = std::clamp<int64_t>((target + pair_blocks * token_blocks - 1) / (pair_blocks * token_blocks),
-                                       min_splits, std::max<int64_t>(min_splits, groups / 4));
-  if (const char* forced = std::getenv("SALR_CUDA_SPLIT_K"); forced != nullptr && forced[0] != '\0') {
-    splits = std::clamp<int64_t>(std::atoll(forced), min_splits, groups);
-  }
-  const int64_t groups_per_split = (groups + splits - 1) / splits;
-  splits = (groups + groups_per_split - 1) / groups_per_split;
+  const int64_t wanted = (target + pair_blocks * token_blocks - 1) / (pair_blocks * token_blocks);
+  const SplitK plan = plan_split_k(wanted, min_splits, groups / 4, groups, m, rows, pair_blocks * token_blocks, x2d);
+  const int64_t splits = plan.splits, groups_per_split = plan.steps_per_split;
+  const at::Tensor &workspace = plan.workspace, &counters = plan.counters;
   TORCH_CHECK(pair_blocks < (int64_t{1} << 31) && token_blocks < 65536 && splits < 65536, "salr.", kOp,
               ": the weight is too large for one launch of the stream kernel");
 
   at::Tensor y = at::empty({m, rows}, x2d.options());
-  at::Tensor workspace, counters;
-  if (splits > 1) {
-    workspace = at::empty({splits, m, rows}, x2d.options().dtype(at::kFloat));
-    counters = at::zeros({pair_blocks * token_blocks}, x2d.options().dtype(at::kInt));
-  }
   StreamParams p{};
   mma::ForwardParams& q = p.base;
   q.rows = rows;
