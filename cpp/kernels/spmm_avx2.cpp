@@ -59,18 +59,9 @@ inline void prefetch_ahead(const void* p, int64_t bytes) {
   _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + bytes), _MM_HINT_T0);
 }
 
-// Offset of tile row r's first value inside the tile: popcount of the bits of rows < r. Independent
-// per row, so the only serial chain is one popcount-add per tile.
+// Offset of tile row r's first value inside the tile: popcount of the bits of rows < r.
 inline int64_t row_offset(uint64_t word, int r) {
   return r == 0 ? 0 : static_cast<int64_t>(_mm_popcnt_u64(_bzhi_u64(word, 8 * r)));
-}
-
-// acc[r] += row r of one tile * the tile's 8 x columns.
-template <class D>
-inline void tile_fma(const typename D::T* p, uint64_t word, __m256 xv, __m256* acc) {
-  for (int r = 0; r < 8; ++r) {
-    acc[r] = _mm256_fmadd_ps(D::row(p + row_offset(word, r), format::row_mask(word, r)), xv, acc[r]);
-  }
 }
 
 // Expands the tiles of one group into dense fp32 rows dense[r * 64 + 8 * t]: decoded once,
@@ -126,34 +117,62 @@ inline uint64_t row_offsets(uint64_t word) {
   return c * 0x0101010101010100ull;            // byte r: sum of bytes < r (<= 56: no carry)
 }
 
-// acc[r] += row r of one tile * the tile's 8 x columns; the row offsets come from row_offsets and
-// the masks are the bitmap word's bytes, so the eight rows are independent of each other.
-// The masks are read as the bytes of the word in memory (a load each, sparing the ALU ports the
-// row expansion needs); the offsets are shifted out of one register.
+// acc[r] += row r of one tile * the tile's 8 x columns. Each row costs two loads (its values and
+// its table entry), the expansion and one FMA; its offset and table entry are cut out of `offs` and
+// `word` in registers. Why registers: the row loop is bound by loads (about two per cycle on the
+// Zen 5 measured, bench/RESULTS.md), so index bytes read from memory cost more than shifts.
+// Rotation by a constant, which BMI2 does in one non-destructive rorx (a shift needs a copy first).
+inline uint64_t rotate_right(uint64_t v, int n) { return n == 0 ? v : (v >> n) | (v << (64 - n)); }
+
 template <class D>
-__attribute__((always_inline)) inline void tile_fma_direct(const typename D::T* p, const uint64_t* word_at,
-                                                           __m256 xv, __m256* acc) {
-  const uint64_t offs = row_offsets(*word_at);
-  const uint8_t* masks = reinterpret_cast<const uint8_t*>(word_at);  // x86: byte r = row r
+__attribute__((always_inline)) inline void tile_fma_direct(const typename D::T* p, uint64_t word, __m256 xv,
+                                                           __m256* acc) {
+  const uint64_t offs = row_offsets(word);
+  constexpr int kShift = D::kEntryShift;
+  constexpr unsigned kEntryMask = 0xffu << kShift;
 #pragma GCC unroll 8
   for (int r = 0; r < 8; ++r) {
-    const unsigned off = static_cast<unsigned>(offs >> (8 * r)) & 0xffu;
-    acc[r] = _mm256_fmadd_ps(D::row(p + off, masks[r]), xv, acc[r]);
+    const unsigned off = static_cast<unsigned>(rotate_right(offs, 8 * r)) & 0xffu;
+    // Bits of rows > r rotated to the bottom fall outside kEntryMask (kShift <= 5 < 8).
+    const unsigned entry = static_cast<unsigned>(rotate_right(word, (8 * r - kShift) & 63)) & kEntryMask;
+    acc[r] = _mm256_fmadd_ps(D::row_at(p + off, entry), xv, acc[r]);
   }
 }
 
-// The group check of the hot loop: for an interior full group (8 tiles, no padding possible) the
-// same test as checked_group_start, fused with the popcounts the walk needs; else the general one.
-inline int64_t direct_group_start(const SparseWeightView& w, const GroupGeometry& geo, int64_t band,
-                                  int64_t group, bool full) {
-  if (!full) return checked_group_start(w, geo, band, group);
-  const int32_t* offs = w.offsets + band * geo.groups + group;
-  const uint64_t* gw = w.bitmap + band * geo.tiles + 8 * group;
-  int64_t count = 0;
+// Why: the hot loop over a band's interior full groups (8 tiles, no padding possible, values far
+// enough from the array end for the 8-element row loads), free of calls so that the accumulators
+// stay in registers. Stops at group_end or at the first group it must not read (bad index, or too
+// close to the array end); the careful loop of gemm_direct takes over from there.
+template <class D>
+__attribute__((noinline)) int64_t direct_full_groups(const SparseWeightView& w, const GroupGeometry& geo, int64_t band, int64_t group_end,
+                           const float* x, const char*& pf, __m256* acc_io) {
+  using T = typename D::T;
+  __m256 acc[8];
+  for (int r = 0; r < 8; ++r) acc[r] = acc_io[r];
+  const T* values = static_cast<const T*>(w.values);
+  const uint64_t* words = w.bitmap + band * geo.tiles;
+  const int32_t* offsets = w.offsets + band * geo.groups;
+  int64_t group = 0;
+  for (; group < group_end; ++group) {
+    const uint64_t* gw = words + 8 * group;
+    const int64_t start = offsets[group], next = offsets[group + 1];
+    int64_t count = 0;
 #pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) count += _mm_popcnt_u64(gw[i]);
-  const int64_t v = offs[0];
-  return v < 0 || v + count != offs[1] || offs[1] > w.values_count ? -1 : v;
+    for (int t = 0; t < 8; ++t) count += _mm_popcnt_u64(gw[t]);
+    if (start < 0 || start + count != next || next + kPad > w.values_count) break;
+    const char* pf_end = reinterpret_cast<const char*>(values + next) + kPrefetchBytes;
+    for (; pf < pf_end; pf += 64) prefetch_ahead(pf, 0);
+    prefetch_ahead(gw, 256);  // bitmap words 4 groups ahead
+    const T* p = values + start;
+    const float* xg = x + 64 * group;
+#pragma GCC unroll 8
+    for (int t = 0; t < 8; ++t) {
+      tile_fma_direct<D>(p, gw[t], _mm256_loadu_ps(xg + 8 * t), acc);
+      p += _mm_popcnt_u64(gw[t]);
+    }
+  }
+  for (int r = 0; r < 8; ++r) acc_io[r] = acc[r];
+  return group;
 }
 
 // Small m: one x row at a time, tiles expanded straight into FMAs, 8 row accumulators in
@@ -172,33 +191,18 @@ int64_t gemm_direct(const GemmArgs& a, const GroupGeometry& geo, const float* xs
     const int64_t nrows = std::min<int64_t>(8, w.rows - 8 * band);
     ex.load(a, band, nrows);
     const uint64_t* words = w.bitmap + band * geo.tiles;
-    const bool interior = band + 1 < geo.bands;
+    const int64_t full_end = band + 1 < geo.bands ? geo.groups - 1 : 0;  // groups with 8 unpadded tiles
     for (int64_t i = 0; i < a.m; ++i) {
       const float* x = xs + i * width;
       __m256 acc[8];
       for (auto& v : acc) v = _mm256_setzero_ps();
       const char* pf = values + int64_t{w.offsets[band * geo.groups]} * static_cast<int64_t>(sizeof(T));
-      for (int64_t group = 0; group < geo.groups; ++group) {
-        const bool full = interior && group + 1 < geo.groups;
-        const int64_t start = direct_group_start(w, geo, band, group, full);
+      for (int64_t group = direct_full_groups<D>(w, geo, band, full_end, x, pf, acc); group < geo.groups; ++group) {
+        const int64_t start = checked_group_start(w, geo, band, group);
         if (start < 0) return band * geo.groups + group;
-        const int64_t next = w.offsets[band * geo.groups + group + 1];
-        const char* pf_end = values + next * static_cast<int64_t>(sizeof(T)) + kPrefetchBytes;
-        for (; pf < pf_end; pf += 64) prefetch_ahead(pf, 0);
-        prefetch_ahead(words + 8 * group, 256);  // bitmap words 4 groups ahead
-        const int64_t t0 = group_tile_begin(group);
-        if (full && next + kPad <= w.values_count) {
-          const T* p = static_cast<const T*>(w.values) + start;
-#pragma GCC unroll 8
-          for (int t = 0; t < 8; ++t) {
-            tile_fma_direct<D>(p, words + t0 + t, _mm256_loadu_ps(x + 8 * (t0 + t)), acc);
-            p += _mm_popcnt_u64(words[t0 + t]);
-          }
-          continue;
-        }
-        const T* p = group_values(w, start, next, buf);
-        for (int64_t t = t0; t < group_tile_end(geo, group); ++t) {
-          tile_fma_direct<D>(p, words + t, _mm256_loadu_ps(x + 8 * t), acc);
+        const T* p = group_values(w, start, w.offsets[band * geo.groups + group + 1], buf);
+        for (int64_t t = group_tile_begin(group); t < group_tile_end(geo, group); ++t) {
+          tile_fma_direct<D>(p, words[t], _mm256_loadu_ps(x + 8 * t), acc);
           p += _mm_popcnt_u64(words[t]);
         }
       }
