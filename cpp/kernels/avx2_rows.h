@@ -17,6 +17,8 @@ constexpr int64_t kPad = 8;  // a row expansion reads 8 elements from the row's 
 struct Tables {
   alignas(32) uint8_t bf16[256][32];    // vpshufb of a broadcast 16-byte load: bf16 -> fp32 bits
   alignas(16) uint8_t fp16[256][16];    // pshufb: packed halves to their slots, zero elsewhere
+  alignas(16) uint8_t tail16[256][16];  // the same from a 16-byte window the row's values end
+
   // fp32: the vpermps source lane of each slot (low 3 bits), with the sign bit set where the slot
   // holds a value (the vblendvps selector): one load per row instead of an index and a keep mask.
   alignas(32) uint32_t f32[256][8];
@@ -28,12 +30,16 @@ struct Tables {
         for (int b = 0; b < 4; ++b) bf16[mask][4 * c + b] = 0x80;
         fp16[mask][2 * c] = fp16[mask][2 * c + 1] = 0x80;
         f32[mask][c] = set ? (0x80000000u | static_cast<uint32_t>(j)) : 0u;
+        tail16[mask][2 * c] = tail16[mask][2 * c + 1] = 0x80;
         if (!set) continue;
         bf16[mask][4 * c + 2] = static_cast<uint8_t>(2 * j);  // bf16 is the high half of fp32
         bf16[mask][4 * c + 3] = static_cast<uint8_t>(2 * j + 1);
         fp16[mask][2 * c] = static_cast<uint8_t>(2 * j);
         fp16[mask][2 * c + 1] = static_cast<uint8_t>(2 * j + 1);
         ++j;
+      }
+      for (int b = 0; b < 16; ++b) {  // value j sits at element 8 - popcount + j of the window
+        tail16[mask][b] = fp16[mask][b] == 0x80 ? 0x80 : static_cast<uint8_t>(fp16[mask][b] + 2 * (8 - j));
       }
     }
   }
