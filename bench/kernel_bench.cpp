@@ -1,6 +1,10 @@
 // Torch-free single-thread timing of the BM8x8 GEMV kernels against a bulk read of the same machine,
 // in thread CPU time (so a machine shared with other jobs still gives per-core numbers). A tool for
 // kernel work: the torch-level comparison with dense lives in bench/cpu_roofline.py.
+// The contenders (scalar once, then each SIMD path and, when linked, another revision's AVX2
+// kernels: scripts/kernel_bench.sh with KERNEL_BENCH_BASE=<git ref>) alternate call by call;
+// medians. KERNEL_BENCH_MB (default 512) sizes the rotated copies of the weight: 1 keeps a
+// 256-row weight cache-resident, which measures the kernels' instruction cost alone.
 //
 //   g++ -O2 -std=c++17 -Icpp -DSALR_WITH_X86_SIMD bench/kernel_bench.cpp cpp/kernels/*.cpp \
 //       -o /tmp/kernel_bench   (with the per-file ISA flags of CMakeLists.txt: see scripts/kernel_bench.sh)
@@ -18,6 +22,13 @@
 #include "../cpp/bitmap_format.h"
 #include "../cpp/kernels/kernels.h"
 #include "../cpp/kernels/numeric.h"
+
+// Another revision's AVX2 table, compiled into this namespace by scripts/kernel_bench.sh (weak:
+// null when not linked). Its KernelTable has the same layout as this revision's.
+namespace salr::kernels_base {
+struct KernelTable;
+const KernelTable* avx2_kernel_table() __attribute__((weak));
+}  // namespace salr::kernels_base
 
 using namespace salr;
 using namespace salr::kernels;
@@ -79,7 +90,9 @@ int main(int argc, char** argv) {
     dense16[i] = dt == DType::kFloat16 ? float_to_fp16(dense32[i]) : float_to_bf16(dense32[i]);
     dense32[i] = load_as_float(dense16.data(), i, dt == DType::kFloat32 ? DType::kBFloat16 : dt);
   }
-  const int copies = std::max<int64_t>(2, (int64_t{512} << 20) / std::max<int64_t>(1, rows * cols));
+  const int64_t working_set_mb = getenv("KERNEL_BENCH_MB") ? atoll(getenv("KERNEL_BENCH_MB")) : 512;
+  const int copies = std::max<int64_t>(1, (working_set_mb << 20) / std::max<int64_t>(1, rows * cols));
+  const int calls = std::max<int64_t>(1, 64 / copies);  // per timing: enough work for the clock
   std::vector<Weight> ws;
   for (int c = 0; c < copies; ++c) ws.push_back(encode(dense32, dense16, rows, cols, dt));
   dense32.clear();
@@ -117,33 +130,41 @@ int main(int argc, char** argv) {
   bulk.shrink_to_fit();
 
   const int64_t bands = format::num_bands(rows);
-  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
-    if (!isa_compiled(isa) || !cpu_supports(isa)) continue;
-    const KernelTable& table = kernel_table(isa);
-    std::vector<double> times;
-    for (int rep = 0; rep < (isa == Isa::kScalar ? 1 : 7); ++rep) {
-      const double t0 = thread_seconds();
-      for (int c = 0; c < copies; ++c) {
-        const GemmArgs args{ws[c].view, x, m, cols, y.data(), rows, nullptr, nullptr, 0, nullptr};
-        if (table.gemm(args, 0, bands) >= 0) return 1;
-      }
-      times.push_back((thread_seconds() - t0) / copies);
+  auto run = [&](const KernelTable& table, std::vector<char>& out) {
+    for (int c = 0; c < copies; ++c) {
+      const GemmArgs args{ws[c].view, x, m, cols, out.data(), rows, nullptr, nullptr, 0, nullptr};
+      if (table.gemm(args, 0, bands) >= 0) std::exit(1);
     }
-    std::sort(times.begin(), times.end());
-    const double t = times[times.size() / 2];
-    if (isa == Isa::kScalar) {
-      y_ref = y;
-    } else if (std::memcmp(y.data(), y_ref.data(), y.size()) != 0) {
+  };
+  run(kernel_table(Isa::kScalar), y_ref);
+  std::vector<std::pair<std::string, const KernelTable*>> contenders;
+  for (Isa isa : {Isa::kAvx2, Isa::kAvx512}) {
+    if (isa_compiled(isa) && cpu_supports(isa)) contenders.emplace_back(isa_name(isa), &kernel_table(isa));
+  }
+  if (salr::kernels_base::avx2_kernel_table && cpu_supports(Isa::kAvx2)) {
+    contenders.emplace_back("avx2-base", reinterpret_cast<const KernelTable*>(salr::kernels_base::avx2_kernel_table()));
+  }
+  std::vector<std::vector<double>> times(contenders.size());
+  for (int rep = 0; rep < 9; ++rep) {
+    for (size_t k = 0; k < contenders.size(); ++k) {
+      const double t0 = thread_seconds();
+      for (int i = 0; i < calls; ++i) run(*contenders[k].second, y);
+      times[k].push_back((thread_seconds() - t0) / (copies * calls));
+      if (rep > 0) continue;
       int64_t diff = 0;
       for (int64_t i = 0; i < m * rows; ++i) {
         const float a = load_as_float(y.data(), i, dt), b = load_as_float(y_ref.data(), i, dt);
         if (std::abs(a - b) > 1e-2f * (1.f + std::abs(b))) ++diff;
       }
-      if (diff) std::printf("  %s: %lld outputs differ from scalar beyond rounding\n", isa_name(isa), (long long)diff);
+      if (diff) std::printf("  %s: %lld outputs differ from scalar beyond rounding\n", contenders[k].first.c_str(), (long long)diff);
     }
-    std::printf("%s %lldx%lld %.0f%% %s m=%lld: %.3f ms, %.2f GB/s = %.0f%% of bulk read %.2f GB/s (1 thread, CPU time)\n",
-                isa_name(isa), (long long)rows, (long long)cols, sparsity * 100, dname.c_str(), (long long)m, t * 1e3,
-                ws[0].bytes / t / 1e9, 100 * ws[0].bytes / t / 1e9 / bulk_gbps, bulk_gbps);
+  }
+  for (size_t k = 0; k < contenders.size(); ++k) {
+    std::sort(times[k].begin(), times[k].end());
+    const double t = times[k][times[k].size() / 2];
+    std::printf("%-9s %lldx%lld %.0f%% %s m=%lld: %.3f ms, %.2f GB/s = %.0f%% of bulk read %.2f GB/s (1 thread, CPU time)\n",
+                contenders[k].first.c_str(), (long long)rows, (long long)cols, sparsity * 100, dname.c_str(), (long long)m,
+                t * 1e3, ws[0].bytes / t / 1e9, 100 * ws[0].bytes / t / 1e9 / bulk_gbps, bulk_gbps);
   }
   return 0;
 }

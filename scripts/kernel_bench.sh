@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds and runs bench/kernel_bench.cpp (torch-free, one thread, CPU time) with the ISA flags of
 # CMakeLists.txt. Arguments go to the binary: rows cols sparsity dtype [m].
+# KERNEL_BENCH_BASE=<git ref>: also time that revision's AVX2 kernels in the same process (alternating
+# with this tree's). KERNEL_BENCH_MB=<MB>: working set of the rotated weight copies (default 512).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${KERNEL_BENCH_DIR:-/tmp/salr-kernel-bench}"
@@ -15,5 +17,15 @@ $cxx -mavx2 -mfma -mf16c -mbmi -mbmi2 -mpopcnt -c "$k/decode_avx2.cpp" -o "$out/
 avx512="-mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vbmi2 -mfma -mf16c -mbmi -mbmi2 -mpopcnt"
 $cxx $avx512 -c "$k/spmm_avx512.cpp" -o "$out/avx512.o"
 $cxx $avx512 -c "$k/decode_avx512.cpp" -o "$out/decode512.o"
+rm -f "$out"/base_*.o
+if [ -n "${KERNEL_BENCH_BASE:-}" ]; then
+  base="$out/base-src"
+  rm -rf "$base" && mkdir -p "$base"
+  git -C "$root" archive "$KERNEL_BENCH_BASE" cpp | tar -x -C "$base"
+  for f in spmm_avx2 decode_avx2; do  # its own namespace, so both revisions link side by side
+    ${CXX:-g++} -O2 -std=c++17 -DSALR_WITH_X86_SIMD -Dkernels=kernels_base -I"$base/cpp" \
+      -mavx2 -mfma -mf16c -mbmi -mbmi2 -mpopcnt -c "$base/cpp/kernels/$f.cpp" -o "$out/base_$f.o"
+  done
+fi
 $cxx "$root/bench/kernel_bench.cpp" "$out"/*.o -o "$out/kernel_bench"
 "$out/kernel_bench" "$@"

@@ -17,8 +17,11 @@ constexpr int64_t kPad = 8;  // a row expansion reads 8 elements from the row's 
 struct Tables {
   alignas(32) uint8_t bf16[256][32];    // vpshufb of a broadcast 16-byte load: bf16 -> fp32 bits
   alignas(16) uint8_t fp16[256][16];    // pshufb: packed halves to their slots, zero elsewhere
-  alignas(32) int32_t f32_idx[256][8];  // vpermps source lane of each slot
-  alignas(32) int32_t f32_keep[256][8];  // all ones where the slot holds a value
+  alignas(16) uint8_t tail16[256][16];  // the same from a 16-byte window the row's values end
+
+  // fp32: the vpermps source lane of each slot (low 3 bits), with the sign bit set where the slot
+  // holds a value (the vblendvps selector): one load per row instead of an index and a keep mask.
+  alignas(32) uint32_t f32[256][8];
   Tables() {
     for (int mask = 0; mask < 256; ++mask) {
       int j = 0;  // index of the next packed value
@@ -26,14 +29,17 @@ struct Tables {
         const bool set = (mask >> c) & 1;
         for (int b = 0; b < 4; ++b) bf16[mask][4 * c + b] = 0x80;
         fp16[mask][2 * c] = fp16[mask][2 * c + 1] = 0x80;
-        f32_idx[mask][c] = set ? j : 0;
-        f32_keep[mask][c] = set ? -1 : 0;
+        f32[mask][c] = set ? (0x80000000u | static_cast<uint32_t>(j)) : 0u;
+        tail16[mask][2 * c] = tail16[mask][2 * c + 1] = 0x80;
         if (!set) continue;
         bf16[mask][4 * c + 2] = static_cast<uint8_t>(2 * j);  // bf16 is the high half of fp32
         bf16[mask][4 * c + 3] = static_cast<uint8_t>(2 * j + 1);
         fp16[mask][2 * c] = static_cast<uint8_t>(2 * j);
         fp16[mask][2 * c + 1] = static_cast<uint8_t>(2 * j + 1);
         ++j;
+      }
+      for (int b = 0; b < 16; ++b) {  // value j sits at element 8 - popcount + j of the window
+        tail16[mask][b] = fp16[mask][b] == 0x80 ? 0x80 : static_cast<uint8_t>(fp16[mask][b] + 2 * (8 - j));
       }
     }
   }
@@ -43,12 +49,15 @@ const Tables g_tables;
 // Per-dtype loads, stores and row expansion: the three template instantiations of every kernel.
 struct Bf16 {
   using T = uint16_t;
-  // One row of a tile: 8 packed values from p, placed by the mask's shuffle.
-  static __m256 row(const T* p, unsigned mask) {
+  static constexpr int kEntryShift = 5;  // log2 of the table entry size in bytes
+  // One row of a tile: 8 packed values from p, placed by the shuffle at byte `entry` of the table
+  // (mask << kEntryShift: the kernels precompute it for a whole group at once).
+  static __m256 row_at(const T* p, unsigned entry) {
     const __m256i src = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    const __m256i ctl = _mm256_load_si256(reinterpret_cast<const __m256i*>(g_tables.bf16[mask]));
+    const __m256i ctl = _mm256_load_si256(reinterpret_cast<const __m256i*>(&g_tables.bf16[0][0] + entry));
     return _mm256_castsi256_ps(_mm256_shuffle_epi8(src, ctl));
   }
+  static __m256 row(const T* p, unsigned mask) { return row_at(p, mask << kEntryShift); }
   static __m256 load8(const T* p) {
     const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
@@ -69,11 +78,13 @@ struct Bf16 {
 
 struct Fp16 {
   using T = uint16_t;
-  static __m256 row(const T* p, unsigned mask) {
+  static constexpr int kEntryShift = 4;
+  static __m256 row_at(const T* p, unsigned entry) {
     const __m128i src = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    const __m128i ctl = _mm_load_si128(reinterpret_cast<const __m128i*>(g_tables.fp16[mask]));
+    const __m128i ctl = _mm_load_si128(reinterpret_cast<const __m128i*>(&g_tables.fp16[0][0] + entry));
     return _mm256_cvtph_ps(_mm_shuffle_epi8(src, ctl));
   }
+  static __m256 row(const T* p, unsigned mask) { return row_at(p, mask << kEntryShift); }
   static __m256 load8(const T* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   // vcvtps2ph rounds to nearest even and quiets NaN exactly like numeric.h's float_to_fp16.
   static void store8(T* p, __m256 v) {
@@ -83,11 +94,14 @@ struct Fp16 {
 
 struct F32 {
   using T = float;
-  static __m256 row(const T* p, unsigned mask) {
-    const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(g_tables.f32_idx[mask]));
-    const __m256 keep = _mm256_load_ps(reinterpret_cast<const float*>(g_tables.f32_keep[mask]));
-    return _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(p), idx), keep);
+  static constexpr int kEntryShift = 5;
+  static __m256 row_at(const T* p, unsigned entry) {
+    const char* e = reinterpret_cast<const char*>(&g_tables.f32[0][0]) + entry;
+    const __m256i sel = _mm256_load_si256(reinterpret_cast<const __m256i*>(e));
+    const __m256 placed = _mm256_permutevar8x32_ps(_mm256_loadu_ps(p), sel);
+    return _mm256_blendv_ps(_mm256_setzero_ps(), placed, _mm256_castsi256_ps(sel));
   }
+  static __m256 row(const T* p, unsigned mask) { return row_at(p, mask << kEntryShift); }
   static __m256 load8(const T* p) { return _mm256_loadu_ps(p); }
   static void store8(T* p, __m256 v) { _mm256_storeu_ps(p, v); }
 };

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "avx2_rows.h"
@@ -43,15 +44,17 @@ inline __m256 reduce8(const __m256* acc) {
   return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
 }
 
-// The values of a checked group, in place unless a row load's 8-element over-read would pass
-// values_count; then from a zero-padded copy in `buf` (kGroupValues + kPad elements).
+// The values of a checked group, in place unless a row load's 8-element reads (up to kPad before
+// the group's first value: the bf16 row pairs; kPad past its last) would leave the array; then
+// from a zero-padded copy in `buf` (kGroupBuffer elements).
+constexpr int64_t kGroupBuffer = kPad + kGroupValues + kPad;
 template <class T>
 inline const T* group_values(const SparseWeightView& w, int64_t start, int64_t next, T* buf) {
   const T* v = static_cast<const T*>(w.values);
-  if (next + kPad <= w.values_count) return v + start;
-  if (next > start) std::memcpy(buf, v + start, static_cast<size_t>(next - start) * sizeof(T));  // values may be null
-  std::memset(buf + (next - start), 0, kPad * sizeof(T));
-  return buf;
+  if (start >= kPad && next + kPad <= w.values_count) return v + start;
+  std::memset(buf, 0, kGroupBuffer * sizeof(T));
+  if (next > start) std::memcpy(buf + kPad, v + start, static_cast<size_t>(next - start) * sizeof(T));  // values may be null
+  return buf + kPad;
 }
 
 // Prefetch `bytes` past p, in integer arithmetic: the address may lie past the array (no fault).
@@ -59,18 +62,9 @@ inline void prefetch_ahead(const void* p, int64_t bytes) {
   _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + bytes), _MM_HINT_T0);
 }
 
-// Offset of tile row r's first value inside the tile: popcount of the bits of rows < r. Independent
-// per row, so the only serial chain is one popcount-add per tile.
+// Offset of tile row r's first value inside the tile: popcount of the bits of rows < r.
 inline int64_t row_offset(uint64_t word, int r) {
   return r == 0 ? 0 : static_cast<int64_t>(_mm_popcnt_u64(_bzhi_u64(word, 8 * r)));
-}
-
-// acc[r] += row r of one tile * the tile's 8 x columns.
-template <class D>
-inline void tile_fma(const typename D::T* p, uint64_t word, __m256 xv, __m256* acc) {
-  for (int r = 0; r < 8; ++r) {
-    acc[r] = _mm256_fmadd_ps(D::row(p + row_offset(word, r), format::row_mask(word, r)), xv, acc[r]);
-  }
 }
 
 // Expands the tiles of one group into dense fp32 rows dense[r * 64 + 8 * t]: decoded once,
@@ -126,34 +120,138 @@ inline uint64_t row_offsets(uint64_t word) {
   return c * 0x0101010101010100ull;            // byte r: sum of bytes < r (<= 56: no carry)
 }
 
-// acc[r] += row r of one tile * the tile's 8 x columns; the row offsets come from row_offsets and
-// the masks are the bitmap word's bytes, so the eight rows are independent of each other.
-// The masks are read as the bytes of the word in memory (a load each, sparing the ALU ports the
-// row expansion needs); the offsets are shifted out of one register.
+// Rotation by a constant, which BMI2 does in one non-destructive rorx (a shift needs a copy first).
+inline uint64_t rotate_right(uint64_t v, int n) { return n == 0 ? v : (v >> n) | (v << (64 - n)); }
+
+// acc[r] += row r of one tile * the tile's 8 x columns (fp32, fp16). Each row costs two loads (its
+// values and its table entry), the expansion and one FMA; its offset and table entry are cut out of
+// `offs` and `word` in registers. Why registers: index bytes read from memory cost load slots, and
+// loads (about two per cycle on the Zen 5 measured, bench/RESULTS.md) are what the loop runs out of.
+
 template <class D>
-__attribute__((always_inline)) inline void tile_fma_direct(const typename D::T* p, const uint64_t* word_at,
-                                                           __m256 xv, __m256* acc) {
-  const uint64_t offs = row_offsets(*word_at);
-  const uint8_t* masks = reinterpret_cast<const uint8_t*>(word_at);  // x86: byte r = row r
+__attribute__((always_inline)) inline void tile_fma_direct(const typename D::T* p, uint64_t word, __m256 xv,
+                                                           __m256* acc) {
+  const uint64_t offs = row_offsets(word);
+  constexpr int kShift = D::kEntryShift;
+  constexpr unsigned kEntryMask = 0xffu << kShift;
 #pragma GCC unroll 8
   for (int r = 0; r < 8; ++r) {
-    const unsigned off = static_cast<unsigned>(offs >> (8 * r)) & 0xffu;
-    acc[r] = _mm256_fmadd_ps(D::row(p + off, masks[r]), xv, acc[r]);
+    const unsigned off = static_cast<unsigned>(rotate_right(offs, 8 * r)) & 0xffu;
+    // Bits of rows > r rotated to the bottom fall outside kEntryMask (kShift <= 5 < 8).
+    const unsigned entry = static_cast<unsigned>(rotate_right(word, (8 * r - kShift) & 63)) & kEntryMask;
+    acc[r] = _mm256_fmadd_ps(D::row_at(p + off, entry), xv, acc[r]);
   }
 }
 
-// The group check of the hot loop: for an interior full group (8 tiles, no padding possible) the
-// same test as checked_group_start, fused with the popcounts the walk needs; else the general one.
-inline int64_t direct_group_start(const SparseWeightView& w, const GroupGeometry& geo, int64_t band,
-                                  int64_t group, bool full) {
-  if (!full) return checked_group_start(w, geo, band, group);
-  const int32_t* offs = w.offsets + band * geo.groups + group;
-  const uint64_t* gw = w.bitmap + band * geo.tiles + 8 * group;
-  int64_t count = 0;
+// Why (bf16): two tile rows per expansion, three loads per row pair instead of four. One
+// 32-byte load at the boundary of rows r and r+1 holds row r's values at the end of its low half
+// and row r+1's at the start of its high half; one in-lane vpshufb (tables tail16 | fp16) places
+// both as 16-bit words, and a bf16 being the high half of an fp32, the even columns are the words
+// shifted left by 16 and the odd columns the words with their low halves cleared. With x split
+// into its even and odd columns, acc[2q] / acc[2q+1] collect the even / odd column products of
+// rows 2q (low 128 bits) and 2q+1 (high 128 bits); pairs_to_rows turns them into row sums.
+__attribute__((always_inline)) inline void tile_fma_pairs(const uint16_t* p, uint64_t word, __m256 x_even,
+                                                          __m256 x_odd, __m256* acc) {
+  const uint64_t offs = row_offsets(word);
+  const __m256i high_halves = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+#pragma GCC unroll 4
+  for (int q = 0; q < 4; ++q) {
+    const int64_t boundary = static_cast<int64_t>(rotate_right(offs, 16 * q + 8) & 0xffu);  // row 2q+1's start
+    const unsigned low_entry = static_cast<unsigned>(rotate_right(word, (16 * q - 4) & 63)) & 0xff0u;
+    const unsigned high_entry = static_cast<unsigned>(rotate_right(word, 16 * q + 4)) & 0xff0u;
+    const __m256i window = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + boundary - kPad));
+    const __m128i ctl_low = _mm_load_si128(reinterpret_cast<const __m128i*>(&g_tables.tail16[0][0] + low_entry));
+    const __m128i ctl_high = _mm_load_si128(reinterpret_cast<const __m128i*>(&g_tables.fp16[0][0] + high_entry));
+    const __m256i words =
+        _mm256_shuffle_epi8(window, _mm256_inserti128_si256(_mm256_castsi128_si256(ctl_low), ctl_high, 1));
+    acc[2 * q] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(words, 16)), x_even, acc[2 * q]);
+    acc[2 * q + 1] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(words, high_halves)), x_odd, acc[2 * q + 1]);
+  }
+}
+
+// The per-dtype tile step of the direct path and the x it reads: bf16 by row pairs against x's
+// own bf16 bits (8 per tile, split into even and odd columns by the same shift and mask as the
+// weights: half the cache footprint of fp32 x), fp16 and fp32 row by row against fp32 x.
+template <class D>
+using DirectX = std::conditional_t<std::is_same_v<D, Bf16>, uint16_t, float>;
+
+template <class D>
+__attribute__((always_inline)) inline void direct_tile(const typename D::T* p, uint64_t word, const DirectX<D>* xt,
+                                                       __m256* acc) {
+  if constexpr (std::is_same_v<D, Bf16>) {
+    const __m256i xw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xt)));
+    const __m256i high_halves = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+    tile_fma_pairs(p, word, _mm256_castsi256_ps(_mm256_slli_epi32(xw, 16)),
+                   _mm256_castsi256_ps(_mm256_and_si256(xw, high_halves)), acc);
+  } else {
+    tile_fma_direct<D>(p, word, _mm256_loadu_ps(xt), acc);
+  }
+}
+
+// Pair layout -> row layout (lane sums = row sums, what BandExtras::finish reduces): row 2q is the
+// low half of acc[2q] + acc[2q+1], row 2q+1 the high half.
+inline void pairs_to_rows(__m256* acc) {
+  for (int q = 0; q < 4; ++q) {
+    const __m256 s = _mm256_add_ps(acc[2 * q], acc[2 * q + 1]);
+    acc[2 * q] = _mm256_blend_ps(s, _mm256_setzero_ps(), 0xf0);
+    acc[2 * q + 1] = _mm256_blend_ps(s, _mm256_setzero_ps(), 0x0f);
+  }
+}
+
+// Byte i = popcount of byte i of v, by two nibble-table shuffles.
+inline __m256i byte_popcounts(__m256i v) {
+  const __m256i nibble = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,  //
+                                          0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  return _mm256_add_epi8(_mm256_shuffle_epi8(nibble, _mm256_and_si256(v, low)),
+                         _mm256_shuffle_epi8(nibble, _mm256_and_si256(_mm256_srli_epi16(v, 4), low)));
+}
+
+// Set bits of a full group's eight words, in SIMD: scalar popcounts here would be shared by the
+// compiler with the tile loop's pointer steps and spilled (the loop is short of registers).
+inline int64_t group_popcount(const uint64_t* gw) {
+  const __m256i bytes = _mm256_add_epi8(byte_popcounts(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gw))),
+                                        byte_popcounts(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gw + 4))));
+  const __m256i sums = _mm256_sad_epu8(bytes, _mm256_setzero_si256());  // bytes <= 16: no overflow
+  __m128i s = _mm_add_epi64(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
+  s = _mm_add_epi64(s, _mm_unpackhi_epi64(s, s));
+  return _mm_cvtsi128_si64(s);
+}
+
+// Why: the hot loop over a band's interior full groups (8 tiles, no padding possible, values far
+// enough from both array ends for the 8-element row loads), free of calls so that the accumulators
+// stay in registers. Stops at group_end or at the first group it must not read (bad index, or too
+// close to an array end); the careful loop of gemm_direct takes over from there.
+template <class D>
+__attribute__((noinline)) int64_t direct_full_groups(const SparseWeightView& w, const GroupGeometry& geo,
+                                                     int64_t band, int64_t group_end, const DirectX<D>* x,
+                                                     const char*& pf_io, __m256* acc_io) {
+  using T = typename D::T;
+  __m256 acc[8];
+  for (int r = 0; r < 8; ++r) acc[r] = acc_io[r];
+  const T* values = static_cast<const T*>(w.values);
+  const uint64_t* words = w.bitmap + band * geo.tiles;
+  const int32_t* offsets = w.offsets + band * geo.groups;
+  const char* pf = pf_io;
+  int64_t group = 0;
+  for (; group < group_end; ++group) {
+    const uint64_t* gw = words + 8 * group;
+    const int64_t start = offsets[group], next = offsets[group + 1];
+    if (start < kPad || start + group_popcount(gw) != next || next + kPad > w.values_count) break;
+    const char* pf_end = reinterpret_cast<const char*>(values + next) + kPrefetchBytes;
+    for (; pf < pf_end; pf += 64) prefetch_ahead(pf, 0);
+    prefetch_ahead(gw, 256);  // bitmap words 4 groups ahead
+    const T* p = values + start;
+    const DirectX<D>* xg = x + 64 * group;
 #pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) count += _mm_popcnt_u64(gw[i]);
-  const int64_t v = offs[0];
-  return v < 0 || v + count != offs[1] || offs[1] > w.values_count ? -1 : v;
+    for (int t = 0; t < 8; ++t) {
+      direct_tile<D>(p, gw[t], xg + 8 * t, acc);
+      p += _mm_popcnt_u64(gw[t]);
+    }
+  }
+  pf_io = pf;
+  for (int r = 0; r < 8; ++r) acc_io[r] = acc[r];
+  return group;
 }
 
 // Small m: one x row at a time, tiles expanded straight into FMAs, 8 row accumulators in
@@ -166,42 +264,41 @@ int64_t gemm_direct(const GemmArgs& a, const GroupGeometry& geo, const float* xs
   const SparseWeightView& w = a.weight;
   const int64_t width = geo.tiles * 8;
   BandExtras<D> ex(a);
-  alignas(32) T buf[kGroupValues + kPad];
+  alignas(32) T buf[kGroupBuffer];
   const char* values = static_cast<const char*>(w.values);
+  std::vector<uint16_t> x16;  // bf16: x's bits, rows zero padded to whole tiles
+  if constexpr (std::is_same_v<D, Bf16>) {
+    x16.assign(static_cast<size_t>(a.m * width), 0);
+    for (int64_t i = 0; i < a.m; ++i) {
+      std::memcpy(x16.data() + i * width, static_cast<const T*>(a.x) + i * a.x_row_stride,
+                  static_cast<size_t>(w.cols) * sizeof(T));
+    }
+  }
   for (int64_t band = band_begin; band < band_end; ++band) {
     const int64_t nrows = std::min<int64_t>(8, w.rows - 8 * band);
     ex.load(a, band, nrows);
     const uint64_t* words = w.bitmap + band * geo.tiles;
-    const bool interior = band + 1 < geo.bands;
+    const int64_t full_end = band + 1 < geo.bands ? geo.groups - 1 : 0;  // groups with 8 unpadded tiles
     for (int64_t i = 0; i < a.m; ++i) {
-      const float* x = xs + i * width;
+      const DirectX<D>* x;
+      if constexpr (std::is_same_v<D, Bf16>) {
+        x = x16.data() + i * width;
+      } else {
+        x = xs + i * width;
+      }
       __m256 acc[8];
       for (auto& v : acc) v = _mm256_setzero_ps();
       const char* pf = values + int64_t{w.offsets[band * geo.groups]} * static_cast<int64_t>(sizeof(T));
-      for (int64_t group = 0; group < geo.groups; ++group) {
-        const bool full = interior && group + 1 < geo.groups;
-        const int64_t start = direct_group_start(w, geo, band, group, full);
+      for (int64_t group = direct_full_groups<D>(w, geo, band, full_end, x, pf, acc); group < geo.groups; ++group) {
+        const int64_t start = checked_group_start(w, geo, band, group);
         if (start < 0) return band * geo.groups + group;
-        const int64_t next = w.offsets[band * geo.groups + group + 1];
-        const char* pf_end = values + next * static_cast<int64_t>(sizeof(T)) + kPrefetchBytes;
-        for (; pf < pf_end; pf += 64) prefetch_ahead(pf, 0);
-        prefetch_ahead(words + 8 * group, 256);  // bitmap words 4 groups ahead
-        const int64_t t0 = group_tile_begin(group);
-        if (full && next + kPad <= w.values_count) {
-          const T* p = static_cast<const T*>(w.values) + start;
-#pragma GCC unroll 8
-          for (int t = 0; t < 8; ++t) {
-            tile_fma_direct<D>(p, words + t0 + t, _mm256_loadu_ps(x + 8 * (t0 + t)), acc);
-            p += _mm_popcnt_u64(words[t0 + t]);
-          }
-          continue;
-        }
-        const T* p = group_values(w, start, next, buf);
-        for (int64_t t = t0; t < group_tile_end(geo, group); ++t) {
-          tile_fma_direct<D>(p, words + t, _mm256_loadu_ps(x + 8 * t), acc);
+        const T* p = group_values(w, start, w.offsets[band * geo.groups + group + 1], buf);
+        for (int64_t t = group_tile_begin(group); t < group_tile_end(geo, group); ++t) {
+          direct_tile<D>(p, words[t], x + 8 * t, acc);
           p += _mm_popcnt_u64(words[t]);
         }
       }
+      if constexpr (std::is_same_v<D, Bf16>) pairs_to_rows(acc);
       ex.finish(acc, ts + i * ex.rank8, static_cast<T*>(a.y) + i * a.y_row_stride + 8 * band, nrows);
     }
   }
@@ -217,7 +314,7 @@ int64_t gemm_blocked(const GemmArgs& a, const GroupGeometry& geo, const float* x
   const SparseWeightView& w = a.weight;
   const int64_t width = geo.tiles * 8;
   BandExtras<D> ex(a);
-  alignas(32) T buf[kGroupValues + kPad];
+  alignas(32) T buf[kGroupBuffer];
   alignas(32) float dense[8 * 64];
   std::vector<float> accs(static_cast<size_t>(mc * 64));
   for (int64_t band = band_begin; band < band_end; ++band) {
@@ -284,7 +381,7 @@ int64_t gemm_transposed_groups(const GemmTransposedArgs& a, int64_t group_begin,
   if (a.m <= 0 || group_begin >= group_end) return -1;
   const GroupGeometry geo = geometry_of(w);
   const int64_t chunk = std::min(a.m, kChunk);
-  alignas(32) T buf[kGroupValues + kPad];
+  alignas(32) T buf[kGroupBuffer];
   alignas(32) float dense[8 * 64];
   std::vector<float> acc(static_cast<size_t>(chunk * 64)), dyb(static_cast<size_t>(chunk * 8));
   for (int64_t group = group_begin; group < group_end; ++group) {

@@ -48,6 +48,42 @@ def test_forward_kernel_path(isa, dtype, shape, density):
             check_forward(*case, dtype)
 
 
+def structured_sparse(rows: int, cols: int, pattern: str, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Sparsity the M = 1 row walk treats specially (its fast loop takes whole 64-column groups,
+    its bf16 form tile rows in pairs that share one load): empty and full tile rows side by side,
+    all-empty tiles inside full groups, a first group with fewer than 8 values (the fast loop starts
+    later), and a last band dense to the end of the values array."""
+    dense = torch.randn(rows, cols, generator=gen)
+    r = torch.arange(rows)[:, None]
+    c = torch.arange(cols)[None, :]
+    if pattern == "rows":  # per band: rows empty, full, or random; pairs of every kind
+        keep = (r % 3 == 1) | ((r % 3 == 2) & (torch.rand(rows, cols, generator=gen) < 0.5))
+    elif pattern == "tiles":  # every other tile of a band empty, the rest 70% sparse
+        keep = ((c // 8 + r // 8) % 2 == 0) & (torch.rand(rows, cols, generator=gen) < 0.3)
+    else:  # "ends": a near-empty first group, sparse middle, dense last band
+        keep = torch.rand(rows, cols, generator=gen) < 0.3
+        keep[:8, :64] = (r[:8] == 0) & (c[:, :64] < 3)
+        keep[(rows - 1) // 8 * 8:] = True
+    dense[~keep] = 0.0
+    dense = dense.to(dtype)
+    dense[dense == 0] = 0.0
+    return dense
+
+
+@pytest.mark.parametrize("pattern", ["rows", "tiles", "ends"])
+@pytest.mark.parametrize("shape", [(24, 575), (40, 577), (16, 1024), (27, 520)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv_row_walk_special_cases(isa, dtype, shape, pattern):
+    # Several full 64-column groups per band (the fast loop), ragged K on both sides of a group edge.
+    gen = make_generator("walk", shape, pattern, dtype)
+    dense = structured_sparse(*shape, pattern, dtype, gen)
+    x = torch.randn(1, shape[1], generator=gen).to(dtype)
+    check_forward(dense, x, None, None, None, dtype)
+    a = torch.randn(5, shape[1], generator=gen).to(dtype)
+    b = (torch.randn(shape[0], 5, generator=gen) / 4).to(dtype)
+    check_forward(dense, x, a, b, torch.randn(shape[0], generator=gen).to(dtype), dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(13, 70), (100, 130), (576, 192)])
 def test_forward_dense_path(dtype, shape, monkeypatch):
