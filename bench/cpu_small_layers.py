@@ -29,9 +29,9 @@ SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # q/o, k/v, gate/up
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def interleaved_medians(fns: dict, calls: int, repeats: int, clock=time.perf_counter) -> dict:
+def interleaved_medians(fns: dict, calls: int, repeats: int, clock=time.perf_counter, warmup: int = 10) -> dict:
     for fn in fns.values():
-        for _ in range(10):
+        for _ in range(warmup):
             fn()
     samples = {name: [] for name in fns}
     for _ in range(repeats):
