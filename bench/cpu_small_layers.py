@@ -6,7 +6,10 @@ Per (shape, dtype) the median µs per call, all variants interleaved repeat by r
   dense+lora     F.linear(x, W) + F.linear(F.linear(x, A), B)      (the adapter as two dense GEMVs)
   salr           sparse_lowrank_gemm, 50% BM8x8, no adapter         (per ISA)
   salr+r80       sparse_lowrank_gemm with the r = 80 adapter fused  (per ISA)
-The goal: salr+r80 below dense on every shape, dtype and ISA.
+  nn.Linear      the dense layer as a model calls it
+  SALRLinear     the salr layer with the same r = 80 adapter, as a model calls it (per ISA)
+The goal: salr+r80 below dense and SALRLinear below nn.Linear on every shape, dtype and ISA.
+Everything runs under torch.no_grad(), as decoding does.
 
   python bench/cpu_small_layers.py
   python bench/cpu_small_layers.py --isa avx2 --dtype bf16 --threads 1 --clock cpu   # shared machine
@@ -23,15 +26,16 @@ import torch
 import torch.nn.functional as F
 
 from salr import BitmapSparseWeight
+from salr.methods.salr.layer import SALRLinear
 from salr.cli.bench import random_sparse_weight
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # q/o, k/v, gate/up, down
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def interleaved_medians(fns: dict, calls: int, repeats: int, clock=time.perf_counter) -> dict:
+def interleaved_medians(fns: dict, calls: int, repeats: int, clock=time.perf_counter, warmup: int = 10) -> dict:
     for fn in fns.values():
-        for _ in range(10):
+        for _ in range(warmup):
             fn()
     samples = {name: [] for name in fns}
     for _ in range(repeats):
@@ -64,9 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, M = 1, 50% BM8x8, r = {args.rank}, µs/call ({args.clock} clock)")
-    cols = ["shape", "dtype", "dense", "dense+lora"]
+    cols = ["shape", "dtype", "dense", "dense+lora", "nn.Linear"]
     for isa in args.isa:
-        cols += [f"{isa} salr", f"{isa} salr+r{args.rank}", f"{isa} salr+r{args.rank} vs dense"]
+        cols += [f"{isa} salr", f"{isa} salr+r{args.rank}", f"{isa} salr+r{args.rank} vs dense",
+                 f"{isa} SALRLinear", f"{isa} SALRLinear vs nn.Linear"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     gen = torch.Generator().manual_seed(0)
     for dname in args.dtype:
@@ -77,18 +82,26 @@ def main(argv: list[str] | None = None) -> None:
             a = (torch.randn(args.rank, k, generator=gen) / k**0.5).to(dtype)
             b = (torch.randn(rows, args.rank, generator=gen) / 8).to(dtype)
             x = torch.randn(1, k, generator=gen).to(dtype)
+            linear = torch.nn.Linear(k, rows, bias=False, dtype=dtype)
+            linear.weight.data.copy_(dense)
+            layer = SALRLinear.from_weights(dense, svd_a=a, svd_b=b).eval()
             fns = {"dense": lambda: F.linear(x, dense),
-                   "dense+lora": lambda: F.linear(x, dense) + F.linear(F.linear(x, a), b)}
+                   "dense+lora": lambda: F.linear(x, dense) + F.linear(F.linear(x, a), b),
+                   "nn.Linear": lambda: linear(x)}
             for isa in args.isa:
                 fns[f"{isa} salr"] = with_isa(isa, lambda: sparse.linear(x))
                 fns[f"{isa} salr+r"] = with_isa(isa, lambda: sparse.linear(x, a, b))
-            t = interleaved_medians(fns, args.calls, args.repeats,
-                                    time.process_time if args.clock == "cpu" else time.perf_counter)
+                fns[f"{isa} layer"] = with_isa(isa, lambda: layer(x))
+            with torch.no_grad():
+                t = interleaved_medians(fns, args.calls, args.repeats,
+                                        time.process_time if args.clock == "cpu" else time.perf_counter)
             os.environ.pop("SALR_CPU_ISA", None)
-            cells = [f"{rows}x{k}", dname, f"{t['dense'] * 1e6:.1f}", f"{t['dense+lora'] * 1e6:.1f}"]
+            cells = [f"{rows}x{k}", dname, f"{t['dense'] * 1e6:.1f}", f"{t['dense+lora'] * 1e6:.1f}",
+                     f"{t['nn.Linear'] * 1e6:.1f}"]
             for isa in args.isa:
                 cells += [f"{t[f'{isa} salr'] * 1e6:.1f}", f"{t[f'{isa} salr+r'] * 1e6:.1f}",
-                          f"{t['dense'] / t[f'{isa} salr+r']:.2f}×"]
+                          f"{t['dense'] / t[f'{isa} salr+r']:.2f}×", f"{t[f'{isa} layer'] * 1e6:.1f}",
+                          f"{t['nn.Linear'] / t[f'{isa} layer']:.2f}×"]
             print("| " + " | ".join(cells) + " |", flush=True)
 
 

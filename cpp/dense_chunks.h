@@ -18,14 +18,25 @@ namespace salr {
 constexpr int64_t kDenseChunkElements = int64_t{1} << 20;
 
 // The decode scratch, kept per calling thread: a fresh multi-MB allocation per call would be
-// mmap'ed and page-faulted every time (~0.5 ms at 2 MB), on every call of a large-M GEMM.
-inline at::Tensor chunk_scratch(int64_t rows, int64_t cols, const at::TensorOptions& options) {
-  thread_local at::Tensor buffer;
-  const int64_t bytes = rows * cols * static_cast<int64_t>(c10::elementSize(options.dtype().toScalarType()));
+// mmap'ed and page-faulted every time (~0.5 ms at 2 MB), on every call of a large-M GEMM. Slot 0
+// holds the decoded chunk, slot 1 its fp32 copy when the GEMM runs in fp32.
+inline at::Tensor chunk_scratch(int64_t rows, int64_t cols, at::ScalarType dtype, int slot = 0) {
+  thread_local at::Tensor buffers[2];
+  at::Tensor& buffer = buffers[slot];
+  const int64_t bytes = rows * cols * static_cast<int64_t>(c10::elementSize(dtype));
   if (!buffer.defined() || buffer.numel() < bytes) {
     buffer = at::empty({std::max<int64_t>(bytes, 1)}, at::TensorOptions().dtype(at::kByte));
   }
-  return buffer.narrow(0, 0, bytes).view(options.dtype().toScalarType()).view({rows, cols});
+  return buffer.narrow(0, 0, bytes).view(dtype).view({rows, cols});
+}
+
+// The dtype the large-M path hands to ATen's GEMM for a weight of `dtype` (fp32 for a bf16 weight
+// on a CPU without a fast bf16 GEMM; kernels::selected_dense_gemm_dtype has the rule).
+inline at::ScalarType dense_gemm_dtype(const char* op, at::ScalarType dtype) {
+  kernels::DType gemm_dtype;
+  const char* error = nullptr;
+  SALR_CHECK(kernels::selected_dense_gemm_dtype(kernel_dtype(dtype), &gemm_dtype, &error), op, error);
+  return gemm_dtype == kernel_dtype(dtype) ? dtype : at::kFloat;
 }
 
 // Rows of x (or of dy) from which decode + dense GEMM beats the sparse kernels. Measured with
@@ -59,23 +70,28 @@ void for_each_band_chunk(int64_t rows, int64_t cols, Fn&& fn) {
   }
 }
 
-// Calls fn(row_begin, row_end, dense_rows) for each band chunk, decoded into one reused scratch.
+// Calls fn(row_begin, row_end, dense_rows) for each band chunk, decoded into one reused scratch and,
+// when `gemm_dtype` differs from the weight's, copied into a second one in that dtype.
 template <typename Fn>
 void for_each_decoded_chunk(const char* op, const kernels::SparseWeightView& view,
-                            const at::Tensor& values, Fn&& fn) {
+                            const at::Tensor& values, at::ScalarType gemm_dtype, Fn&& fn) {
   const int64_t cols = view.cols;
   const kernels::DecodeBandsFn decode = selected_kernels(op).decode;
-  at::Tensor scratch;
+  at::Tensor scratch, widened;
   FirstBadGroup bad;
   for_each_band_chunk(view.rows, cols, [&](int64_t b0, int64_t b1, int64_t r0, int64_t r1) {
-    if (!scratch.defined()) scratch = chunk_scratch(r1 - r0, cols, values.options());
+    if (!scratch.defined()) {
+      scratch = chunk_scratch(r1 - r0, cols, values.scalar_type());
+      if (gemm_dtype != values.scalar_type()) widened = chunk_scratch(r1 - r0, cols, gemm_dtype, 1);
+    }
     // decode_bands writes a band at its row in the full matrix: shift the base so b0 lands at row 0.
     char* base = static_cast<char*>(scratch.data_ptr()) - r0 * cols * values.element_size();
     at::parallel_for(b0, b1, 1, [&](int64_t c0, int64_t c1) {
       bad.note(decode(view, base, c0, c1));
     });
     if (bad.index >= 0) fail_inconsistent(op, bad.index, cols);
-    fn(r0, r1, scratch.narrow(0, 0, r1 - r0));
+    at::Tensor chunk = scratch.narrow(0, 0, r1 - r0);
+    fn(r0, r1, widened.defined() ? widened.narrow(0, 0, r1 - r0).copy_(chunk) : chunk);
   });
 }
 

@@ -51,6 +51,21 @@ std::vector<std::string> compiled_cpu_isas() {
   return names;
 }
 
+// The dtype ("float32", "bfloat16", "float16") the large-M CPU path computes its GEMM in for a
+// weight of `dtype` (honours SALR_CPU_DENSE_GEMM and ONEDNN_MAX_CPU_ISA); raises on a bad value.
+std::string cpu_dense_gemm_dtype(const std::string& dtype) {
+  using salr::kernels::DType;
+  const char* names[] = {"float32", "bfloat16", "float16"};
+  for (DType d : {DType::kFloat32, DType::kBFloat16, DType::kFloat16}) {
+    if (dtype != names[static_cast<int>(d)]) continue;
+    DType gemm_dtype;
+    const char* error = nullptr;
+    if (!salr::kernels::selected_dense_gemm_dtype(d, &gemm_dtype, &error)) throw py::value_error(error);
+    return names[static_cast<int>(gemm_dtype)];
+  }
+  throw py::value_error("cpu_dense_gemm_dtype: dtype must be float32, bfloat16 or float16, got '" + dtype + "'");
+}
+
 // The CUDA forward kernel's register decode, run on the host: for one band pair and one 64-column
 // group (two bands x up to 8 tiles), the four A registers of every lane at every k16 step, through
 // the very helper the kernel calls (format::a_fragment_k16). Lets the CPU test suite check the
@@ -113,6 +128,8 @@ PYBIND11_MODULE(_C, m) {
         "The CPU kernel path the next op call will take (cpuid, or SALR_CPU_ISA).");
   m.def("available_cpu_isas", &available_cpu_isas,
         "CPU kernel paths this build contains and this CPU can run.");
+  m.def("cpu_dense_gemm_dtype", &cpu_dense_gemm_dtype, py::arg("dtype"),
+        "The dtype the large-M CPU path computes its GEMM in for a weight of this dtype.");
   m.def("compiled_cpu_isas", &compiled_cpu_isas, "CPU kernel paths this build contains.");
   m.def("mma_a_fragments", &mma_a_fragments, py::arg("bitmap_words"), py::arg("values"),
         py::arg("band_starts"),

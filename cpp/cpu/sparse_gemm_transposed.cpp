@@ -36,9 +36,12 @@ at::Tensor sparse_gemm_transposed_cpu(const at::Tensor& grad_out, const at::Tens
   const kernels::SparseWeightView view = weight_view(bitmap, values, offsets, rows, cols);
 
   if (m >= dense_crossover_rows()) {
+    // Accumulated over chunks in fp32, so the GEMM runs in fp32 on every CPU: the chunks are widened
+    // into a reused scratch (a fresh fp32 copy per chunk was a 4 MB allocation each time).
     at::Tensor acc = at::zeros({m, cols}, dy.options().dtype(at::kFloat));
-    for_each_decoded_chunk(kOp, view, values, [&](int64_t r0, int64_t r1, const at::Tensor& w_chunk) {
-      acc.addmm_(dy.narrow(1, r0, r1 - r0).to(at::kFloat), w_chunk.to(at::kFloat));
+    const at::Tensor dy32 = dy.to(at::kFloat);
+    for_each_decoded_chunk(kOp, view, values, at::kFloat, [&](int64_t r0, int64_t r1, const at::Tensor& w_chunk) {
+      acc.addmm_(dy32.narrow(1, r0, r1 - r0), w_chunk);
     });
     return acc.to(values.scalar_type()).view(out_shape);
   }

@@ -26,23 +26,27 @@ constexpr const char* kOp = "sparse_lowrank_gemm";
 // (SmolLM2's 192x576 k/v projections at M = 1) runs on the calling thread with no parallel region.
 constexpr int64_t kMinWeightsPerTask = int64_t{1} << 17;
 
-// Decode-and-GEMM path for large M: y[:, chunk] = x · W_chunkᵀ (+ adapter, bias) per band chunk.
+// Decode-and-GEMM path for large M: y[:, chunk] = x · W_chunkᵀ (+ adapter, bias) per band chunk,
+// the GEMM in dense_gemm_dtype (fp32 for a bf16 weight on a CPU without a fast bf16 GEMM).
 void dense_chunked_gemm(const at::Tensor& x2d, const kernels::SparseWeightView& view,
                         const at::Tensor& values, const CheckedAdapter& adapter, const at::Tensor& t,
                         const std::optional<at::Tensor>& bias, at::Tensor& y) {
-  for_each_decoded_chunk(kOp, view, values, [&](int64_t r0, int64_t r1, const at::Tensor& w_chunk) {
+  const at::ScalarType gemm_dtype = dense_gemm_dtype(kOp, values.scalar_type());
+  const bool widened = gemm_dtype != values.scalar_type();
+  const at::Tensor x_gemm = x2d.to(gemm_dtype);
+  for_each_decoded_chunk(kOp, view, values, gemm_dtype, [&](int64_t r0, int64_t r1, const at::Tensor& w_chunk) {
     at::Tensor y_chunk = y.narrow(1, r0, r1 - r0);
-    if (adapter.rank == 0) {
+    if (adapter.rank == 0 && !widened) {
       if (bias.has_value()) {
-        y_chunk.copy_(at::addmm(bias->narrow(0, r0, r1 - r0), x2d, w_chunk.t()));
+        y_chunk.copy_(at::addmm(bias->narrow(0, r0, r1 - r0), x_gemm, w_chunk.t()));
       } else {
-        y_chunk.copy_(at::mm(x2d, w_chunk.t()));
+        y_chunk.copy_(at::mm(x_gemm, w_chunk.t()));
       }
       return;
     }
-    // With an adapter, sum the three terms in fp32 and round once (the GEMM's own output is rounded).
-    at::Tensor acc = at::mm(x2d, w_chunk.t()).to(at::kFloat);
-    acc.addmm_(t, adapter.b.narrow(0, r0, r1 - r0).to(at::kFloat).t());
+    // Sum the terms in fp32 and round once (a 16-bit GEMM's own output is rounded).
+    at::Tensor acc = at::mm(x_gemm, w_chunk.t()).to(at::kFloat);
+    if (adapter.rank > 0) acc.addmm_(t, adapter.b.narrow(0, r0, r1 - r0).to(at::kFloat).t());
     if (bias.has_value()) acc.add_(bias->narrow(0, r0, r1 - r0).to(at::kFloat));
     y_chunk.copy_(acc);
   });

@@ -3,6 +3,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
+#include <strings.h>
 
 #include "kernels.h"
 
@@ -87,6 +88,41 @@ bool selected_isa(Isa* isa, const char** error) {
 const KernelTable& kernel_table(Isa isa) {
   const KernelTable* table = compiled_table(isa);
   return table != nullptr ? *table : *scalar_kernel_table();
+}
+
+// A bf16 GEMM is fast only where oneDNN can use AVX512_BF16 (or AMX, which implies it): without
+// it torch 2.13's bf16 GEMM ran at ~30 GFLOP/s per core against ~88 in fp32 (bench/RESULTS.md).
+// ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 takes bf16 away from oneDNN, so it counts as absent
+// (and lets an AVX-512 machine stand in for a Zen 3 / older Xeon in benchmarks and tests).
+static bool fast_bf16_gemm() {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (!__builtin_cpu_supports("avx512bf16")) return false;
+#else
+  return false;
+#endif
+  const char* max_isa = std::getenv("ONEDNN_MAX_CPU_ISA");
+  if (max_isa == nullptr) max_isa = std::getenv("DNNL_MAX_CPU_ISA");
+  if (max_isa == nullptr) return true;
+  for (const char* below : {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"}) {
+    if (strcasecmp(max_isa, below) == 0) return false;
+  }
+  return true;
+}
+
+bool selected_dense_gemm_dtype(DType dtype, DType* gemm_dtype, const char** error) {
+  *gemm_dtype = dtype;
+  if (dtype == DType::kFloat32) return true;
+  const char* forced = std::getenv("SALR_CPU_DENSE_GEMM");
+  if (forced != nullptr && forced[0] != '\0' && std::strcmp(forced, "auto") != 0) {
+    if (std::strcmp(forced, "fp32") == 0) *gemm_dtype = DType::kFloat32;
+    if (std::strcmp(forced, "native") == 0 || std::strcmp(forced, "fp32") == 0) return true;
+    *error = "SALR_CPU_DENSE_GEMM must be one of auto, native, fp32";
+    return false;
+  }
+  // fp16: torch 2.13 has no fast fp16 CPU GEMM on any machine measured (30 GFLOP/s per core on a
+  // Sapphire Rapids with AVX512_FP16), so it always widens.
+  if (dtype == DType::kFloat16 || !fast_bf16_gemm()) *gemm_dtype = DType::kFloat32;
+  return true;
 }
 
 }  // namespace salr::kernels

@@ -111,6 +111,10 @@ Isa best_available_isa();
 // an ISA this CPU or build cannot run; otherwise the ISA to use.
 bool selected_isa(Isa* isa, const char** error);
 const KernelTable& kernel_table(Isa isa);
+// The dtype the large-M path (decode + ATen GEMM) computes in for a weight of `dtype`: 16-bit
+// weights widen to fp32 where torch has no fast 16-bit GEMM. Parses SALR_CPU_DENSE_GEMM
+// (auto|native|fp32); false and `error` on a bad value (isa_dispatch.cpp says why the rule is so).
+bool selected_dense_gemm_dtype(DType dtype, DType* gemm_dtype, const char** error);
 
 // --- Format codec (bitmap_codec.cpp, scalar: encode/decode are not on the inference hot path) --
 // Pass 1 of encode: bitmap words and value counts per (band, group) for bands [begin, end).

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from salr import ops, reference
+import salr
+from salr import _native, ops, reference
 from conftest import DENSITIES, DTYPES, SHAPES, assert_matches_reference, make_generator, random_sparse
 
 # Rows of x exercised on the sparse-kernel path; 64 and above take the decode + dense GEMM path.
@@ -84,11 +85,14 @@ def test_gemv_row_walk_special_cases(isa, dtype, shape, pattern):
     check_forward(dense, x, a, b, torch.randn(shape[0], generator=gen).to(dtype), dtype)
 
 
+@pytest.mark.parametrize("gemm", ["native", "fp32"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(13, 70), (100, 130), (576, 192)])
-def test_forward_dense_path(dtype, shape, monkeypatch):
-    # Force the decode + dense GEMM path for every dtype (fp32 only takes it from M = 256 by default).
+def test_forward_dense_path(dtype, shape, gemm, monkeypatch):
+    # Force the decode + dense GEMM path for every dtype (fp32 only takes it from M = 256 by default),
+    # with the GEMM in the weight's dtype and widened to fp32 (what a CPU without AVX512_BF16 gets).
     monkeypatch.setenv("SALR_CPU_DENSE_CROSSOVER", str(min(DENSE_PATH_ROWS)))
+    monkeypatch.setenv("SALR_CPU_DENSE_GEMM", gemm)
     for m in DENSE_PATH_ROWS:
         for rank, with_bias in [(0, False), (0, True), (7, True)]:
             case = make_case(*shape, 0.5, dtype, m, rank, with_bias, ("dense", shape, dtype, m, rank))
@@ -100,6 +104,35 @@ def test_forward_default_large_m_dispatch(isa, dtype):
     # M = 100 with the default crossover: bf16/fp16 take the dense path, fp32 the kernel.
     case = make_case(100, 130, 0.5, dtype, 100, 7, True, ("default-dispatch", dtype))
     check_forward(*case, dtype)
+
+
+@pytest.mark.skipif(not salr.native_available(), reason=salr.native_error() or "")
+def test_dense_gemm_dtype_choice(monkeypatch):
+    gemm_dtype = _native._C.cpu_dense_gemm_dtype
+    monkeypatch.delenv("SALR_CPU_DENSE_GEMM", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert gemm_dtype("float32") == "float32"
+    assert gemm_dtype("float16") == "float32"  # no fast fp16 GEMM in torch on a CPU
+    assert gemm_dtype("bfloat16") == ("bfloat16" if "avx512_bf16" in cpu_flags() else "float32")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")  # oneDNN without bf16 instructions: widen
+    assert gemm_dtype("bfloat16") == "float32"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert gemm_dtype("bfloat16") == ("bfloat16" if "avx512_bf16" in cpu_flags() else "float32")
+    monkeypatch.setenv("SALR_CPU_DENSE_GEMM", "native")
+    assert [gemm_dtype(d) for d in ("float32", "bfloat16", "float16")] == ["float32", "bfloat16", "float16"]
+    monkeypatch.setenv("SALR_CPU_DENSE_GEMM", "fp32")
+    assert gemm_dtype("bfloat16") == "float32"
+    monkeypatch.setenv("SALR_CPU_DENSE_GEMM", "bf16")
+    with pytest.raises(ValueError, match="SALR_CPU_DENSE_GEMM"):
+        gemm_dtype("bfloat16")
+    dense = random_sparse(8, 8, 0.5, torch.bfloat16, make_generator("env"))
+    with pytest.raises(RuntimeError, match="sparse_lowrank_gemm.*SALR_CPU_DENSE_GEMM"):
+        ops.sparse_lowrank_gemm(torch.ones(100, 8, dtype=torch.bfloat16), *ops.bitmap_encode(dense), 8, 8)
+
+
+def cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
 
 
 def test_leading_dims_and_non_contiguous_x(isa):

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from salr import losa
 from salr._native import native_available, native_error
-from salr.cli import assets, bench, steps
+from salr.cli import assets, bench, bench_e2e, steps
 from salr.cli.demo import run_demo
 from salr.cli.generate import cmd_generate  # noqa: F401 (main dispatches to cmd_<command>)
 from salr.cli.runs import RunDirectory, markdown_table, open_run, plot_bars, plot_loss, plot_per_layer
@@ -286,6 +286,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"the native kernels are not available: {native_error()}")
     run = open_run(args)
     run.write_config(vars(args))
+    if args.e2e:
+        return _bench_e2e(args, run)
     shapes, ms, sparsities = ([(11008, 4096)], [1, 16, 128], [0.5]) if args.quick else (
         bench.LLAMA_SHAPES, [1, 4, 16, 64, 128], [0.5, 0.7, 0.9])
     bulk = bench.bulk_read_gbps()
@@ -299,4 +301,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     plot_bars(run, "speedup.png", ["dense"] + labels, [1.0] + [r["speedup"] for r in results],
               "× torch dense (higher is faster)", "salr sparse_lowrank_gemm, bf16")
     print(f"wrote {run.path}/ (metrics.json, report.md, speedup.png)")
+    return 0
+
+
+def _bench_e2e(args: argparse.Namespace, run: RunDirectory) -> int:
+    result = bench_e2e.run_e2e(bench_e2e.QUICK if args.quick else bench_e2e.FULL)
+    run.update_metrics(**result)
+    lines = bench_e2e.report_lines(result)
+    print("\n".join(lines))
+    run.write_report("salr bench --e2e", [("Decode, dense vs SALR", "\n".join(lines))])
+    print(f"wrote {run.path}/ (metrics.json, report.md)")
     return 0

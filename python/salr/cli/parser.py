@@ -158,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="kernel benchmark vs dense torch",
                        description="sparse_lowrank_gemm vs dense F.linear on LLaMA-7B shapes (bench/bench_gemm.py "
                                    "has the full grid). --quick: 11008x4096, M in {1, 16, 128}.")
-    p.add_argument("--quick", action="store_true", help="11008x4096 only, M in {1, 16, 128}")
+    p.add_argument("--quick", action="store_true", help="11008x4096 only, M in {1, 16, 128} (with --e2e: a tiny model)")
+    p.add_argument("--e2e", action="store_true",
+                   help="end to end instead: greedy generate of 64 tokens through 5 Llama-2-7B-shaped layers "
+                        "(random weights, 2 GB of bf16), dense vs 50%% SALR r=64+16 merged, tok/s and byte limit")
     _add_run_args(p, "runs/bench")
 
     p = sub.add_parser("demo", help="the whole path on the packaged SmolLM2-135M",

@@ -22,6 +22,20 @@ from salr.ops import reference
 from salr._native import native_available
 
 Tensor = torch.Tensor
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+
+
+def _needs_autograd(x: Tensor, values: Tensor, adapter_a: Tensor | None, adapter_b: Tensor | None,
+                    bias: Tensor | None) -> bool:
+    """Whether a sparse_lowrank_gemm call must pass through the op's autograd kernel: some input needs
+    a gradient, or a compiler is tracing (it must see the op whole). Plain attribute tests: a
+    generator over the tensors costs more than the small layers' kernels save."""
+    if torch.compiler.is_compiling():
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    return (x.requires_grad or values.requires_grad or (adapter_a is not None and adapter_a.requires_grad)
+            or (adapter_b is not None and adapter_b.requires_grad) or (bias is not None and bias.requires_grad))
 
 
 def bitmap_encode(dense: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -48,8 +62,15 @@ def sparse_lowrank_gemm(x: Tensor, bitmap: Tensor, values: Tensor, offsets: Tens
     Differentiable in x, values, adapter_a, adapter_b and bias.
     """
     if native_available():
-        return torch.ops.salr.sparse_lowrank_gemm(x, bitmap, values, offsets, out_features, in_features,
-                                                  adapter_a, adapter_b, bias)
+        op = torch.ops.salr.sparse_lowrank_gemm.default
+        if _needs_autograd(x, values, adapter_a, adapter_b, bias):
+            return op(x, bitmap, values, offsets, out_features, in_features, adapter_a, adapter_b, bias)
+        # Nothing to differentiate: go straight to the backend kernel. The autograd kernel that
+        # torch.library.register_autograd installs is Python and runs on every call, even under
+        # no_grad (~3 µs, as much as a small layer's whole GEMV); skipping it is what torch.library's
+        # own no-grad branch does, without the round trip through Python.
+        with _below_autograd():
+            return op(x, bitmap, values, offsets, out_features, in_features, adapter_a, adapter_b, bias)
     return reference.sparse_lowrank_gemm(x, bitmap, values, offsets, out_features, in_features,
                                          adapter_a, adapter_b, bias)
 
