@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -177,9 +178,29 @@ def plot(rows: list[dict], dense: float, path: Path) -> None:
     plt.close(fig)
 
 
+def _claim(path: Path) -> bool:
+    """Create `path` unless it exists: two processes on one --out never run the same recipe."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def _report(args: argparse.Namespace, dense: float) -> list[dict]:
+    """The finished recipes of --out (in the order asked, then any others), written as table.md + plot."""
+    found = {json.loads(p.read_text())["recipe"]: json.loads(p.read_text()) for p in sorted(args.out.glob("*.json"))
+             if p.name != "dense.json"}
+    rows = [found.pop(n) for n in args.recipes if n in found] + list(found.values())
+    if rows:
+        atomic_write_text(args.out / "table.md", table(rows, dense) + "\n")
+        plot(rows, dense, args.out / "recovery.png")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipes", nargs="+", help="recipe names, run in order (see above)")
+    parser.add_argument("recipes", nargs="*", help="recipe names, run in order (see above)")
     parser.add_argument("--out", type=Path, required=True, help="directory: one JSON per recipe, table.md, plot")
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--text", default="wikipedia")
@@ -191,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="a tiny budget: checks the machinery, not the numbers")
+    parser.add_argument("--report", action="store_true",
+                        help="only rewrite the table and the plot from the recipes finished in --out")
     args = parser.parse_args(argv)
     for name in args.recipes:
         parse_recipe(name)  # a typo fails before hours of work
@@ -199,20 +222,18 @@ def main(argv: list[str] | None = None) -> int:
     budget = quick_budget() if args.quick else steps.Budget()
     args.out.mkdir(parents=True, exist_ok=True)
     dense = dense_perplexity(args, budget)
-    rows = []
-    for i, name in enumerate(args.recipes, 1):
-        path = args.out / f"{name.replace('+', '_')}.json"
-        if path.exists():
-            rows.append(json.loads(path.read_text()))
-            print(f"[{i}/{len(args.recipes)}] {name}: done before ({rows[-1]['fine_tuned']:.2f})", flush=True)
+    for i, name in enumerate([] if args.report else args.recipes, 1):
+        path, claim = args.out / f"{name.replace('+', '_')}.json", args.out / f"{name.replace('+', '_')}.running"
+        if path.exists() or not _claim(claim):  # finished, or another process runs it (a stale claim: delete it)
+            print(f"[{i}/{len(args.recipes)}] {name}: {'done' if path.exists() else 'claimed by another run'}", flush=True)
             continue
         print(f"[{i}/{len(args.recipes)}] {name} ...", flush=True)
-        rows.append(run_recipe(name, args, budget))
-        atomic_write_text(path, json.dumps(rows[-1], indent=1) + "\n")
-        print(f"[{i}/{len(args.recipes)}] {name}: {rows[-1]['fine_tuned']:.2f} in {rows[-1]['wall_s']:.0f} s",
-              flush=True)
-        atomic_write_text(args.out / "table.md", table(rows, dense) + "\n")
-        plot(rows, dense, args.out / "recovery.png")
+        row = run_recipe(name, args, budget)
+        atomic_write_text(path, json.dumps(row, indent=1) + "\n")
+        claim.unlink()
+        print(f"[{i}/{len(args.recipes)}] {name}: {row['fine_tuned']:.2f} in {row['wall_s']:.0f} s", flush=True)
+        _report(args, dense)
+    rows = _report(args, dense)
     print(table(rows, dense))
     return 0
 
