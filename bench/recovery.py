@@ -79,7 +79,7 @@ def run_recipe(name: str, args: argparse.Namespace, budget: steps.Budget) -> dic
     model, _, splits = steps.load(args.model, args.text)
     evaluation = dataclasses.replace(budget, eval_windows=args.eval_windows)
     start = time.perf_counter()
-    row: dict = {"recipe": name, "sparsity": args.sparsity}
+    row: dict = {"recipe": name, "sparsity": 0.0 if recipe["kind"] == "dense" else args.sparsity}
     if recipe["kind"] == "losa":
         config = losa.LoSAConfig(
             sparsity=args.sparsity, rounds=args.rounds, total_steps=budget.train_steps, mean_rank=budget.lora_rank,

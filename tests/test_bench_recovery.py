@@ -48,6 +48,7 @@ def test_quick_run_table_plot_and_resume(recovery, tmp_path, monkeypatch):
     budget = recovery.quick_budget()
     for name, row in rows.items():
         assert row["recipe"] == name and row["eval_windows"] == 2
+        assert row["sparsity"] == (0.0 if name == "dense+lora" else 0.5)
         assert row["fine_tuned"] > 1 and row["bytes"] > 0 and row["wall_s"] > 0
         steps = len(row["loss"])
         assert steps == budget.train_steps, name  # the same budget for every recipe
