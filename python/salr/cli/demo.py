@@ -38,11 +38,13 @@ def run_demo(args: argparse.Namespace) -> int:
     budget = steps.Budget.quick() if args.quick else steps.Budget()
     if args.steps is not None:
         budget.train_steps = args.steps
+    if args.method == "losa":  # bad flags fail before the run directory is made
+        if args.criterion is not None:
+            raise ValueError(f"--criterion {args.criterion}: LoSA prunes with Wanda on the merged weights; "
+                             f"leave --criterion out with --method losa")
+        steps.losa_config(budget, args.sparsity)  # e.g. too few --steps for its rounds
     run: RunDirectory = open_run(args)
     run.write_config({**vars(args), "budget": vars(budget)})
-    if args.method == "losa" and args.criterion is not None:
-        raise ValueError(f"--criterion {args.criterion}: LoSA prunes with Wanda on the merged weights; "
-                         f"leave --criterion out with --method losa")
 
     model, tokenizer, splits = steps.load("smollm2")
     stages: dict[str, dict] = {}
