@@ -42,6 +42,16 @@ def test_bad_arguments_are_one_clear_line(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--method", "losa", "--criterion", "sparsegpt"], "--criterion sparsegpt: LoSA prunes with Wanda"),
+    (["--method", "losa", "--steps", "5"], "final_share"),
+])
+def test_demo_losa_refuses_bad_flags_before_the_run_directory(args, message, tmp_path, capsys):
+    assert cli.main(["demo", *args, "--out", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_existing_run_directory_is_refused_without_a_traceback(tmp_path):
     (tmp_path / "old").write_text("x")
     result = run_cli("eval", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path))

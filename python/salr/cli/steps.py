@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from salr import losa
 from salr.cli import assets
 from salr.eval.generation import decode_speed
 from salr.eval.perplexity import completion_perplexity, perplexity
@@ -46,12 +47,17 @@ class Budget:
     lora_rank: int = 16
     new_tokens: int = 32
     decode_repeats: int = 5
+    # LoSA calibrates four times per round (CKA, statistics, pruned outputs, dense error) for 5 rounds:
+    # 8 windows keep its 160 window passes near SALR's 64 (2 passes over 32 windows).
+    losa_calib_windows: int = 8
+    losa_rounds: int = 5
 
     @classmethod
     def quick(cls) -> "Budget":
         return cls(eval_windows=4, eval_seq_len=256, calib_windows=4, calib_seq_len=256, train_steps=8,
                    train_batch=2, train_seq_len=128, lr=2e-3, warmup=1, svd_rank=16, lora_rank=8,
-                   new_tokens=16, decode_repeats=3)
+                   new_tokens=16, decode_repeats=3, losa_calib_windows=2,
+                   losa_rounds=3)  # 8 steps: 5 for the last round, 3 for the first two
 
 
 def load(model: str, text: str = assets.WIKIPEDIA):
@@ -104,6 +110,36 @@ def finetune(model: nn.Module, splits: assets.TextSplits, budget: Budget, run_di
                      on_step=update_all_masks if has_factor_masks(model) else None, teacher=teacher)
     finally:
         model.eval()
+
+
+def losa_config(budget: Budget, sparsity: float, seed: int = 0, **options: Any) -> losa.LoSAConfig:
+    """LoSA on the budget: its steps, rounds and optimizer settings, mean rank = the budget's LoRA rank,
+    r_max 4× that, alpha 2× (SALR's LoRA scale); `options` override LoSAConfig fields (layerwise, ...)."""
+    train_config = TrainConfig(steps=budget.train_steps, batch_size=budget.train_batch, lr=budget.lr,
+                               warmup_steps=budget.warmup, seed=seed,
+                               **{k: options.pop(k) for k in ("schedule", "grad_accum") if k in options})
+    defaults = {"mean_rank": budget.lora_rank, "r_max": 4 * budget.lora_rank, "lora_alpha": 2.0 * budget.lora_rank,
+                "rounds": budget.losa_rounds}
+    return losa.LoSAConfig(sparsity=sparsity, total_steps=budget.train_steps, train=train_config,
+                           **{**defaults, **options})
+
+
+def run_losa(model: nn.Module, splits: assets.TextSplits, budget: Budget, config: losa.LoSAConfig,
+             calib_windows: int | None = None, on_pruned=None) -> tuple[losa.LoSAReport, list[dict]]:
+    """LoSA from the dense model in place (:func:`salr.losa.run` on `calib_windows` calibration windows,
+    default ``budget.losa_calib_windows``), exported to plain sparse SALR layers; returns the report and
+    the training history over all rounds (one step count, each entry with its round)."""
+    calibration = splits.calibration_windows(calib_windows or budget.losa_calib_windows, budget.calib_seq_len)
+    torch.manual_seed(config.train.seed)  # the LoRA factors are initialized from torch's global RNG
+    report = losa.run(model, config, calibration, splits.train_source(budget.train_seq_len, seed=config.train.seed),
+                      on_pruned=on_pruned)
+    losa.export_salr(model)
+    model.eval()
+    history, done = [], 0
+    for r in report.rounds:
+        history += [{**h, "step": done + h["step"], "round": r.round} for h in r.history]
+        done += r.steps
+    return report, history
 
 
 def merge_all(model: nn.Module) -> int:

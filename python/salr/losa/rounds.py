@@ -46,13 +46,16 @@ from salr.train.loop import train
 
 def run(model: nn.Module, config: LoSAConfig, calibration: Any, train_data: Any,
         eval_fn: Callable[[nn.Module], Any] | None = None,
-        on_round: Callable[[int, nn.Module, RoundReport], None] | None = None) -> LoSAReport:
+        on_round: Callable[[int, nn.Module, RoundReport], None] | None = None,
+        on_pruned: Callable[[int, nn.Module], None] | None = None) -> LoSAReport:
     """Apply LoSA to a causal LM in place (see the module docstring) and return the per-round report.
 
     calibration: token ids [n_windows, seq_len] (pruning statistics, CKA, reconstruction errors).
     train_data: what :func:`salr.train.train` accepts (a ``TokenWindows`` continues across rounds).
     eval_fn: passed to ``train`` (called at the end of every round's fine-tuning).
     on_round: ``on_round(t, model, report)`` after every round's fine-tuning (logging, checkpoints).
+    on_pruned: ``on_pruned(t, model)`` after round t's pruning and rank change, before its fine-tuning
+    (the demo evaluates the last round's freshly pruned model there).
     The model's targeted ``nn.Linear`` layers become :class:`LoSALinear`; every other parameter is
     frozen. With ``final_merge`` they end merged: plain BM8x8 sparse layers with rank 0.
     """
@@ -110,6 +113,8 @@ def run(model: nn.Module, config: LoSAConfig, calibration: Any, train_data: Any,
             for name in names:
                 layers[name].resize_rank(rank, generator=gen)
         trainable.append(trainable_count(model))
+        if on_pruned is not None:
+            on_pruned(t, model)
         first = last = None
         history: list[dict[str, Any]] = []
         if steps[t - 1] > 0:

@@ -1,0 +1,242 @@
+"""Recovery at 50 % unstructured (issue 18): every recipe on one budget against dense + LoRA.
+
+    python bench/recovery.py --out runs/recovery dense+lora wanda+svd sparsegpt+svd sparsegpt+svd+distill ...
+
+A recipe is a '+'-joined name:
+  dense+lora                   LoRA r on every block linear of the unpruned model (the baseline)
+  <criterion>+svd[+distill][+owl]   SALR: prune (wanda | sparsegpt) + SVD residual adapter + LoRA;
+                                 distill: KL to the dense model (--distill-weight, --distill-temperature);
+                                 owl: OWL layer-wise ratios around the target
+  <criterion>+svd+salor        SALR with sparse LoRA factors (50 %, cubic ramp over the first half)
+  losa+rmi | losa+owl          LoSA from the dense model (mean rank r, r_max 4r), merged: no adapters
+
+Every recipe uses the same budget (the demo's: 32 × 512-token calibration windows, 60 AdamW steps of
+4 × 256 tokens, lr 1e-3, warmup 5, cosine, seed 0: the same LoRA init and data order) and is
+evaluated on the first --eval-windows 512-token windows of the evaluation split. Each finished recipe
+is one JSON in --out (a re-run skips it); the table (perplexity, wall time, trainable parameters,
+bytes of the saved model) and the plot (perplexity against bytes) are rewritten after each.
+--quick runs the machinery on a small budget (with --model / --text: a tiny local model in a test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from salr import losa
+from salr.cli import steps
+from salr.interop.hf import to_transformers
+from salr.io.files import atomic_write_text
+from salr.io.saved_model import save
+from salr.methods.salor.config import FactorSparsityConfig
+from salr.train import distill
+from salr.train.config import TrainConfig
+
+CRITERIA = ("wanda", "sparsegpt")
+SALR_EXTRAS = ("distill", "owl", "salor")
+
+
+def quick_budget() -> steps.Budget:
+    return steps.Budget(eval_windows=4, eval_seq_len=32, calib_windows=4, calib_seq_len=32, train_steps=4,
+                        train_batch=2, train_seq_len=32, lr=3e-3, warmup=1, svd_rank=4, lora_rank=4)
+
+
+def parse_recipe(name: str) -> dict:
+    """The recipe's parts: {"kind": "dense" | "salr" | "losa", ...}; ValueError naming a bad one."""
+    parts = name.split("+")
+    if parts == ["dense", "lora"]:
+        return {"kind": "dense"}
+    if parts[0] == "losa" and len(parts) == 2 and parts[1] in ("rmi", "owl"):
+        return {"kind": "losa", "layerwise": parts[1]}
+    extras = parts[2:]
+    if (parts[0] in CRITERIA and parts[1:2] == ["svd"] and all(e in SALR_EXTRAS for e in extras)
+            and len(set(extras)) == len(extras)):
+        return {"kind": "salr", "criterion": parts[0], **{e: e in extras for e in SALR_EXTRAS}}
+    raise ValueError(f"recipe {name!r}: expected dense+lora, losa+rmi, losa+owl or "
+                     f"<{'|'.join(CRITERIA)}>+svd[+distill][+owl][+salor]")
+
+
+def trainable_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def saved_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model as salr.save writes it (in a temporary directory, removed afterwards)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save(model, Path(tmp) / "model")
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def run_recipe(name: str, args: argparse.Namespace, budget: steps.Budget) -> dict:
+    recipe = parse_recipe(name)
+    model, _, splits = steps.load(args.model, args.text)
+    evaluation = dataclasses.replace(budget, eval_windows=args.eval_windows)
+    start = time.perf_counter()
+    row: dict = {"recipe": name, "sparsity": 0.0 if recipe["kind"] == "dense" else args.sparsity}
+    if recipe["kind"] == "losa":
+        config = losa.LoSAConfig(
+            sparsity=args.sparsity, rounds=args.rounds, total_steps=budget.train_steps, mean_rank=budget.lora_rank,
+            r_max=4 * budget.lora_rank, lora_alpha=2.0 * budget.lora_rank, layerwise=recipe["layerwise"],
+            train=TrainConfig(steps=budget.train_steps, batch_size=budget.train_batch, lr=budget.lr,
+                              warmup_steps=budget.warmup, seed=args.seed), progress=False)
+        calibration = splits.calibration_windows(budget.calib_windows, budget.calib_seq_len)
+        torch.manual_seed(args.seed)
+        report = losa.run(model, config, calibration, splits.train_source(budget.train_seq_len, seed=args.seed))
+        losa.export_salr(model)
+        row.update(trainable=max(report.trainable_parameters), final_sparsity=report.final_sparsity,
+                   loss=[h["loss"] for r in report.rounds for h in r.history])
+    else:
+        teacher = None
+        if recipe["kind"] == "dense":
+            options = {"sparsity": 0.0, "criterion": "magnitude", "svd_rank": 0}
+        else:
+            options = {"sparsity": args.sparsity, "criterion": recipe["criterion"],
+                       "layerwise": "owl" if recipe["owl"] else "uniform"}
+            if recipe["salor"]:
+                options["factor_config"] = FactorSparsityConfig(0.5, end_step=budget.train_steps // 2)
+            if recipe["distill"]:
+                teacher = distill.frozen_teacher(model)
+        steps.prune(model, splits, budget, seed=args.seed, progress=False, **options)
+        row["prune_s"] = time.perf_counter() - start
+        if recipe["kind"] != "dense":
+            row["pruned"] = steps.evaluate(model, splits, evaluation, f"{name}: pruned")
+        row["trainable"] = trainable_params(model)
+        train_options = ({"distill_weight": args.distill_weight, "distill_temperature": args.distill_temperature}
+                         if teacher is not None else {})
+        trained_at = time.perf_counter()
+        history = steps.finetune(model, splits, budget, teacher=teacher, seed=args.seed, **train_options)
+        row["train_s"] = time.perf_counter() - trained_at
+        row["loss"] = [h["loss"] for h in history]
+        del teacher
+        steps.merge_all(model)
+        if recipe["kind"] == "dense":
+            model = to_transformers(model)  # LoRA folded into the dense weights: a plain dense model
+        row["wall_s"] = row["prune_s"] + row["train_s"]  # the evaluation of the pruned model left out
+    if recipe["kind"] == "losa":
+        row["wall_s"] = time.perf_counter() - start
+    row["fine_tuned"] = steps.evaluate(model, splits, evaluation, f"{name}: fine-tuned")
+    row["bytes"] = saved_bytes(model)
+    row["eval_windows"] = args.eval_windows
+    return row
+
+
+def dense_perplexity(args: argparse.Namespace, budget: steps.Budget) -> float:
+    path = args.out / "dense.json"
+    if path.exists():
+        return json.loads(path.read_text())["perplexity"]
+    model, _, splits = steps.load(args.model, args.text)
+    ppl = steps.evaluate(model, splits, dataclasses.replace(budget, eval_windows=args.eval_windows), "dense")
+    atomic_write_text(path, json.dumps({"perplexity": ppl, "eval_windows": args.eval_windows}) + "\n")
+    return ppl
+
+
+def table(rows: list[dict], dense: float) -> str:
+    base = next((r["fine_tuned"] for r in rows if r["recipe"] == "dense+lora"), None)
+    lines = ["| recipe | pruned | fine-tuned | × dense + LoRA | wall s | trainable params | saved MB |",
+             "|---|---|---|---|---|---|---|", f"| dense (no training) | – | {dense:.2f} | "
+             f"{'–' if base is None else f'{dense / base:.3f}'} | – | – | – |"]
+    for r in rows:
+        ratio = "–" if base is None else f"{r['fine_tuned'] / base:.3f}"
+        pruned = f"{r['pruned']:.2f}" if "pruned" in r else "–"
+        lines.append(f"| {r['recipe']} | {pruned} | {r['fine_tuned']:.2f} | {ratio} | {r['wall_s']:.0f} | "
+                     f"{r['trainable']:,} | {r['bytes'] / 1e6:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], dense: float, path: Path) -> None:
+    """Perplexity against saved bytes, every point labelled; the dense + LoRA line and the goal (1.10×)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    base = next((r["fine_tuned"] for r in rows if r["recipe"] == "dense+lora"), None)
+    for r in rows:
+        colour = "black" if r["recipe"] == "dense+lora" else ("tab:green" if r["recipe"].startswith("losa")
+                                                              else "tab:blue")
+        ax.scatter(r["bytes"] / 1e6, r["fine_tuned"], color=colour)
+        ax.annotate(f"{r['recipe']} ({r['fine_tuned']:.2f})", (r["bytes"] / 1e6, r["fine_tuned"]), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")
+    ax.axhline(dense, color="gray", ls=":", lw=1, label=f"dense, no training ({dense:.2f})")
+    if base is not None:
+        ax.axhline(1.10 * base, color="tab:red", ls="--", lw=1, label=f"goal: 1.10 × dense + LoRA ({1.1 * base:.2f})")
+    ax.set_xlabel("saved model (MB, fp32)")
+    ax.set_ylabel("perplexity after fine-tuning")
+    ax.set_title("50% sparse recipes vs dense + LoRA, same budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _claim(path: Path) -> bool:
+    """Create `path` unless it exists: two processes on one --out never run the same recipe."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def _report(args: argparse.Namespace, dense: float) -> list[dict]:
+    """The finished recipes of --out (in the order asked, then any others), written as table.md + plot."""
+    found = {json.loads(p.read_text())["recipe"]: json.loads(p.read_text()) for p in sorted(args.out.glob("*.json"))
+             if p.name != "dense.json"}
+    rows = [found.pop(n) for n in args.recipes if n in found] + list(found.values())
+    if rows:
+        atomic_write_text(args.out / "table.md", table(rows, dense) + "\n")
+        plot(rows, dense, args.out / "recovery.png")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipes", nargs="*", help="recipe names, run in order (see above)")
+    parser.add_argument("--out", type=Path, required=True, help="directory: one JSON per recipe, table.md, plot")
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--text", default="wikipedia")
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=5, help="LoSA rounds")
+    parser.add_argument("--distill-weight", type=float, default=0.5)
+    parser.add_argument("--distill-temperature", type=float, default=2.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="a tiny budget: checks the machinery, not the numbers")
+    parser.add_argument("--report", action="store_true",
+                        help="only rewrite the table and the plot from the recipes finished in --out")
+    args = parser.parse_args(argv)
+    for name in args.recipes:
+        parse_recipe(name)  # a typo fails before hours of work
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    budget = quick_budget() if args.quick else steps.Budget()
+    args.out.mkdir(parents=True, exist_ok=True)
+    dense = dense_perplexity(args, budget)
+    for i, name in enumerate([] if args.report else args.recipes, 1):
+        path, claim = args.out / f"{name.replace('+', '_')}.json", args.out / f"{name.replace('+', '_')}.running"
+        if path.exists() or not _claim(claim):  # finished, or another process runs it (a stale claim: delete it)
+            print(f"[{i}/{len(args.recipes)}] {name}: {'done' if path.exists() else 'claimed by another run'}", flush=True)
+            continue
+        print(f"[{i}/{len(args.recipes)}] {name} ...", flush=True)
+        row = run_recipe(name, args, budget)
+        atomic_write_text(path, json.dumps(row, indent=1) + "\n")
+        claim.unlink()
+        print(f"[{i}/{len(args.recipes)}] {name}: {row['fine_tuned']:.2f} in {row['wall_s']:.0f} s", flush=True)
+        _report(args, dense)
+    rows = _report(args, dense)
+    print(table(rows, dense))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""bench/recovery.py's machinery on a tiny local Llama (--quick): every recipe kind runs on one budget,
+one JSON per recipe, a finished recipe is not re-run, the table and the plot are written. The numbers
+of a tiny random model mean nothing; the structure does."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from salr_helpers import write_tiny_cli_assets
+
+pytest.importorskip("transformers", reason="transformers is not installed")
+pytest.importorskip("tokenizers", reason="tokenizers is not installed")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+RECIPES = ["dense+lora", "wanda+svd+distill+owl", "sparsegpt+svd+salor", "losa+rmi"]
+
+
+@pytest.fixture(scope="module")
+def recovery():
+    path = Path(__file__).resolve().parents[1] / "bench" / "recovery.py"
+    spec = importlib.util.spec_from_file_location("bench_recovery", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recipe_names(recovery):
+    assert recovery.parse_recipe("dense+lora") == {"kind": "dense"}
+    assert recovery.parse_recipe("losa+owl") == {"kind": "losa", "layerwise": "owl"}
+    assert recovery.parse_recipe("sparsegpt+svd+owl+distill") == {
+        "kind": "salr", "criterion": "sparsegpt", "distill": True, "owl": True, "salor": False}
+    for bad in ("wanda", "wanda+svd+owl+owl", "magnitude+svd", "losa+uniform", "wanda+svd+lora"):
+        with pytest.raises(ValueError, match="recipe"):
+            recovery.parse_recipe(bad)
+
+
+def test_quick_run_table_plot_and_resume(recovery, tmp_path, monkeypatch):
+    model_dir, text = write_tiny_cli_assets(tmp_path)
+    out = tmp_path / "out"
+    argv = ["--quick", "--model", str(model_dir), "--text", str(text), "--out", str(out), "--eval-windows", "2",
+            "--rounds", "2", *RECIPES]
+    assert recovery.main(argv) == 0
+    rows = {r: json.loads((out / f"{r.replace('+', '_')}.json").read_text()) for r in RECIPES}
+    budget = recovery.quick_budget()
+    for name, row in rows.items():
+        assert row["recipe"] == name and row["eval_windows"] == 2
+        assert row["sparsity"] == (0.0 if name == "dense+lora" else 0.5)
+        assert row["fine_tuned"] > 1 and row["bytes"] > 0 and row["wall_s"] > 0
+        steps = len(row["loss"])
+        assert steps == budget.train_steps, name  # the same budget for every recipe
+    # LoRA r=4 on every linear of 3 blocks (q, k, v, o: 48x48 / 48x24; gate, up: 80x48; down: 48x80).
+    shapes = [(48, 48), (24, 48), (24, 48), (48, 48), (80, 48), (80, 48), (48, 80)]
+    assert rows["dense+lora"]["trainable"] == 3 * sum(4 * (n + k) for n, k in shapes)
+    assert rows["wanda+svd+distill+owl"]["trainable"] == rows["dense+lora"]["trainable"]
+    assert rows["losa+rmi"]["final_sparsity"] == pytest.approx(0.5, abs=0.02)
+    # The merged LoSA model is plain 50 % BM8x8 layers: smaller than the dense model with LoRA folded in.
+    assert rows["losa+rmi"]["bytes"] < rows["dense+lora"]["bytes"]
+    table = (out / "table.md").read_text().splitlines()
+    assert [line.split(" | ")[0].lstrip("| ") for line in table[3:]] == RECIPES
+    assert table[3].split(" | ")[3] == "1.000"  # the baseline against itself
+    assert (out / "recovery.png").stat().st_size > 0
+    assert not list(out.glob("*.running"))
+
+    def must_not_run(*_args, **_kwargs):
+        raise AssertionError("a finished recipe ran again")
+
+    monkeypatch.setattr(recovery, "run_recipe", must_not_run)
+    assert recovery.main(argv) == 0
+    (out / "losa_owl.running").touch()  # claimed by another process: skipped, not run
+    assert recovery.main([*argv, "losa+owl"]) == 0
