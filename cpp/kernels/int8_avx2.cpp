@@ -1,10 +1,10 @@
 // AVX2 + FMA kernels for int8 BM8x8 weights (issue 21). Built with the flags of spmm_avx2.cpp.
 //
 // A tile row's 8-bit mask picks a vpshufb control that moves the row's packed int8 values into the
-// top byte of their column's 32-bit lane (zeros elsewhere): the lane then holds q · 2^24, which
-// vcvtdq2ps turns into fp32 exactly, so a row costs one broadcast load, one shuffle, one convert
-// and one FMA. The 2^-24 is folded into the scale: per-row scales multiply each output row once
-// after the band's accumulation, per-group scales each group's partial sums.
+// top byte of their column's 32-bit lane (zeros elsewhere); an arithmetic shift right by 24
+// sign-extends them, so a row costs one broadcast load, one shuffle, one shift, one convert and one
+// FMA. Per-row scales multiply each output row once after the band's accumulation, per-group scales
+// each group's partial sums.
 //
 // M = 1 walks the band straight from the value stream. M > 1 decodes (band, group) once into fp32
 // (scales applied) and every x row reads it from L1. The transposed product decodes likewise.
@@ -23,7 +23,6 @@
 namespace salr::kernels {
 namespace {
 
-constexpr float kUnshift = 1.0f / 16777216.0f;  // 2^-24: the lanes hold q · 2^24
 constexpr int64_t kGroupValues = 512;           // most values one (band, group) can hold
 constexpr int64_t kRowRead = 8;                  // a row expansion reads 8 bytes from its first value
 constexpr int kPrefetchBytes = 2048;             // values prefetch distance
@@ -44,13 +43,13 @@ struct Int8RowTable {
 };
 const Int8RowTable g_int8_rows;
 
-// Row r of a tile as fp32 lanes q · 2^24 (0 where the mask is clear); reads 8 bytes from p.
-inline __m256 row_q24(const int8_t* p, unsigned mask) {
+// Row r of a tile as fp32 lanes (0 where the mask is clear); reads 8 bytes from p.
+inline __m256 row_q(const int8_t* p, unsigned mask) {
   int64_t bytes;
   std::memcpy(&bytes, p, sizeof bytes);
   const __m256i src = _mm256_set1_epi64x(bytes);
   const __m256i ctl = _mm256_load_si256(reinterpret_cast<const __m256i*>(g_int8_rows.ctl[mask]));
-  return _mm256_cvtepi32_ps(_mm256_shuffle_epi8(src, ctl));
+  return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_shuffle_epi8(src, ctl), 24));
 }
 
 inline int64_t row_offset(uint64_t word, int r) {
@@ -75,12 +74,12 @@ inline __m256 reduce8(const __m256* acc) {
   return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
 }
 
-// The 8 row scales of (band, group) times 2^-24; 0 for rows past the weight's end.
+// The 8 row scales of (band, group); 0 for rows past the weight's end.
 inline __m256 scale_vector(const Int8WeightView& w, int64_t band, int64_t group) {
   alignas(32) float s[8];
   for (int r = 0; r < 8; ++r) {
     const int64_t n = 8 * band + r;
-    s[r] = n < w.index.rows ? int8_scale(w, n, group) * kUnshift : 0.0f;
+    s[r] = n < w.index.rows ? int8_scale(w, n, group) : 0.0f;
   }
   return _mm256_load_ps(s);
 }
@@ -101,7 +100,7 @@ inline bool decode_group_scaled(const Int8WeightView& w, const GroupGeometry& ge
   for (int64_t t = 0; t < nt; ++t) {
     const uint64_t word = words[t];
     for (int r = 0; r < 8; ++r) {
-      const __m256 row = row_q24(p + row_offset(word, r), format::row_mask(word, r));
+      const __m256 row = row_q(p + row_offset(word, r), format::row_mask(word, r));
       _mm256_storeu_ps(dense + r * 64 + 8 * t, _mm256_mul_ps(row, _mm256_set1_ps(s[r])));
     }
     p += _mm_popcnt_u64(word);
@@ -154,7 +153,7 @@ int64_t gemm_one_row(const Int8GemmArgs& a, const float* x, int64_t band_begin, 
         const uint64_t word = words[t];
         const __m256 xv = _mm256_loadu_ps(x + 8 * t);
         for (int r = 0; r < 8; ++r) {
-          acc[r] = _mm256_fmadd_ps(row_q24(p + row_offset(word, r), format::row_mask(word, r)), xv, acc[r]);
+          acc[r] = _mm256_fmadd_ps(row_q(p + row_offset(word, r), format::row_mask(word, r)), xv, acc[r]);
         }
         p += _mm_popcnt_u64(word);
       }
