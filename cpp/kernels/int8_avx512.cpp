@@ -284,8 +284,30 @@ int64_t gemm_transposed_int8_avx512(const Int8GemmTransposedArgs& a, int64_t gro
   return -1;
 }
 
+// The large-M paths' dequantizer: every tile (empty ones included) expanded, scaled per row and
+// stored as 8 rows of `dtype`, so the chunk needs no zero fill.
+int64_t dequantize_int8_avx512(const Int8WeightView& w, DType dtype, void* dense, int64_t band_begin,
+                               int64_t band_end) {
+  const int es = element_size(dtype);
+  const int64_t cols = w.index.cols;
+  const auto* values = static_cast<const int8_t*>(w.index.values);
+  return for_each_checked_tile(w.index, band_begin, band_end, [&](uint64_t word, int64_t v, int64_t offset, int rows,
+                                                                  int width) {
+    const int64_t band = offset / (8 * cols), tile = (offset - 8 * band * cols) / 8;
+    alignas(32) float s[8];
+    band_scales(w.scales, w.scale_groups, w.index.rows, band, tile / format::kTilesPerGroup, s);
+    __m512 o[4];
+    decode_tile(values + v, word, o);
+    for (int r = 0; r < rows; ++r) {
+      const __m256 row = r % 2 == 0 ? _mm512_castps512_ps256(o[r / 2]) : _mm512_extractf32x8_ps(o[r / 2], 1);
+      store8(static_cast<char*>(dense) + (offset + r * cols) * es, _mm256_mul_ps(row, _mm256_set1_ps(s[r])), dtype,
+             width);
+    }
+  });
+}
+
 const Int8KernelTable kAvx512Int8Table{"avx512", gemm_int8_avx512, gemm_transposed_int8_avx512,
-                                       dequantize_bands_int8};
+                                       dequantize_int8_avx512};
 
 }  // namespace
 
