@@ -84,10 +84,11 @@ inline void band_scales(const float* scales, int64_t scale_groups, int64_t rows,
   }
 }
 
-// Why: per-group scales in the fma layout: zmm p = scale of row 2p (lanes 0-7) | row 2p+1 (8-15).
-inline void group_scale_vectors(const Walk& k, int64_t band, int64_t g, __m512* sv) {
+// Why: the scales of (band, group) in the fma layout: zmm p = row 2p (lanes 0-7) | row 2p+1 (8-15).
+inline void scale_vectors(const float* scales, int64_t scale_groups, int64_t rows, int64_t band, int64_t g,
+                          __m512* sv) {
   alignas(32) float s[8];
-  band_scales(k.scales, k.scale_groups, k.w.rows, band, g, s);
+  band_scales(scales, scale_groups, rows, band, g, s);
   for (int p = 0; p < 4; ++p) {
     sv[p] = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(s[2 * p]), _mm512_set1_ps(s[2 * p + 1]));
   }
@@ -124,7 +125,7 @@ int64_t fma_band(Walk& k, int64_t band, const float* x, __m512* out) {
     const bool full = interior && g + 1 < k.geo.groups;
     int64_t v = enter_group(k, band, g, full);
     if (v < 0) return band * k.geo.groups + g;
-    if constexpr (kGroupScales) group_scale_vectors(k, band, g, sv);
+    if constexpr (kGroupScales) scale_vectors(k.scales, k.scale_groups, k.w.rows, band, g, sv);
     const int64_t t0 = 8 * g;
     if (full) {
 #pragma GCC unroll 8
@@ -221,8 +222,9 @@ int64_t gemm_int8_avx512(const Int8GemmArgs& a, int64_t band_begin, int64_t band
   return -1;
 }
 
-// dx for 64-column groups: decode (band, group) once to fp32, then each dy row adds
-// Σ_r dy[8b+r]·scale(8b+r, g)·q[r, :] into 8 tile accumulators (lanes 0-7: even rows, 8-15: odd).
+// dx for 64-column groups: decode (band, group) once to fp32 and scale it (the weights, not dy: a
+// large dy times a scale must not overflow where only pruned zeros meet it), then each dy row adds
+// Σ_r dy[8b+r]·W[r, :] into 8 tile accumulators (lanes 0-7: even rows, 8-15: odd).
 int64_t gemm_transposed_int8_avx512(const Int8GemmTransposedArgs& a, int64_t group_begin, int64_t group_end) {
   const SparseWeightView& w = a.weight.index;
   const GroupGeometry geo = geometry_of(w);
@@ -230,7 +232,6 @@ int64_t gemm_transposed_int8_avx512(const Int8GemmTransposedArgs& a, int64_t gro
   const auto* values = static_cast<const int8_t*>(w.values);
   alignas(64) __m512 buf[32];  // one group decoded to fp32, 4 zmm per tile
   alignas(64) __m512 acc[kRowBlock * 8];
-  alignas(32) float s[8];
   __m512i pair_idx[4];  // zmm p broadcasts dy row 2p to lanes 0-7 and row 2p+1 to lanes 8-15
   for (int p = 0; p < 4; ++p) {
     pair_idx[p] = _mm512_mask_blend_epi32(0xff00, _mm512_set1_epi32(2 * p), _mm512_set1_epi32(2 * p + 1));
@@ -250,14 +251,16 @@ int64_t gemm_transposed_int8_avx512(const Int8GemmTransposedArgs& a, int64_t gro
           _mm_prefetch(reinterpret_cast<const char*>(w.bitmap + (band + kTransposedAhead) * geo.tiles + t0), _MM_HINT_T0);
         }
         const uint64_t* words = w.bitmap + band * geo.tiles + t0;
-        for (int t = 0; t < nt; v += _mm_popcnt_u64(words[t]), ++t) decode_tile(values + v, words[t], buf + 4 * t);
+        __m512 sv[4];
+        scale_vectors(a.weight.scales, a.weight.scale_groups, w.rows, band, g, sv);
+        for (int t = 0; t < nt; v += _mm_popcnt_u64(words[t]), ++t) {
+          decode_tile(values + v, words[t], buf + 4 * t);
+          for (int q = 0; q < 4; ++q) buf[4 * t + q] = _mm512_mul_ps(buf[4 * t + q], sv[q]);
+        }
         const int n_valid = static_cast<int>(std::min<int64_t>(8, w.rows - 8 * band));
-        band_scales(a.weight.scales, a.weight.scale_groups, w.rows, band, g, s);
-        const __m256 scale = _mm256_load_ps(s);
         for (int r = 0; r < mb; ++r) {
-          const __m256 dy = load8(static_cast<const char*>(a.dy) + ((i0 + r) * a.dy_row_stride + 8 * band) * es,
-                                  a.dtype, n_valid);
-          const __m512 d = _mm512_castps256_ps512(_mm256_mul_ps(dy, scale));
+          const __m512 d = _mm512_castps256_ps512(
+              load8(static_cast<const char*>(a.dy) + ((i0 + r) * a.dy_row_stride + 8 * band) * es, a.dtype, n_valid));
           __m512 dp[4];
           for (int p = 0; p < 4; ++p) dp[p] = _mm512_permutexvar_ps(pair_idx[p], d);
           __m512* ar = acc + r * 8;

@@ -47,8 +47,8 @@ int64_t gemm_bands_int8_scalar(const Int8GemmArgs& a, int64_t band_begin, int64_
   return -1;
 }
 
-// dx[:, group columns] = dy · W[:, group columns]: dy[i, n] · scale(n, group) once per (band, row),
-// then one multiply-add per stored value, accumulated over all bands in fp32.
+// dx[:, group columns] = dy · W[:, group columns], W = scale · q per stored value (the weight is
+// scaled, not dy: a large dy times a scale must not overflow on its own), accumulated in fp32.
 int64_t gemm_transposed_groups_int8_scalar(const Int8GemmTransposedArgs& a, int64_t group_begin,
                                            int64_t group_end) {
   const Int8WeightView& w = a.weight;
@@ -61,13 +61,10 @@ int64_t gemm_transposed_groups_int8_scalar(const Int8GemmTransposedArgs& a, int6
     for (int64_t i = 0; i < a.m; ++i) {
       std::fill(acc, acc + format::kGroupColumns, 0.0f);
       for (int64_t band = 0; band < geo.bands; ++band) {
-        float dy_scaled[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        const int64_t row_end = std::min<int64_t>(8 * band + 8, w.index.rows);
-        for (int64_t n = 8 * band; n < row_end; ++n) {
-          dy_scaled[n - 8 * band] = load_as_float(a.dy, i * a.dy_row_stride + n, a.dtype) * int8_scale(w, n, group);
-        }
         const bool consistent = for_each_nonzero(w.index, geo, band, group, [&](int64_t t, int bit, int64_t v) {
-          acc[(t - group_tile_begin(group)) * 8 + (bit & 7)] += dy_scaled[bit >> 3] * static_cast<float>(q[v]);
+          const int64_t n = 8 * band + (bit >> 3);
+          const float dy = load_as_float(a.dy, i * a.dy_row_stride + n, a.dtype);
+          acc[(t - group_tile_begin(group)) * 8 + (bit & 7)] += dy * (int8_scale(w, n, group) * static_cast<float>(q[v]));
         });
         if (!consistent) return band * geo.groups + group;
       }
