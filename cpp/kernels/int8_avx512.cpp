@@ -64,7 +64,7 @@ __attribute__((always_inline)) inline int64_t enter_group(Walk& k, int64_t band,
 
 // Why: one tile to fp32, zmm p = rows 2p | 2p+1 (the fma layout); absent values are 0. The expanded
 // tile goes through a stack line and is sign-extended from memory: three lane extracts fewer on
-// port 5, which the expand and the extensions already load (measured ~20% faster per tile at M = 1).
+// port 5, which the expand and the extensions already load (a gain within this run's noise so far).
 inline void decode_tile(const int8_t* p, uint64_t word, __m512* o) {
   alignas(64) int8_t line[64];
   _mm512_store_si512(line, _mm512_maskz_expandloadu_epi8(word, p));
