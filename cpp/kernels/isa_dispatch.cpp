@@ -5,6 +5,7 @@
 #include <initializer_list>
 #include <strings.h>
 
+#include "int8_kernels.h"
 #include "kernels.h"
 
 namespace salr::kernels {
@@ -13,6 +14,8 @@ namespace salr::kernels {
 // Non-x86 builds compile only the scalar kernels.
 const KernelTable* avx2_kernel_table() { return nullptr; }
 const KernelTable* avx512_kernel_table() { return nullptr; }
+const Int8KernelTable* avx2_int8_table() { return nullptr; }
+const Int8KernelTable* avx512_int8_table() { return nullptr; }
 #endif
 
 const char* isa_name(Isa isa) {
@@ -123,6 +126,13 @@ bool selected_dense_gemm_dtype(DType dtype, DType* gemm_dtype, const char** erro
   // Sapphire Rapids with AVX512_FP16), so it always widens.
   if (dtype == DType::kFloat16 || !fast_bf16_gemm()) *gemm_dtype = DType::kFloat32;
   return true;
+}
+
+const Int8KernelTable& int8_kernel_table(Isa isa) {
+  const Int8KernelTable* table = isa == Isa::kAvx512 ? avx512_int8_table()
+                                 : isa == Isa::kAvx2 ? avx2_int8_table()
+                                                     : nullptr;
+  return table != nullptr ? *table : *scalar_int8_table();
 }
 
 }  // namespace salr::kernels
