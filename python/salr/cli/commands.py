@@ -22,6 +22,7 @@ from salr.cli.runs import RunDirectory, markdown_table, open_run, plot_bars, plo
 from salr.eval import lm_eval
 from salr.io.saved_model import is_saved_model, load, save
 from salr.methods.salor.config import FactorSparsityConfig
+from salr.methods.salr.model import quantize_bases
 from salr.prune.owl import check_owl_params
 from salr.train.config import TrainConfig
 from salr.train import distill
@@ -130,7 +131,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    layerwise = _layerwise_options(args)  # bad flags fail before the run directory is touched
+    layerwise = {**_layerwise_options(args), **steps.quantize_options(args)}  # bad flags fail before the run directory
     run = open_run(args)
     run.write_config(vars(args))
     budget = _budget(args)
@@ -173,7 +174,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise ValueError(f"--method {args.method}: not wired into the CLI yet (available: {', '.join(METHOD_OPTIONS)})")
     budget = _budget(args)
     # checked before the model loads
-    factor_options = {**_factor_options(args, budget), **_layerwise_options(args)}
+    factor_options = {**_factor_options(args, budget), **_layerwise_options(args), **steps.quantize_options(args)}
     distill_options = _distill_options(args)
     if world == 1:
         return _finetune(args, budget, factor_options, distill_options)
@@ -242,6 +243,7 @@ def _finetune_losa(args: argparse.Namespace) -> int:
     """``salr finetune --method losa``: dense -> LoSA rounds -> merged plain sparse model, saved."""
     budget = _budget(args)
     config = _losa_config(args, budget)  # bad flags fail before the run directory is touched
+    quantize = steps.quantize_options(args)
     run = open_run(args)
     run.write_config(vars(args))
     model, tokenizer, splits = steps.load(args.model, args.text)
@@ -252,6 +254,9 @@ def _finetune_losa(args: argparse.Namespace) -> int:
     losa.export_salr(model)
     model.eval()
     stages["LoSA (merged)"] = {"perplexity": steps.evaluate(model, splits, budget, "LoSA (merged)")}
+    if quantize["quantize"]:  # LoSA merges into the base values, so the int8 grid comes after the last merge
+        quantize_bases(model, **quantize)
+        stages["LoSA (merged, int8)"] = {"perplexity": steps.evaluate(model, splits, budget, "LoSA (merged, int8)")}
     save(model, run.file("model"), tokenizer=tokenizer, overwrite=True)
     history, done = [], 0
     for r in report.rounds:  # one step count over all rounds
@@ -273,7 +278,7 @@ def _finetune_losa(args: argparse.Namespace) -> int:
                             "last loss"], rows)
     run.write_report("salr finetune --method losa", [("Perplexity", _stage_table(stages)), ("Rounds", table)])
     print(f"dense {stages['dense']['perplexity']:.2f} -> LoSA {report.final_sparsity:.1%} sparse "
-          f"{stages['LoSA (merged)']['perplexity']:.2f}; merged model in {run.file('model')}; wrote {run.path}/")
+          f"{list(stages.values())[-1]['perplexity']:.2f}; merged model in {run.file('model')}; wrote {run.path}/")
     return 0
 
 

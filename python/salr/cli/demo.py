@@ -30,6 +30,7 @@ RELOAD_TOLERANCE = 0.0  # the reloaded model must give bit-identical logits
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    quantize = steps.quantize_options(args)  # before the run directory is touched
     budget = steps.Budget.quick() if args.quick else steps.Budget()
     if args.steps is not None:
         budget.train_steps = args.steps
@@ -49,7 +50,7 @@ def run_demo(args: argparse.Namespace) -> int:
     run.update_metrics(stages=stages)
 
     with steps.Timer() as t:
-        steps.prune(model, splits, budget, sparsity=args.sparsity, criterion="wanda")
+        steps.prune(model, splits, budget, sparsity=args.sparsity, criterion="wanda", **quantize)
     errors = reconstruction_errors(dense_for_speed, model)
     # Now in the speed dtype: half the memory while the model trains, and compare_speed needs no copy.
     dense_for_speed = dense_for_speed.to(speed_dtype or torch.float32)
