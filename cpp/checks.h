@@ -19,6 +19,9 @@ inline bool is_weight_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
 }
 
+// The dtypes `values` may have: a float weight, or int8 with fp32 scales (issue 21).
+inline bool is_values_dtype(at::ScalarType t) { return is_weight_dtype(t) || t == at::kChar; }
+
 inline kernels::DType kernel_dtype(at::ScalarType t) {
   if (t == at::kBFloat16) return kernels::DType::kBFloat16;
   if (t == at::kHalf) return kernels::DType::kFloat16;
@@ -46,8 +49,8 @@ inline void check_bitmap_weight(const char* op, const at::Tensor& bitmap, const 
              " and ", cols);
   check_dtype(op, "bitmap", bitmap, at::kLong);
   check_dtype(op, "offsets", offsets, at::kInt);
-  SALR_CHECK(is_weight_dtype(values.scalar_type()), op,
-             "values must be float32, bfloat16 or float16, got ", values.scalar_type());
+  SALR_CHECK(is_values_dtype(values.scalar_type()), op,
+             "values must be float32, bfloat16, float16 or int8, got ", values.scalar_type());
   check_dim(op, "bitmap", bitmap, 2);
   check_dim(op, "values", values, 1);
   check_dim(op, "offsets", offsets, 1);

@@ -7,8 +7,10 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <optional>
 
 #include "checks.h"
+#include "op_checks.h"
 
 namespace salr {
 
@@ -59,23 +61,55 @@ void for_each_band_chunk(int64_t rows, int64_t cols, Fn&& fn) {
   }
 }
 
+// Calls fn(row_begin, row_end, dense_rows) for each band chunk of a [rows, cols] weight, written into
+// one reused scratch of `options` by decode(base, band_begin, band_end) (-1 or the first bad group; it
+// writes band b's rows at base + 8*b*cols elements).
+template <typename DecodeFn, typename Fn>
+void for_each_chunk_decoded_by(const char* op, int64_t rows, int64_t cols, const at::TensorOptions& options,
+                               DecodeFn&& decode, Fn&& fn) {
+  at::Tensor scratch;
+  FirstBadGroup bad;
+  const int64_t element_size = static_cast<int64_t>(c10::elementSize(options.dtype().toScalarType()));
+  for_each_band_chunk(rows, cols, [&](int64_t b0, int64_t b1, int64_t r0, int64_t r1) {
+    if (!scratch.defined()) scratch = chunk_scratch(r1 - r0, cols, options);
+    // decode writes a band at its row in the full matrix: shift the base so b0 lands at row 0.
+    char* base = static_cast<char*>(scratch.data_ptr()) - r0 * cols * element_size;
+    at::parallel_for(b0, b1, 1, [&](int64_t c0, int64_t c1) { bad.note(decode(base, c0, c1)); });
+    if (bad.index >= 0) fail_inconsistent(op, bad.index, cols);
+    fn(r0, r1, scratch.narrow(0, 0, r1 - r0));
+  });
+}
+
 // Calls fn(row_begin, row_end, dense_rows) for each band chunk, decoded into one reused scratch.
 template <typename Fn>
 void for_each_decoded_chunk(const char* op, const kernels::SparseWeightView& view,
                             const at::Tensor& values, Fn&& fn) {
-  const int64_t cols = view.cols;
   const kernels::DecodeBandsFn decode = selected_kernels(op).decode;
-  at::Tensor scratch;
-  FirstBadGroup bad;
-  for_each_band_chunk(view.rows, cols, [&](int64_t b0, int64_t b1, int64_t r0, int64_t r1) {
-    if (!scratch.defined()) scratch = chunk_scratch(r1 - r0, cols, values.options());
-    // decode_bands writes a band at its row in the full matrix: shift the base so b0 lands at row 0.
-    char* base = static_cast<char*>(scratch.data_ptr()) - r0 * cols * values.element_size();
-    at::parallel_for(b0, b1, 1, [&](int64_t c0, int64_t c1) {
-      bad.note(decode(view, base, c0, c1));
-    });
-    if (bad.index >= 0) fail_inconsistent(op, bad.index, cols);
-    fn(r0, r1, scratch.narrow(0, 0, r1 - r0));
+  for_each_chunk_decoded_by(
+      op, view.rows, view.cols, values.options(),
+      [&](char* base, int64_t c0, int64_t c1) { return decode(view, base, c0, c1); }, fn);
+}
+
+// y[:, chunk rows] = x · W_chunkᵀ (+ t · B_chunkᵀ + bias) for every chunk that for_each_chunk(fn)
+// hands to fn(row_begin, row_end, w_chunk): the large-M path of sparse_lowrank_gemm, float or int8.
+template <typename ForEachChunk>
+void chunked_lowrank_gemm(ForEachChunk&& for_each_chunk, const at::Tensor& x2d, const CheckedAdapter& adapter,
+                          const at::Tensor& t, const std::optional<at::Tensor>& bias, at::Tensor& y) {
+  for_each_chunk([&](int64_t r0, int64_t r1, const at::Tensor& w_chunk) {
+    at::Tensor y_chunk = y.narrow(1, r0, r1 - r0);
+    if (adapter.rank == 0) {
+      if (bias.has_value()) {
+        y_chunk.copy_(at::addmm(bias->narrow(0, r0, r1 - r0), x2d, w_chunk.t()));
+      } else {
+        y_chunk.copy_(at::mm(x2d, w_chunk.t()));
+      }
+      return;
+    }
+    // With an adapter, sum the three terms in fp32 and round once (the GEMM's own output is rounded).
+    at::Tensor acc = at::mm(x2d, w_chunk.t()).to(at::kFloat);
+    acc.addmm_(t, adapter.b.narrow(0, r0, r1 - r0).to(at::kFloat).t());
+    if (bias.has_value()) acc.add_(bias->narrow(0, r0, r1 - r0).to(at::kFloat));
+    y_chunk.copy_(acc);
   });
 }
 

@@ -25,16 +25,54 @@ struct CheckedAdapter {
   int64_t rank = 0;
 };
 
+// The dtype of the activations (x or grad_out, and adapters, bias, output): the weight's with float
+// values; any float dtype with int8 values, which are dequantized into it (issue 21).
+inline at::ScalarType check_activation_dtype(const char* op, const char* arg, const at::Tensor& t,
+                                             const at::Tensor& values) {
+  if (values.scalar_type() != at::kChar) {
+    check_dtype(op, arg, t, values.scalar_type());
+  } else {
+    SALR_CHECK(is_weight_dtype(t.scalar_type()), op, arg,
+               " must be float32, bfloat16 or float16 with int8 values, got ", t.scalar_type());
+  }
+  return t.scalar_type();
+}
+
+// The scales of an int8 weight: W[n, k] = scales[n] · q[n, k] (per row, [rows]) or
+// scales[n, k / 64] · q[n, k] (per 64-column group, [rows, groups]): fp32, contiguous, on the weight's
+// device. Required iff values are int8. Their values (finite, > 0) are checked where it is cheap (CPU).
+inline void check_scales(const char* op, const std::optional<at::Tensor>& scales, const at::Tensor& values,
+                         int64_t rows, int64_t cols) {
+  if (values.scalar_type() != at::kChar) {
+    SALR_CHECK(!scales.has_value(), op, "scales must be None with ", values.scalar_type(),
+               " values (scales dequantize int8 values)");
+    return;
+  }
+  const int64_t groups = format::groups_per_band(cols);
+  SALR_CHECK(scales.has_value(), op, "scales is required with int8 values: float32 [", rows, "] (per row) or [",
+             rows, ", ", groups, "] (per 64-column group)");
+  const at::Tensor& s = *scales;
+  check_same_device(op, "scales", s, values);
+  check_dtype(op, "scales", s, at::kFloat);
+  const bool per_row = s.dim() == 1 && s.size(0) == rows;
+  const bool per_group = s.dim() == 2 && s.size(0) == rows && s.size(1) == groups;
+  SALR_CHECK(per_row || per_group, op, "scales must have shape [", rows, "] (per row) or [", rows, ", ", groups,
+             "] (per 64-column group), got ", s.sizes());
+  SALR_CHECK(s.is_contiguous(), op, "scales must be contiguous");
+}
+
 // salr.sparse_lowrank_gemm: x [..., cols], adapter_a [R, cols] with adapter_b [rows, R], bias [rows].
 inline CheckedAdapter check_sparse_lowrank_gemm_args(const char* op, const at::Tensor& x, const at::Tensor& bitmap,
                                                      const at::Tensor& values, const at::Tensor& offsets,
                                                      int64_t rows, int64_t cols,
                                                      const std::optional<at::Tensor>& adapter_a,
                                                      const std::optional<at::Tensor>& adapter_b,
-                                                     const std::optional<at::Tensor>& bias) {
+                                                     const std::optional<at::Tensor>& bias,
+                                                     const std::optional<at::Tensor>& scales) {
   check_bitmap_weight(op, bitmap, values, offsets, rows, cols);
+  check_scales(op, scales, values, rows, cols);
   check_same_device(op, "x", x, values);
-  check_dtype(op, "x", x, values.scalar_type());
+  const at::ScalarType act = check_activation_dtype(op, "x", x, values);
   SALR_CHECK(x.dim() >= 1 && x.size(-1) == cols, op, "x must have shape [..., ", cols, "] (in_features), got ",
              x.sizes());
   SALR_CHECK(adapter_a.has_value() == adapter_b.has_value(), op,
@@ -46,8 +84,8 @@ inline CheckedAdapter check_sparse_lowrank_gemm_args(const char* op, const at::T
     const at::Tensor& b = *adapter_b;
     check_same_device(op, "adapter_a", a, values);
     check_same_device(op, "adapter_b", b, values);
-    check_dtype(op, "adapter_a", a, values.scalar_type());
-    check_dtype(op, "adapter_b", b, values.scalar_type());
+    check_dtype(op, "adapter_a", a, act);
+    check_dtype(op, "adapter_b", b, act);
     check_dim(op, "adapter_a", a, 2);
     check_dim(op, "adapter_b", b, 2);
     SALR_CHECK(a.size(1) == cols, op, "adapter_a must have shape [rank, ", cols, "], got ", a.sizes());
@@ -57,20 +95,21 @@ inline CheckedAdapter check_sparse_lowrank_gemm_args(const char* op, const at::T
   }
   if (bias.has_value()) {
     check_same_device(op, "bias", *bias, values);
-    check_dtype(op, "bias", *bias, values.scalar_type());
+    check_dtype(op, "bias", *bias, act);
     SALR_CHECK(bias->dim() == 1 && bias->size(0) == rows, op, "bias must have shape [", rows, "], got ",
                bias->sizes());
   }
   return adapter;
 }
 
-// salr.sparse_gemm_transposed: grad_out [..., rows] in the weight's dtype.
+// salr.sparse_gemm_transposed: grad_out [..., rows] in the weight's dtype (any float with int8 values).
 inline void check_sparse_gemm_transposed_args(const char* op, const at::Tensor& grad_out, const at::Tensor& bitmap,
                                               const at::Tensor& values, const at::Tensor& offsets, int64_t rows,
-                                              int64_t cols) {
+                                              int64_t cols, const std::optional<at::Tensor>& scales) {
   check_bitmap_weight(op, bitmap, values, offsets, rows, cols);
+  check_scales(op, scales, values, rows, cols);
   check_same_device(op, "grad_out", grad_out, values);
-  check_dtype(op, "grad_out", grad_out, values.scalar_type());
+  check_activation_dtype(op, "grad_out", grad_out, values);
   SALR_CHECK(grad_out.dim() >= 1 && grad_out.size(-1) == rows, op, "grad_out must have shape [..., ", rows,
              "] (out_features), got ", grad_out.sizes());
 }
@@ -80,6 +119,8 @@ inline void check_sampled_gemm_args(const char* op, const at::Tensor& left, cons
                                     const at::Tensor& bitmap, const at::Tensor& values, const at::Tensor& offsets,
                                     int64_t rows, int64_t cols) {
   check_bitmap_weight(op, bitmap, values, offsets, rows, cols);
+  SALR_CHECK(values.scalar_type() != at::kChar, op,
+             "values must be a float dtype, got int8: a quantized base is frozen and has no values-gradient");
   check_same_device(op, "left", left, values);
   check_same_device(op, "right", right, values);
   check_dim(op, "left", left, 2);
@@ -97,10 +138,10 @@ inline void check_bitmap_decode_args(const char* op, const at::Tensor& bitmap, c
   check_bitmap_weight(op, bitmap, values, offsets, rows, cols);
 }
 
-// salr.bitmap_encode: a 2-D float matrix.
+// salr.bitmap_encode: a 2-D float or int8 matrix.
 inline void check_bitmap_encode_args(const char* op, const at::Tensor& dense) {
   check_dim(op, "dense", dense, 2);
-  SALR_CHECK(is_weight_dtype(dense.scalar_type()), op, "dense must be float32, bfloat16 or float16, got ",
+  SALR_CHECK(is_values_dtype(dense.scalar_type()), op, "dense must be float32, bfloat16, float16 or int8, got ",
              dense.scalar_type());
 }
 

@@ -18,8 +18,8 @@ namespace {
 
 constexpr const char* kOp = "bitmap_decode";
 
-// Element types are moved as raw bits: one instantiation per element size (2 bytes: bf16 and
-// fp16; 4 bytes: fp32), since decoding never does arithmetic on a value.
+// Element types are moved as raw bits: one instantiation per element size (1 byte: int8; 2 bytes:
+// bf16 and fp16; 4 bytes: fp32), since decoding never does arithmetic on a value.
 //
 // Lane l owns tile (l % 8) of the warp's group, rows l / 8 and l / 8 + 4: it expands each row's
 // 8-bit mask from consecutive values (one popcount for the row's start) and writes the 8 outputs
@@ -71,7 +71,15 @@ __global__ void __launch_bounds__(kCodecThreads) decode_kernel(const uint64_t* _
     if (valid_cols < 8) padding_bit_set |= (mask >> valid_cols) != 0;
     Bits* dst = dense + row * cols + col0;
     if (vector_rows && valid_cols == 8) {
-      if constexpr (sizeof(Bits) == 2) {
+      if constexpr (sizeof(Bits) == 1) {  // int8 values (issue 21): one 8-byte store
+        uint32_t lo = 0, hi = 0;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          lo |= uint32_t{out[c]} << (8 * c);
+          hi |= uint32_t{out[c + 4]} << (8 * c);
+        }
+        *reinterpret_cast<uint2*>(dst) = make_uint2(lo, hi);
+      } else if constexpr (sizeof(Bits) == 2) {
         *reinterpret_cast<uint4*>(dst) =
             make_uint4(out[0] | (uint32_t{out[1]} << 16), out[2] | (uint32_t{out[3]} << 16),
                        out[4] | (uint32_t{out[5]} << 16), out[6] | (uint32_t{out[7]} << 16));
@@ -129,12 +137,23 @@ at::Tensor decode_to_dense(const at::Tensor& bitmap, const at::Tensor& values, c
                            int64_t rows, int64_t cols, const at::Tensor* bad_group) {
   at::Tensor dense = at::empty({rows, cols}, values.options());
   if (rows == 0 || cols == 0) return dense;
-  if (values.element_size() == 2) {
+  if (values.element_size() == 1) {
+    launch_decode<uint8_t>(bitmap, values, offsets, rows, cols, dense, bad_group);
+  } else if (values.element_size() == 2) {
     launch_decode<uint16_t>(bitmap, values, offsets, rows, cols, dense, bad_group);
   } else {
     launch_decode<uint32_t>(bitmap, values, offsets, rows, cols, dense, bad_group);
   }
   return dense;
+}
+
+at::Tensor dense_weight(const at::Tensor& bitmap, const at::Tensor& values, const at::Tensor& offsets,
+                        int64_t rows, int64_t cols, const std::optional<at::Tensor>& scales, at::ScalarType dtype) {
+  const at::Tensor decoded = decode_to_dense(bitmap, values, offsets, rows, cols, nullptr);
+  if (values.scalar_type() != at::kChar) return decoded;
+  const at::Tensor per_column = scales->dim() == 1 ? scales->unsqueeze(1)
+                                                   : scales->repeat_interleave(format::kGroupColumns, 1).narrow(1, 0, cols);
+  return (decoded.to(at::kFloat) * per_column).to(dtype);
 }
 
 TORCH_LIBRARY_IMPL(salr, CUDA, m) { m.impl("bitmap_decode", &bitmap_decode_cuda); }

@@ -18,6 +18,7 @@ namespace {
 constexpr const char* kOp = "bitmap_encode";
 
 // Nonzero test on raw bits: +0 and -0 are zero (the reference's `dense != 0`), NaN is a value.
+__device__ __forceinline__ bool is_nonzero(uint8_t bits) { return bits != 0; }  // int8 (issue 21)
 __device__ __forceinline__ bool is_nonzero(uint16_t bits) { return (bits & 0x7fffu) != 0; }
 __device__ __forceinline__ bool is_nonzero(uint32_t bits) { return (bits & 0x7fffffffu) != 0; }
 
@@ -121,7 +122,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bitmap_encode_cuda(const at::Tens
   if (bands * groups == 0) {
     return {bitmap, at::empty({0}, dense.options()), at::zeros({1}, dense.options().dtype(at::kInt))};
   }
-  if (dense.element_size() == 2) {
+  if (dense.element_size() == 1) {
+    launch_count<uint8_t>(dense, bitmap, counts);
+  } else if (dense.element_size() == 2) {
     launch_count<uint16_t>(dense, bitmap, counts);
   } else {
     launch_count<uint32_t>(dense, bitmap, counts);
@@ -141,7 +144,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bitmap_encode_cuda(const at::Tens
 
 void gather_at_bitmap(const at::Tensor& dense, const at::Tensor& bitmap, const at::Tensor& offsets, at::Tensor& out) {
   if (dense.numel() == 0 || out.numel() == 0) return;
-  if (out.element_size() == 2) {
+  if (out.element_size() == 1) {
+    launch_gather<uint8_t>(dense, bitmap, offsets, out);
+  } else if (out.element_size() == 2) {
     launch_gather<uint16_t>(dense, bitmap, offsets, out);
   } else {
     launch_gather<uint32_t>(dense, bitmap, offsets, out);

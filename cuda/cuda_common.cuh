@@ -3,6 +3,8 @@
 // (device_common.cuh, torch-free) the 16-bit scalar traits, cp.async and mma.sync wrappers.
 #pragma once
 
+#include <optional>
+
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -50,6 +52,12 @@ inline int64_t cuda_dense_crossover_rows(int64_t default_rows) {
 // bounds. Checked arguments only.
 at::Tensor decode_to_dense(const at::Tensor& bitmap, const at::Tensor& values, const at::Tensor& offsets,
                            int64_t rows, int64_t cols, const at::Tensor* bad_group);
+
+// The dense [rows, cols] weight in `dtype` for the decode + cuBLAS paths: decoded, and with int8
+// values (issue 21) dequantized, scales[n] (or scales[n, k / 64]) · q[n, k] rounded once to `dtype`.
+// Correct, not fast: int8 on CUDA has no streaming kernel yet. Checked arguments only.
+at::Tensor dense_weight(const at::Tensor& bitmap, const at::Tensor& values, const at::Tensor& offsets,
+                        int64_t rows, int64_t cols, const std::optional<at::Tensor>& scales, at::ScalarType dtype);
 
 // out[i] = dense[position of value i] for every set bit: the values of `dense` (same element size
 // as out, [rows, cols] contiguous) at the bitmap's nonzeros, in value order.

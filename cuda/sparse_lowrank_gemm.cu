@@ -5,7 +5,8 @@
 //     streams the compressed weight once and decodes it into tensor-core registers; split-K when
 //     the band blocks alone cannot fill the GPU. T = x·Aᵀ comes from cuBLAS in fp32 (one small
 //     GEMM) and the kernel's epilogue adds T·Bᵀ and the bias before the one rounding.
-//   * M >= the crossover (compute-bound), and every fp32 call: decode the weight into a dense
+//   * M >= the crossover (compute-bound), every fp32 call and every int8 call (issue 21, dequantized
+//     into x's dtype: correct, not fast): decode the weight into a dense
 //     scratch (bitmap_decode's kernel) and let cuBLAS multiply (at::mm / at::addmm). fp32 has no
 //     sparse kernel on CUDA: it always takes this path (simple, and fp32 inference is rare).
 #include <ATen/ATen.h>
@@ -50,11 +51,12 @@ int64_t target_blocks(int device) {
 
 using Adapter = CheckedAdapter;  // op_checks.h: a, b (contiguous), rank
 
-// Decode + cuBLAS: the large-M path and the fp32 path.
+// Decode + cuBLAS: the large-M path, the fp32 path and every int8 call (dequantized, issue 21).
 at::Tensor dense_path(const at::Tensor& x2d, const at::Tensor& bitmap, const at::Tensor& values,
                       const at::Tensor& offsets, int64_t rows, int64_t cols, const Adapter& adapter,
-                      const at::Tensor& t, const std::optional<at::Tensor>& bias) {
-  const at::Tensor weight = decode_to_dense(bitmap, values, offsets, rows, cols, nullptr);
+                      const at::Tensor& t, const std::optional<at::Tensor>& bias,
+                      const std::optional<at::Tensor>& scales) {
+  const at::Tensor weight = dense_weight(bitmap, values, offsets, rows, cols, scales, x2d.scalar_type());
   if (adapter.rank == 0) {
     return bias.has_value() ? at::addmm(*bias, x2d, weight.t()) : at::mm(x2d, weight.t());
   }
@@ -140,11 +142,12 @@ at::Tensor sparse_lowrank_gemm_cuda(const at::Tensor& x, const at::Tensor& bitma
                                     const at::Tensor& offsets, int64_t out_features, int64_t in_features,
                                     const std::optional<at::Tensor>& adapter_a,
                                     const std::optional<at::Tensor>& adapter_b,
-                                    const std::optional<at::Tensor>& bias) {
+                                    const std::optional<at::Tensor>& bias,
+                                    const std::optional<at::Tensor>& scales) {
   const int64_t rows = out_features, cols = in_features;
   check_cuda(kOp, "values", values);
   const Adapter adapter =
-      check_sparse_lowrank_gemm_args(kOp, x, bitmap, values, offsets, rows, cols, adapter_a, adapter_b, bias);
+      check_sparse_lowrank_gemm_args(kOp, x, bitmap, values, offsets, rows, cols, adapter_a, adapter_b, bias, scales);
   const std::optional<at::Tensor> bias_c =
       bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   const c10::cuda::CUDAGuard guard(values.device());
@@ -173,7 +176,7 @@ at::Tensor sparse_lowrank_gemm_cuda(const at::Tensor& x, const at::Tensor& bitma
   }
   at::Tensor y = mma_dtype && m < cuda_dense_crossover_rows(kCudaDenseCrossoverRows)
                      ? sparse_path(x2d, bitmap, values, offsets, rows, cols, adapter, t, bias_c)
-                     : dense_path(x2d, bitmap, values, offsets, rows, cols, adapter, t, bias_c);
+                     : dense_path(x2d, bitmap, values, offsets, rows, cols, adapter, t, bias_c, scales);
   return y.view(out_shape);
 }
 

@@ -1,4 +1,4 @@
-// salr.bitmap_encode on the CPU: dense [rows, cols] -> BM8x8 (bitmap, values, offsets).
+// salr.bitmap_encode on the CPU: dense [rows, cols] -> BM8x8 (bitmap, values, offsets); float or int8.
 // Two passes over bands in parallel (count, then fill) with a serial prefix sum between them.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "checks.h"
+#include "kernels/int8_kernels.h"
 #include "op_checks.h"
 
 namespace salr {
@@ -28,8 +29,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bitmap_encode_cpu(const at::Tenso
   auto* words = reinterpret_cast<uint64_t*>(bitmap.data_ptr<int64_t>());
   int32_t* offs = offsets.data_ptr<int32_t>();
   // Pass 1 writes each group's count into offsets[index + 1]; the prefix sum turns counts into starts.
+  const bool int8 = dense.scalar_type() == at::kChar;  // issue 21: quantized values, moved as bytes
   at::parallel_for(0, bands, 1, [&](int64_t b0, int64_t b1) {
-    kernels::encode_count(dense.const_data_ptr(), rows, cols, dtype, words, offs + 1, b0, b1);
+    if (int8) {
+      kernels::encode_count_int8(dense.const_data_ptr<int8_t>(), rows, cols, words, offs + 1, b0, b1);
+    } else {
+      kernels::encode_count(dense.const_data_ptr(), rows, cols, dtype, words, offs + 1, b0, b1);
+    }
   });
   offs[0] = 0;
   int64_t running = 0;
@@ -42,7 +48,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bitmap_encode_cpu(const at::Tenso
   at::Tensor values = at::empty({running}, dense.options());
   const kernels::SparseWeightView view{words, nullptr, offs, running, rows, cols, dtype};
   at::parallel_for(0, bands, 1, [&](int64_t b0, int64_t b1) {
-    kernels::encode_fill(dense.const_data_ptr(), view, values.data_ptr(), b0, b1);
+    if (int8) {
+      kernels::encode_fill_int8(dense.const_data_ptr<int8_t>(), view, values.data_ptr<int8_t>(), b0, b1);
+    } else {
+      kernels::encode_fill(dense.const_data_ptr(), view, values.data_ptr(), b0, b1);
+    }
   });
   return {bitmap, values, offsets};
 }

@@ -12,6 +12,7 @@
 #include "checks.h"
 #include "op_checks.h"
 #include "dense_chunks.h"
+#include "int8_glue.h"
 
 namespace salr {
 namespace {
@@ -20,11 +21,13 @@ constexpr const char* kOp = "sparse_gemm_transposed";
 
 at::Tensor sparse_gemm_transposed_cpu(const at::Tensor& grad_out, const at::Tensor& bitmap,
                                       const at::Tensor& values, const at::Tensor& offsets,
-                                      int64_t out_features, int64_t in_features) {
+                                      int64_t out_features, int64_t in_features,
+                                      const std::optional<at::Tensor>& scales) {
   const int64_t rows = out_features, cols = in_features;
   check_cpu(kOp, "values", values);
-  check_sparse_gemm_transposed_args(kOp, grad_out, bitmap, values, offsets, rows, cols);
+  check_sparse_gemm_transposed_args(kOp, grad_out, bitmap, values, offsets, rows, cols, scales);
   check_offsets_ends(kOp, values, offsets);
+  check_scales_values_cpu(kOp, scales);
 
   std::vector<int64_t> out_shape(grad_out.sizes().begin(), grad_out.sizes().end());
   out_shape.back() = cols;
@@ -33,6 +36,9 @@ at::Tensor sparse_gemm_transposed_cpu(const at::Tensor& grad_out, const at::Tens
   if (rows > 0 && dy.stride(1) != 1) dy = dy.contiguous();
   const int64_t m = dy.size(0);
   if (m == 0 || cols == 0 || rows == 0) return at::zeros(out_shape, grad_out.options());
+  if (values.scalar_type() == at::kChar) {  // issue 21: int8 values (int8_gemm.cpp)
+    return int8_gemm_transposed_cpu(kOp, dy, bitmap, values, offsets, rows, cols, *scales).view(out_shape);
+  }
   const kernels::SparseWeightView view = weight_view(bitmap, values, offsets, rows, cols);
 
   if (m >= dense_crossover_rows()) {

@@ -15,6 +15,7 @@
 #include "checks.h"
 #include "op_checks.h"
 #include "dense_chunks.h"
+#include "int8_glue.h"
 
 namespace salr {
 namespace {
@@ -26,39 +27,20 @@ constexpr const char* kOp = "sparse_lowrank_gemm";
 // (SmolLM2's 192x576 k/v projections at M = 1) runs on the calling thread with no parallel region.
 constexpr int64_t kMinWeightsPerTask = int64_t{1} << 17;
 
-// Decode-and-GEMM path for large M: y[:, chunk] = x · W_chunkᵀ (+ adapter, bias) per band chunk.
-void dense_chunked_gemm(const at::Tensor& x2d, const kernels::SparseWeightView& view,
-                        const at::Tensor& values, const CheckedAdapter& adapter, const at::Tensor& t,
-                        const std::optional<at::Tensor>& bias, at::Tensor& y) {
-  for_each_decoded_chunk(kOp, view, values, [&](int64_t r0, int64_t r1, const at::Tensor& w_chunk) {
-    at::Tensor y_chunk = y.narrow(1, r0, r1 - r0);
-    if (adapter.rank == 0) {
-      if (bias.has_value()) {
-        y_chunk.copy_(at::addmm(bias->narrow(0, r0, r1 - r0), x2d, w_chunk.t()));
-      } else {
-        y_chunk.copy_(at::mm(x2d, w_chunk.t()));
-      }
-      return;
-    }
-    // With an adapter, sum the three terms in fp32 and round once (the GEMM's own output is rounded).
-    at::Tensor acc = at::mm(x2d, w_chunk.t()).to(at::kFloat);
-    acc.addmm_(t, adapter.b.narrow(0, r0, r1 - r0).to(at::kFloat).t());
-    if (bias.has_value()) acc.add_(bias->narrow(0, r0, r1 - r0).to(at::kFloat));
-    y_chunk.copy_(acc);
-  });
-}
-
 at::Tensor sparse_lowrank_gemm_cpu(const at::Tensor& x, const at::Tensor& bitmap,
                                    const at::Tensor& values, const at::Tensor& offsets,
                                    int64_t out_features, int64_t in_features,
                                    const std::optional<at::Tensor>& adapter_a,
                                    const std::optional<at::Tensor>& adapter_b,
-                                   const std::optional<at::Tensor>& bias) {
+                                   const std::optional<at::Tensor>& bias,
+                                   const std::optional<at::Tensor>& scales) {
   const int64_t rows = out_features, cols = in_features;
   check_cpu(kOp, "values", values);
   const CheckedAdapter adapter =
-      check_sparse_lowrank_gemm_args(kOp, x, bitmap, values, offsets, rows, cols, adapter_a, adapter_b, bias);
+      check_sparse_lowrank_gemm_args(kOp, x, bitmap, values, offsets, rows, cols, adapter_a, adapter_b, bias,
+                                     scales);
   check_offsets_ends(kOp, values, offsets);
+  check_scales_values_cpu(kOp, scales);
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = rows;
@@ -71,6 +53,10 @@ at::Tensor sparse_lowrank_gemm_cpu(const at::Tensor& x, const at::Tensor& bitmap
 
   const std::optional<at::Tensor> bias_c =
       bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  if (values.scalar_type() == at::kChar) {  // issue 21: int8 values (int8_gemm.cpp)
+    int8_lowrank_gemm_cpu(kOp, x2d, bitmap, values, offsets, rows, cols, *scales, adapter, bias_c, y);
+    return y.view(out_shape);
+  }
   const kernels::SparseWeightView view = weight_view(bitmap, values, offsets, rows, cols);
   const kernels::KernelTable& table = selected_kernels(kOp);
 
@@ -80,7 +66,8 @@ at::Tensor sparse_lowrank_gemm_cpu(const at::Tensor& x, const at::Tensor& bitmap
     // T = x·Aᵀ once, in fp32: the rank-R intermediate every chunk's epilogue reads.
     at::Tensor t;
     if (adapter.rank > 0) t = at::mm(x2d.to(at::kFloat), adapter.a.to(at::kFloat).t()).contiguous();
-    dense_chunked_gemm(x2d, view, values, adapter, t, bias_c, y);
+    chunked_lowrank_gemm([&](auto&& fn) { for_each_decoded_chunk(kOp, view, values, fn); }, x2d, adapter, t,
+                         bias_c, y);
     return y.view(out_shape);
   }
   // Kernel path: T by the ISA's GEMV into a per-thread scratch (no fp32 copy of A, no allocation

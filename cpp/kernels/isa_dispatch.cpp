@@ -4,6 +4,7 @@
 #include <cstring>
 #include <initializer_list>
 
+#include "int8_kernels.h"
 #include "kernels.h"
 
 namespace salr::kernels {
@@ -88,5 +89,8 @@ const KernelTable& kernel_table(Isa isa) {
   const KernelTable* table = compiled_table(isa);
   return table != nullptr ? *table : *scalar_kernel_table();
 }
+
+// The SIMD int8 kernels are not written yet: every ISA runs the scalar ones.
+const Int8KernelTable& int8_kernel_table(Isa) { return *scalar_int8_table(); }
 
 }  // namespace salr::kernels

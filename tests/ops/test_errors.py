@@ -32,7 +32,7 @@ def test_wrong_dtypes(weight):
         gemm(torch.randn(2, COLS), bitmap.int(), values, offsets)
     with pytest.raises(RuntimeError, match=r"sparse_lowrank_gemm: offsets must have dtype Int"):
         gemm(torch.randn(2, COLS), bitmap, values, offsets.long())
-    with pytest.raises(RuntimeError, match=r"sparse_lowrank_gemm: values must be float32, bfloat16 or float16"):
+    with pytest.raises(RuntimeError, match=r"sparse_lowrank_gemm: values must be float32, bfloat16, float16 or int8"):
         gemm(torch.randn(2, COLS).double(), bitmap, values.double(), offsets)
     with pytest.raises(RuntimeError, match=r"bitmap_encode: dense must be float32"):
         torch.ops.salr.bitmap_encode(torch.ones(3, 3, dtype=torch.int32))
@@ -140,8 +140,8 @@ MALFORMED = {
                                        r"offsets\[-1\] must equal the number of values"),
     "values empty": (lambda b, v, o: (b, v[:0], o, ROWS, COLS), r"offsets\[-1\] must equal the number of values \(0\)"),
     "values 2-D": (lambda b, v, o: (b, v.view(1, -1), o, ROWS, COLS), r"values must be 1-D"),
-    "values float64": (lambda b, v, o: (b, v.double(), o, ROWS, COLS), r"values must be float32, bfloat16 or float16"),
-    "values int32": (lambda b, v, o: (b, v.int(), o, ROWS, COLS), r"values must be float32, bfloat16 or float16"),
+    "values float64": (lambda b, v, o: (b, v.double(), o, ROWS, COLS), r"values must be float32, bfloat16, float16 or int8"),
+    "values int32": (lambda b, v, o: (b, v.int(), o, ROWS, COLS), r"values must be float32, bfloat16, float16 or int8"),
     "bitmap int32": (lambda b, v, o: (b.int(), v, o, ROWS, COLS), r"bitmap must have dtype Long"),
     "bitmap 1-D": (lambda b, v, o: (b.view(-1), v, o, ROWS, COLS), r"bitmap must be 2-D"),
     "offsets int64": (lambda b, v, o: (b, v, o.long(), ROWS, COLS), r"offsets must have dtype Int"),

@@ -18,6 +18,14 @@ def _check_one_device(op: str, **tensors) -> None:
         raise RuntimeError(f"salr.{op}: all tensors must be on one device, got {devices}")
 
 
+def _check_scales_given(op: str, values, scales) -> None:
+    """The fake kernels' scales check: required with int8 values, refused otherwise (the kernels
+    check their dtype, shape and values)."""
+    if (values.dtype == torch.int8) != (scales is not None):
+        raise RuntimeError(f"salr.{op}: scales must be given exactly when values are int8, got "
+                           f"{values.dtype} values and scales={'a tensor' if scales is not None else None}")
+
+
 def _register() -> None:
     @torch.library.register_fake("salr::bitmap_encode")
     def _encode_fake(dense):
@@ -35,15 +43,18 @@ def _register() -> None:
 
     @torch.library.register_fake("salr::sparse_lowrank_gemm")
     def _gemm_fake(x, bitmap, values, offsets, out_features, in_features, adapter_a=None,
-                   adapter_b=None, bias=None):
+                   adapter_b=None, bias=None, scales=None):
         _check_one_device("sparse_lowrank_gemm", x=x, bitmap=bitmap, values=values, offsets=offsets,
-                          adapter_a=adapter_a, adapter_b=adapter_b, bias=bias)
+                          adapter_a=adapter_a, adapter_b=adapter_b, bias=bias, scales=scales)
+        _check_scales_given("sparse_lowrank_gemm", values, scales)
         torch._check(x.shape[-1] == in_features, lambda: "salr.sparse_lowrank_gemm: x must end in in_features")
         return x.new_empty((*x.shape[:-1], out_features))
 
     @torch.library.register_fake("salr::sparse_gemm_transposed")
-    def _gemm_t_fake(grad_out, bitmap, values, offsets, out_features, in_features):
-        _check_one_device("sparse_gemm_transposed", grad_out=grad_out, bitmap=bitmap, values=values, offsets=offsets)
+    def _gemm_t_fake(grad_out, bitmap, values, offsets, out_features, in_features, scales=None):
+        _check_one_device("sparse_gemm_transposed", grad_out=grad_out, bitmap=bitmap, values=values,
+                          offsets=offsets, scales=scales)
+        _check_scales_given("sparse_gemm_transposed", values, scales)
         return grad_out.new_empty((*grad_out.shape[:-1], in_features))
 
     @torch.library.register_fake("salr::sampled_gemm")
@@ -56,40 +67,43 @@ def _register() -> None:
 
 
 def _gemm_setup_context(ctx, inputs, output):
-    x, bitmap, values, offsets, out_features, in_features, adapter_a, adapter_b, bias = inputs
+    x, bitmap, values, offsets, out_features, in_features, adapter_a, adapter_b, bias, scales = (
+        tuple(inputs) + (None,) * (10 - len(inputs)))
     ctx.shape = (out_features, in_features)
     ctx.has_adapter = adapter_a is not None
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, bitmap, values, offsets, adapter_a, adapter_b)
+    ctx.save_for_backward(x, bitmap, values, offsets, adapter_a, adapter_b, scales)
 
 
 def _gemm_backward(ctx, grad):
-    x, bitmap, values, offsets, adapter_a, adapter_b = ctx.saved_tensors
+    x, bitmap, values, offsets, adapter_a, adapter_b, scales = ctx.saved_tensors
     grads = gemm_backward_products(torch.ops.salr, grad, x, bitmap, values, offsets, *ctx.shape,
-                                   adapter_a, adapter_b, ctx.has_bias, ctx.needs_input_grad)
+                                   adapter_a, adapter_b, ctx.has_bias, ctx.needs_input_grad, scales)
     grad_x, grad_values, grad_a, grad_b, grad_bias = grads
-    return (grad_x, None, grad_values, None, None, None, grad_a, grad_b, grad_bias)[:len(ctx.needs_input_grad)]
+    return (grad_x, None, grad_values, None, None, None, grad_a, grad_b, grad_bias, None)[:len(ctx.needs_input_grad)]
 
 
 def gemm_backward_products(impl, grad, x, bitmap, values, offsets, out_features, in_features,
-                           adapter_a, adapter_b, has_bias, needs_input_grad):
+                           adapter_a, adapter_b, has_bias, needs_input_grad, scales=None):
     """The gradients of sparse_lowrank_gemm for (x, values, adapter_a, adapter_b, bias).
 
     `impl` provides sparse_gemm_transposed and sampled_gemm: torch.ops.salr in training, and
-    salr.ops.reference in the float64 gradcheck that validates these formulas.
+    salr.ops.reference in the float64 gradcheck that validates these formulas. int8 values (with
+    their scales) are a frozen base: the x-gradient goes through the quantized transposed product and
+    there is no values-gradient (int8 tensors cannot require one).
     """
-    # Autograd drops trailing defaulted arguments (None adapters/bias) from needs_input_grad.
-    needs = tuple(needs_input_grad) + (False,) * (9 - len(needs_input_grad))
-    need_x, _, need_values, _, _, _, need_a, need_b, need_bias = needs
+    # Autograd drops trailing defaulted arguments (None adapters/bias/scales) from needs_input_grad.
+    needs = tuple(needs_input_grad) + (False,) * (10 - len(needs_input_grad))
+    need_x, _, need_values, _, _, _, need_a, need_b, need_bias, _ = needs
     grad_2d = grad.reshape(-1, out_features)
     x_2d = x.reshape(-1, in_features)
     grad_x = grad_values = grad_a = grad_b = grad_bias = None
     grad_t = grad_2d @ adapter_b if adapter_a is not None and (need_x or need_a) else None
     if need_x:
-        grad_x = impl.sparse_gemm_transposed(grad, bitmap, values, offsets, out_features, in_features)
+        grad_x = impl.sparse_gemm_transposed(grad, bitmap, values, offsets, out_features, in_features, scales)
         if grad_t is not None:
             grad_x = grad_x + (grad_t @ adapter_a).reshape(grad_x.shape)
-    if need_values:
+    if need_values and values.dtype != torch.int8:
         grad_values = impl.sampled_gemm(grad_2d, x_2d, bitmap, values, offsets, out_features, in_features)
     if need_a:
         grad_a = grad_t.T @ x_2d

@@ -4,6 +4,8 @@ library is missing (design.md §3). Written for clarity, not speed: they decode 
 BM8x8 in tensors: ``bitmap`` int64 [bands, tiles] (the 64-bit tile word; bit r*8+c is W[8i+r, 8j+c]
 != 0, bit 63 being the sign bit), ``values`` 1-D in tile order, ``offsets`` int32
 [bands*groups + 1] (first value of every band at every 64-column group, then the value count).
+int8 ``values`` come with fp32 ``scales``, [N] or [N, groups]: W[n, k] = scales[n] · q[n, k] (resp.
+scales[n, k // 64] · q[n, k]); the products dequantize, then multiply (issue 21).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 TILE = 8
 TILES_PER_GROUP = 8
 _BIT_SHIFTS = torch.arange(64, dtype=torch.int64)
+VALUES_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int8)
 
 
 def num_bands(rows: int) -> int:
@@ -80,8 +83,9 @@ def check_weight(op: str, bitmap: torch.Tensor, values: torch.Tensor, offsets: t
     weight of shape [rows, cols] (the full check: offsets against popcounts, padding bits clear)."""
     if bitmap.dtype != torch.int64 or offsets.dtype != torch.int32:
         raise ValueError(f"salr.{op}: bitmap must be int64 and offsets int32, got {bitmap.dtype} and {offsets.dtype}")
-    if values.dim() != 1 or values.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        raise ValueError(f"salr.{op}: values must be a 1-D float tensor, got {values.dtype} of shape {tuple(values.shape)}")
+    if values.dim() != 1 or values.dtype not in VALUES_DTYPES:
+        raise ValueError(f"salr.{op}: values must be a 1-D float or int8 tensor, got {values.dtype} "
+                         f"of shape {tuple(values.shape)}")
     if tuple(bitmap.shape) != (num_bands(rows), tiles_per_band(cols)):
         raise ValueError(f"salr.{op}: bitmap must have shape {(num_bands(rows), tiles_per_band(cols))} "
                          f"for a [{rows}, {cols}] weight, got {tuple(bitmap.shape)}")
@@ -116,15 +120,46 @@ def bitmap_decode(bitmap: torch.Tensor, values: torch.Tensor, offsets: torch.Ten
     return from_tiles(tiles, rows, cols).contiguous()
 
 
+def check_scales(op: str, values: torch.Tensor, scales: torch.Tensor | None, rows: int, cols: int) -> None:
+    """Raise ValueError naming `op` and `scales` unless they fit the values: required (float32,
+    [rows] or [rows, groups], finite and > 0) with int8 values, None otherwise."""
+    if values.dtype != torch.int8:
+        if scales is not None:
+            raise ValueError(f"salr.{op}: scales must be None with {values.dtype} values (scales dequantize int8 values)")
+        return
+    shapes = ((rows,), (rows, groups_per_band(cols)))
+    if scales is None or scales.dtype != torch.float32 or tuple(scales.shape) not in shapes:
+        got = None if scales is None else f"{scales.dtype} of shape {tuple(scales.shape)}"
+        raise ValueError(f"salr.{op}: scales must be float32 of shape {shapes[0]} or {shapes[1]} with int8 values, got {got}")
+    if not bool((torch.isfinite(scales) & (scales > 0)).all()):
+        raise ValueError(f"salr.{op}: scales must be finite and > 0")
+
+
+def dequantize(dense_q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """scales · q for a decoded int8 [rows, cols] weight, in `dtype` (one rounding: the product)."""
+    cols = dense_q.shape[1]
+    if scales.dim() == 1:
+        return dense_q.to(dtype) * scales.to(dtype).unsqueeze(1)
+    per_column = scales.to(dtype).repeat_interleave(TILE * TILES_PER_GROUP, dim=1)[:, :cols]
+    return dense_q.to(dtype) * per_column
+
+
+def weight_in(compute: torch.dtype, bitmap, values, offsets, rows, cols, scales, op: str) -> torch.Tensor:
+    """The dense weight in `compute`: decoded, and dequantized when the values are int8."""
+    check_scales(op, values, scales, rows, cols)
+    weight = bitmap_decode(bitmap, values, offsets, rows, cols)
+    return dequantize(weight, scales, compute) if values.dtype == torch.int8 else weight.to(compute)
+
+
 def sparse_lowrank_gemm(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor,
                         offsets: torch.Tensor, out_features: int, in_features: int,
                         adapter_a: torch.Tensor | None = None, adapter_b: torch.Tensor | None = None,
-                        bias: torch.Tensor | None = None) -> torch.Tensor:
+                        bias: torch.Tensor | None = None, scales: torch.Tensor | None = None) -> torch.Tensor:
     """y = x·W_sᵀ + (x·adapter_aᵀ)·adapter_bᵀ + bias, computed in at least fp32, returned in x's dtype."""
     if (adapter_a is None) != (adapter_b is None):
         raise ValueError("salr.sparse_lowrank_gemm: adapter_a and adapter_b must be given together")
     compute = torch.promote_types(x.dtype, torch.float32)
-    weight = bitmap_decode(bitmap, values, offsets, out_features, in_features).to(compute)
+    weight = weight_in(compute, bitmap, values, offsets, out_features, in_features, scales, "sparse_lowrank_gemm")
     y = x.to(compute) @ weight.T
     if adapter_a is not None:
         y = y + (x.to(compute) @ adapter_a.to(compute).T) @ adapter_b.to(compute).T
@@ -134,17 +169,21 @@ def sparse_lowrank_gemm(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Ten
 
 
 def sparse_gemm_transposed(grad_out: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor,
-                           offsets: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+                           offsets: torch.Tensor, out_features: int, in_features: int,
+                           scales: torch.Tensor | None = None) -> torch.Tensor:
     """dx = dy·W_s, computed in at least fp32, returned in dy's dtype."""
     compute = torch.promote_types(grad_out.dtype, torch.float32)
-    weight = bitmap_decode(bitmap, values, offsets, out_features, in_features).to(compute)
+    weight = weight_in(compute, bitmap, values, offsets, out_features, in_features, scales, "sparse_gemm_transposed")
     return (grad_out.to(compute) @ weight).to(grad_out.dtype)
 
 
 def sampled_gemm(left: torch.Tensor, right: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor,
                  offsets: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """(leftᵀ·right) at the bitmap's nonzeros, shaped and typed like values."""
+    """(leftᵀ·right) at the bitmap's nonzeros, shaped and typed like values (float values only)."""
     check_weight("sampled_gemm", bitmap, values, offsets, out_features, in_features)
+    if values.dtype == torch.int8:
+        raise ValueError("salr.sampled_gemm: values must be a float dtype, got int8: a quantized base is frozen "
+                         "and has no values-gradient")
     compute = torch.promote_types(left.dtype, torch.float32)
     dense = left.to(compute).T @ right.to(compute)
     return to_tiles(dense)[unpack_bitmap(bitmap)].to(values.dtype)

@@ -7,6 +7,12 @@ K = in_features; a BM8x8 weight is ``(bitmap int64 [ceil(N/8), ceil(K/8)], value
 offsets int32 [ceil(N/8)*ceil(K/64) + 1])``. Dtypes: float32, bfloat16, float16; x, adapters, bias
 and values share one dtype; accumulation is fp32.
 
+int8 values (a quantized, frozen base): the two products then take ``scales``, float32 [N] (one per
+output row) or [N, ceil(K/64)] (one per row and 64-column group, the offsets' groups), finite and
+> 0, with W[n, k] = scales[n] · q[n, k] (resp. scales[n, k // 64] · q[n, k]); x, adapters and bias
+share any one float dtype. ``scales`` is refused with float values, ``sampled_gemm`` refuses int8
+values (no values-gradient), and encode / decode move int8 values as they are (no scales).
+
 Non-finite inputs: NaN/inf in ``values``, adapters or bias propagate as in the dense product. NaN/inf
 in ``x`` propagate through stored nonzeros; whether they also reach outputs through pruned zeros
 (IEEE 0·inf = NaN) depends on the kernel path (SIMD paths multiply whole 8x8 tiles). bf16 inputs
@@ -25,14 +31,14 @@ Tensor = torch.Tensor
 
 
 def bitmap_encode(dense: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Encode a dense [N, K] weight as BM8x8 ``(bitmap, values, offsets)``. -0.0 counts as zero."""
+    """Encode a dense [N, K] float or int8 weight as BM8x8 ``(bitmap, values, offsets)``. -0.0 counts as zero."""
     if native_available():
         return torch.ops.salr.bitmap_encode(dense)
     return reference.bitmap_encode(dense)
 
 
 def bitmap_decode(bitmap: Tensor, values: Tensor, offsets: Tensor, rows: int, cols: int) -> Tensor:
-    """Decode a BM8x8 weight to a dense [rows, cols] tensor of ``values.dtype``."""
+    """Decode a BM8x8 weight to a dense [rows, cols] tensor of ``values.dtype`` (int8 stays int8)."""
     if native_available():
         return torch.ops.salr.bitmap_decode(bitmap, values, offsets, rows, cols)
     return reference.bitmap_decode(bitmap, values, offsets, rows, cols)
@@ -40,31 +46,34 @@ def bitmap_decode(bitmap: Tensor, values: Tensor, offsets: Tensor, rows: int, co
 
 def sparse_lowrank_gemm(x: Tensor, bitmap: Tensor, values: Tensor, offsets: Tensor,
                         out_features: int, in_features: int, adapter_a: Tensor | None = None,
-                        adapter_b: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+                        adapter_b: Tensor | None = None, bias: Tensor | None = None, *,
+                        scales: Tensor | None = None) -> Tensor:
     """``y = x·W_sᵀ + (x·adapter_aᵀ)·adapter_bᵀ + bias``.
 
     x: [..., K]; adapter_a: [R, K] (stacked adapters [A1; A2; ...]); adapter_b: [N, R]
-    ([s1·B1, s2·B2, ...], scales folded in); bias: [N]. Returns [..., N] in x's dtype.
-    Differentiable in x, values, adapter_a, adapter_b and bias.
+    ([s1·B1, s2·B2, ...], scales folded in); bias: [N]; scales: with int8 values only (module doc).
+    Returns [..., N] in x's dtype. Differentiable in x, values (float values), adapter_a, adapter_b
+    and bias.
     """
     if native_available():
         return torch.ops.salr.sparse_lowrank_gemm(x, bitmap, values, offsets, out_features, in_features,
-                                                  adapter_a, adapter_b, bias)
+                                                  adapter_a, adapter_b, bias, scales)
     return reference.sparse_lowrank_gemm(x, bitmap, values, offsets, out_features, in_features,
-                                         adapter_a, adapter_b, bias)
+                                         adapter_a, adapter_b, bias, scales)
 
 
 def sparse_gemm_transposed(grad_out: Tensor, bitmap: Tensor, values: Tensor, offsets: Tensor,
-                           out_features: int, in_features: int) -> Tensor:
+                           out_features: int, in_features: int, *, scales: Tensor | None = None) -> Tensor:
     """``dx = dy·W_s``: grad_out [..., N] -> [..., K] (the x-gradient of sparse_lowrank_gemm)."""
     if native_available():
-        return torch.ops.salr.sparse_gemm_transposed(grad_out, bitmap, values, offsets, out_features, in_features)
-    return reference.sparse_gemm_transposed(grad_out, bitmap, values, offsets, out_features, in_features)
+        return torch.ops.salr.sparse_gemm_transposed(grad_out, bitmap, values, offsets, out_features, in_features,
+                                                     scales)
+    return reference.sparse_gemm_transposed(grad_out, bitmap, values, offsets, out_features, in_features, scales)
 
 
 def sampled_gemm(left: Tensor, right: Tensor, bitmap: Tensor, values: Tensor, offsets: Tensor,
                  out_features: int, in_features: int) -> Tensor:
-    """``(leftᵀ·right)`` at the bitmap's nonzeros, shaped and typed like ``values``.
+    """``(leftᵀ·right)`` at the bitmap's nonzeros, shaped and typed like ``values`` (float values only).
 
     left: [T, N], right: [T, K]. With left = dy and right = x this is the values-gradient; with
     left = Bᵀ and right = A it is LoSA's mask-sampled low-rank update.
