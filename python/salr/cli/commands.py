@@ -296,11 +296,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bulk = bench.bulk_read_gbps()
     machine = bench.machine_line(bulk)
     print(machine)
-    results = bench.run_grid(shapes, ms, sparsities, ["bf16"], 2**30, 5, bulk)
+    results = bench.run_grid(shapes, ms, sparsities, ["bf16", "int8"], 2**30, 5, bulk)
     run.update_metrics(machine=machine, bulk_read_gbps=bulk, cases=results)
     table = "\n".join([bench.HEADER, *map(bench.format_row, results)])
-    run.write_report("salr bench", [("Machine", machine), ("sparse_lowrank_gemm vs torch dense (bf16)", table)])
-    labels = [f"{r['shape']}\n{r['sparsity']:.0%} M={r['m']}" for r in results]
+    run.write_report("salr bench", [("Machine", machine), ("sparse_lowrank_gemm (bf16 values, int8 values + fp32 "
+                                                           "scales) vs torch dense bf16", table)])
+    labels = [f"{r['shape']} {r['dtype']}\n{r['sparsity']:.0%} M={r['m']}" for r in results]
     plot_bars(run, "speedup.png", ["dense"] + labels, [1.0] + [r["speedup"] for r in results],
               "× torch dense (higher is faster)", "salr sparse_lowrank_gemm, bf16")
     print(f"wrote {run.path}/ (metrics.json, report.md, speedup.png)")

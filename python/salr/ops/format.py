@@ -31,20 +31,14 @@ FORMAT_VERSION = 1
 QUANTIZED_FORMAT_VERSION = 2  # a file with int8 values and scales
 _TENSOR_NAMES = ("bitmap", "values", "offsets")
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-GROUP_SIZE = 64  # the offsets' column group: the one per-group scale size the kernels take
-
-
-def num_groups(cols: int) -> int:
-    """64-column groups of a weight with `cols` columns (the columns of per-group scales)."""
-    return (cols + GROUP_SIZE - 1) // GROUP_SIZE
-
+GROUP_SIZE = reference.TILE * reference.TILES_PER_GROUP  # the offsets' column group: per-group scales
 
 def check_scales(scales: object, rows: int, cols: int, name: str = "scales") -> torch.Tensor:
     """fp32 [rows] or [rows, ceil(cols/64)], every entry finite and > 0; ValueError naming `name`."""
     check_tensor(scales, name)
     if scales.dtype != torch.float32:
         raise ValueError(f"{name}: expected float32, got {scales.dtype}")
-    shapes = ((rows,), (rows, num_groups(cols)))
+    shapes = ((rows,), (rows, reference.groups_per_band(cols)))
     if tuple(scales.shape) not in shapes:
         raise ValueError(f"{name}: expected shape {shapes[0]} (per row) or {shapes[1]} (per 64-column group) "
                          f"for a [{rows}, {cols}] weight, got {tuple(scales.shape)}")
@@ -55,6 +49,7 @@ def check_scales(scales: object, rows: int, cols: int, name: str = "scales") -> 
 
 def column_scales(scales: torch.Tensor, cols: int) -> torch.Tensor:
     """The scale of every weight, [N, cols], from per-row [N] or per-group [N, G] scales."""
+    check_tensor(scales, "scales")
     if scales.dim() == 1:
         return scales.unsqueeze(1).expand(-1, cols)
     return scales.repeat_interleave(GROUP_SIZE, dim=1)[:, :cols]
@@ -130,7 +125,7 @@ class BitmapSparseWeight:
             raise ValueError(f"BitmapSparseWeight.to_dense: dtype: must be float32, bfloat16 or float16, got {dtype}")
         dense = ops.bitmap_decode(self.bitmap, self.values, self.offsets, self.rows, self.cols)
         if self.scales is not None:
-            dense = dense.float() * column_scales(self.scales, self.cols)
+            dense = reference.dequantize(dense, self.scales, torch.float32)
         return dense if dtype is None else dense.to(dtype)
 
     @property
@@ -184,8 +179,8 @@ class BitmapSparseWeight:
         if dtype is not None and dtype not in _WEIGHT_DTYPES + (torch.int8,):
             raise ValueError(f"BitmapSparseWeight.to: dtype: must be float32, bfloat16 or float16, got {dtype}")
         if dtype == torch.int8 and not self.quantized:
-            raise ValueError("BitmapSparseWeight.to: dtype: int8 needs scales; quantize with "
-                             "salr.prune.quantize.quantize_int8, not a cast")
+            raise ValueError("BitmapSparseWeight.to: dtype: must be float32, bfloat16 or float16 (int8 needs "
+                             "scales: quantize with salr.prune.quantize.quantize_int8, not a cast)")
         scales = None if self.scales is None else self.scales.to(device)
         moved = BitmapSparseWeight(self.bitmap.to(device), self.values.to(device), self.offsets.to(device),
                                    self.rows, self.cols, scales)

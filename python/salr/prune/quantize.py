@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from salr._checks import check_tensor
-from salr.ops.format import GROUP_SIZE, check_scales, column_scales, num_groups
+from salr.ops import reference
+from salr.ops.format import GROUP_SIZE, check_scales, column_scales
 
 QUANTIZE_MODES = ("int8",)
 QMAX = 127
@@ -57,7 +58,7 @@ def int8_scales(weight: torch.Tensor, group_size: int | None = None) -> torch.Te
     if group_size is None:
         amax = w.amax(dim=1) if w.shape[1] else w.new_zeros(w.shape[0])
     else:
-        padded = w.new_zeros(w.shape[0], num_groups(w.shape[1]) * GROUP_SIZE)
+        padded = w.new_zeros(w.shape[0], reference.groups_per_band(w.shape[1]) * GROUP_SIZE)
         padded[:, :w.shape[1]] = w
         amax = padded.view(w.shape[0], -1, GROUP_SIZE).amax(dim=2)
     scales = (amax / QMAX).clamp_min(torch.finfo(torch.float32).tiny)
@@ -67,6 +68,8 @@ def int8_scales(weight: torch.Tensor, group_size: int | None = None) -> torch.Te
 def round_to_grid(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """q = round(w / scales) clamped to ±127 as floats, survivors that round to 0 kept as ±1 (see
     the module doc); `scales` broadcasts against `w`."""
+    check_tensor(w, "w")
+    check_tensor(scales, "scales")
     q = torch.round(w / scales).clamp_(-QMAX, QMAX)
     return torch.where((q == 0) & (w != 0), torch.sign(w), q)
 
@@ -84,7 +87,7 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     if q.dtype != torch.int8:
         raise ValueError(f"q: expected int8, got {q.dtype}")
     check_scales(scales, *q.shape)
-    return q.float() * column_scales(scales.to(q.device), q.shape[1])
+    return reference.dequantize(q, scales.to(q.device), torch.float32)
 
 
 def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

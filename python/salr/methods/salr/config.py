@@ -143,7 +143,8 @@ class SALRConfig:
                              f"got {self.blocksize}")
         if not (isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping > 0):
             raise ValueError(f"damping: expected a finite number > 0, got {self.damping!r}")
-        if check_quantize(self.quantize) is None and check_group_size(self.quantize_group_size) is not None:
+        check_group_size(self.quantize_group_size)
+        if check_quantize(self.quantize) is None and self.quantize_group_size is not None:
             raise ValueError(f"quantize_group_size: scale groups need quantize='int8', got quantize=None and "
                              f"quantize_group_size={self.quantize_group_size!r}")
 

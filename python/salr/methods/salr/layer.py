@@ -38,7 +38,6 @@ from salr.nn.bitmap_linear import BitmapLinear
 from salr.nn.models import is_conv1d, linear_dims, weight_view
 from salr.nn.svd import check_rank, residual_adapter
 from salr.ops import reference
-from salr.ops.format import num_groups
 from salr.prune.criteria import prune_weight, prune_weight_int8
 from salr.prune.quantize import check_group_size, check_quantize, dequantize
 
@@ -75,7 +74,7 @@ class SALRLinear(BitmapLinear):
             self._register_base(torch.zeros(out_features, in_features, dtype=dtype, device=device))
         else:
             shape = (out_features,) if check_group_size(quantize_group_size) is None else (
-                out_features, num_groups(in_features))
+                out_features, reference.groups_per_band(in_features))
             self._register_base(torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
                                 torch.ones(shape, dtype=torch.float32, device=device), dtype)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
