@@ -97,3 +97,16 @@ def test_demo_bad_quantize_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "salr demo: error: --quantize: expected None or one of int8" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_bench_int8_rows_stream_the_quantized_weight():
+    from salr.cli import bench
+
+    rows = bench.run_grid([(64, 128)], [1], [0.5], ["bf16", "int8"], 2**18, 1, 10.0)
+    by_dtype = {r["dtype"]: r for r in rows}
+    assert set(by_dtype) == {"bf16", "int8"}
+    assert by_dtype["int8"]["rel_err"] < 2e-2  # against the dequantized weight, x in bf16
+    rot = bench.Rotation(64, 128, 0.5, torch.bfloat16, 2**18, torch.Generator().manual_seed(0), int8=True)
+    weight = rot.sparse[0]
+    assert weight.values.dtype == torch.int8 and weight.scales.shape == (64,)
+    assert rot.compressed_bytes == weight.nbytes < rot.dense_bytes / 2

@@ -220,3 +220,16 @@ def test_bitmap_sparse_weight_with_scales_saves_loads_and_refuses(tmp_path):
         BitmapSparseWeight.load(tmp_path / "bad.safetensors")
     assert json.loads(meta["shape"]) == [20, 70] and meta["format_version"] == "2"
     assert reference.groups_per_band(70) == scales.shape[1]
+
+
+def test_int8_layer_compiles_fullgraph_with_gradients():
+    layer = salr.SALRLinear.from_linear(_linear(), sparsity=0.5, svd_rank=4, lora_rank=2, quantize="int8",
+                                        quantize_group_size=64)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 80, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(compiled(x), layer(x))
+    compiled(x).sum().backward()
+    grad = layer.lora_b.grad.clone()
+    layer.zero_grad()
+    layer(x).sum().backward()
+    torch.testing.assert_close(grad, layer.lora_b.grad)
