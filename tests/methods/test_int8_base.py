@@ -233,3 +233,26 @@ def test_int8_layer_compiles_fullgraph_with_gradients():
     layer.zero_grad()
     layer(x).sum().backward()
     torch.testing.assert_close(grad, layer.lora_b.grad)
+
+
+def test_hf_and_peft_interop_on_an_int8_model(tmp_path):
+    from salr.interop.hf import to_transformers
+    from salr.interop.peft import export_peft_adapter, load_peft_adapter
+
+    model = tiny_model("llama")
+    salr.sparsify_(model, salr.SALRConfig(criterion="magnitude", svd_rank=4, lora_rank=4, quantize="int8"),
+                   progress=False)
+    for layer in salr_layers(model).values():
+        torch.nn.init.normal_(layer.lora_b, std=0.02)
+    ids = token_ids(2, 16)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        dense = to_transformers(model)(input_ids=ids).logits
+    torch.testing.assert_close(dense, expected, rtol=1e-4, atol=1e-4)
+    export_peft_adapter(model, tmp_path / "peft")
+    fresh = tiny_model("llama")
+    salr.sparsify_(fresh, salr.SALRConfig(criterion="magnitude", svd_rank=0, lora_rank=8, quantize="int8"),
+                   progress=False)
+    load_peft_adapter(fresh, tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
