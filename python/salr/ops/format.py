@@ -33,6 +33,7 @@ _TENSOR_NAMES = ("bitmap", "values", "offsets")
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GROUP_SIZE = reference.TILE * reference.TILES_PER_GROUP  # the offsets' column group: per-group scales
 
+
 def check_scales(scales: object, rows: int, cols: int, name: str = "scales") -> torch.Tensor:
     """fp32 [rows] or [rows, ceil(cols/64)], every entry finite and > 0; ValueError naming `name`."""
     check_tensor(scales, name)
