@@ -12,6 +12,8 @@ measured in the same run as the median of a multithreaded torch float32 sum over
   python bench/cpu_roofline.py --isa avx2 --dtype bf16 --sparsity 0.5
   python bench/cpu_roofline.py --m 16 128            # larger M (compute-bound; % of bulk is not the goal)
   python bench/cpu_roofline.py --transposed          # dx = dy·W (sparse_gemm_transposed) instead
+  python bench/cpu_roofline.py --dtype int8          # int8 values + per-row fp32 scales, bf16 x (issue 21),
+                                                     # against torch dense bf16; % of bulk counts int8 bytes
 """
 
 from __future__ import annotations
@@ -27,6 +29,32 @@ import torch.nn.functional as F
 from salr.cli.bench import Rotation, bulk_read_gbps, machine_line
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+INT8 = "int8"  # int8 values with per-row scales; x, output and the dense contender in bf16
+
+
+class Int8Copies:
+    """Copies of one layer quantized to int8 values (round to nearest, per-row absmax scales;
+    survivors that round to 0 kept as ±1 so the bitmap stays the mask), enough to exceed the working set."""
+
+    def __init__(self, dense: torch.Tensor, working_set_bytes: int):
+        w = dense.float()
+        scales = (w.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+        q = torch.round(w / scales[:, None]).clamp(-127, 127)
+        q = torch.where((q == 0) & (w != 0), torch.sign(w), q).to(torch.int8)
+        bitmap, values, offsets = torch.ops.salr.bitmap_encode(q)
+        self.compressed_bytes = sum(t.numel() * t.element_size() for t in (bitmap, values, offsets, scales))
+        self.count = max(2, -(-working_set_bytes // self.compressed_bytes))
+        self.weights = [(bitmap.clone(), values.clone(), offsets.clone(), scales.clone()) for _ in range(self.count)]
+        self.rows, self.cols = dense.shape
+
+    def linear(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        bitmap, values, offsets, scales = self.weights[i % self.count]
+        return torch.ops.salr.sparse_lowrank_gemm(x, bitmap, values, offsets, self.rows, self.cols,
+                                                  None, None, None, scales)
+
+    def transposed(self, dy: torch.Tensor, i: int) -> torch.Tensor:
+        bitmap, values, offsets, scales = self.weights[i % self.count]
+        return torch.ops.salr.sparse_gemm_transposed(dy, bitmap, values, offsets, self.rows, self.cols, scales)
 
 
 def alternating_medians(fns: dict, layers: int, repeats: int, clock=time.perf_counter) -> dict:
@@ -55,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", type=int, nargs=2, default=[11008, 4096], metavar=("N", "K"))
     parser.add_argument("--m", type=int, nargs="+", default=[1])
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.7])
-    parser.add_argument("--dtype", choices=list(DTYPES), nargs="+", default=["bf16", "fp32"])
+    parser.add_argument("--dtype", choices=[*DTYPES, INT8], nargs="+", default=["bf16", "fp32"])
     parser.add_argument("--isa", nargs="+", default=["avx2", "avx512"])
     parser.add_argument("--working-set-gib", type=float, default=0.5)
     parser.add_argument("--bulk-gib", type=float, default=1.0)
@@ -79,27 +107,32 @@ def main(argv: list[str] | None = None) -> None:
     rows, k = args.shape
     for dname in args.dtype:
         for sparsity in args.sparsity:
-            rot = Rotation(rows, k, sparsity, DTYPES[dname], int(args.working_set_gib * 2**30), gen)
+            dtype = torch.bfloat16 if dname == INT8 else DTYPES[dname]
+            rot = Rotation(rows, k, sparsity, dtype, int(args.working_set_gib * 2**30), gen)
+            quantized = Int8Copies(rot.dense[0], int(args.working_set_gib * 2**30)) if dname == INT8 else None
+            compressed_bytes = quantized.compressed_bytes if quantized else rot.compressed_bytes
             for m in args.m:
                 if args.transposed:
-                    dy = torch.randn(m, rows, generator=gen).to(DTYPES[dname])
+                    dy = torch.randn(m, rows, generator=gen).to(dtype)
                     fns = {"dense": lambda i: dy @ rot.dense[i]}
                     for isa in isas:
-                        fns[isa] = with_isa(isa, lambda i: torch.ops.salr.sparse_gemm_transposed(
+                        fns[isa] = with_isa(isa, (lambda i: quantized.transposed(dy, i)) if quantized else
+                                            lambda i: torch.ops.salr.sparse_gemm_transposed(
                             dy, rot.sparse[i].bitmap, rot.sparse[i].values, rot.sparse[i].offsets, rows, k))
                 else:
-                    x = torch.randn(m, k, generator=gen).to(DTYPES[dname])
+                    x = torch.randn(m, k, generator=gen).to(dtype)
                     fns = {"dense": lambda i: F.linear(x, rot.dense[i])}
                     for isa in isas:
-                        fns[isa] = with_isa(isa, lambda i: rot.sparse[i].linear(x))
+                        fns[isa] = with_isa(isa, (lambda i: quantized.linear(x, i)) if quantized else
+                                            lambda i: rot.sparse[i].linear(x))
                 t = alternating_medians(fns, rot.count, args.repeats, clock)
                 os.environ.pop("SALR_CPU_ISA", None)
                 cells = [f"{rows}x{k}", dname, f"{sparsity:.0%}", str(m), f"{t['dense'] * 1e3:.3f}"]
                 cells += [f"{t[i] * 1e3:.3f}" for i in isas]
                 cells += [f"{t['dense'] / t[i]:.2f}×" for i in isas]
-                cells += [f"{rot.compressed_bytes / t[i] / 1e9 / bulk:.0%}" for i in isas]
+                cells += [f"{compressed_bytes / t[i] / 1e9 / bulk:.0%}" for i in isas]
                 print("| " + " | ".join(cells) + " |", flush=True)
-            del rot
+            del rot, quantized
 
 
 if __name__ == "__main__":

@@ -120,6 +120,12 @@ CASES = [
      (RuntimeError, E), "x must have shape"),
     ("salr.ops.wrappers.sparse_gemm_transposed", lambda: ops.sparse_gemm_transposed(torch.ones(2, 15), *ops.bitmap_encode(W), 16, 16),
      (RuntimeError, E), "grad_out must have shape"),
+    ("salr.ops.wrappers.sparse_lowrank_gemm", lambda: ops.sparse_lowrank_gemm(
+        torch.ones(2, 16), *ops.bitmap_encode(torch.ones(16, 16, dtype=torch.int8)), 16, 16, scales=torch.zeros(16)),
+     (RuntimeError, E), "sparse_lowrank_gemm: scales must be finite and > 0"),
+    ("salr.ops.wrappers.sparse_gemm_transposed", lambda: ops.sparse_gemm_transposed(
+        torch.ones(2, 16), *ops.bitmap_encode(torch.ones(16, 16, dtype=torch.int8)), 16, 16),
+     (RuntimeError, E), "sparse_gemm_transposed: scales is required with int8 values"),
     ("salr.ops.wrappers.sampled_gemm", lambda: ops.sampled_gemm(torch.ones(2, 16), torch.ones(3, 16), *ops.bitmap_encode(W), 16, 16),
      (RuntimeError, E), "right must have shape"),
     # ---- format

@@ -1,4 +1,4 @@
-// AVX-512 lane helpers of spmm_avx512.cpp (built with its -mavx512{f,bw,vl,dq,vbmi2} -mfma -mf16c;
+// AVX-512 lane helpers of spmm_avx512.cpp and int8_avx512.cpp (built with its -mavx512{f,bw,vl,dq,vbmi2} -mfma -mf16c;
 // include it from such a translation unit only): 8 / 16 elements of any dtype loaded and stored as
 // fp32, the adapter epilogue of a band, and the tile decode by expand-loads.
 #pragma once
@@ -75,6 +75,23 @@ inline __m256 adapter_band(const float* t, const char* b_rows, int64_t rank, DTy
   const __m256 q1 = _mm256_hadd_ps(_mm256_hadd_ps(half[4], half[5]), _mm256_hadd_ps(half[6], half[7]));
   // q0 lanes: rows 0-3 of the low 128 bits | rows 0-3 of the high 128 bits; likewise q1 for 4-7.
   return _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31));
+}
+
+// ---- row sums of a band's accumulators (the float and the int8 kernels) -------------------
+
+// Why: lane chunk r of a0 (rows 0-3) / a1 (rows 4-7) holds 4 partial sums of one row -> 8 sums.
+inline __m256 reduce_dot(__m512 a0, __m512 a1) {
+  __m512 s = _mm512_add_ps(_mm512_shuffle_ps(a0, a1, 0x44), _mm512_shuffle_ps(a0, a1, 0xee));
+  s = _mm512_add_ps(s, _mm512_shuffle_ps(s, s, 0xb1));  // lane 0: row r, lane 2: row r+4
+  const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_castps512_ps256(_mm512_permutexvar_ps(idx, s));
+}
+
+// Why: folds the fma form (zmm p = rows 2p | 2p+1, 8 columns each) into reduce_dot's layout.
+inline __m256 reduce_fma(const __m512* a) {
+  __m512 f[4];
+  for (int p = 0; p < 4; ++p) f[p] = _mm512_add_ps(a[p], _mm512_shuffle_f32x4(a[p], a[p], 0xb1));
+  return reduce_dot(_mm512_shuffle_f32x4(f[0], f[1], 0x88), _mm512_shuffle_f32x4(f[2], f[3], 0x88));
 }
 
 // ---- tile decode: expand-loads read exactly popcount(mask) values -------------------------

@@ -74,6 +74,9 @@ int64_t dequantize_bands_int8(const Int8WeightView& weight, DType dtype, void* d
                               int64_t band_end);
 
 const Int8KernelTable* scalar_int8_table();
+// nullptr when that ISA's translation unit is not built.
+const Int8KernelTable* avx2_int8_table();
+const Int8KernelTable* avx512_int8_table();
 // The table of `isa` (isa_dispatch.cpp picks it exactly as kernel_table does for floats).
 const Int8KernelTable& int8_kernel_table(Isa isa);
 

@@ -1,6 +1,7 @@
 // Scalar kernels for int8 BM8x8 weights: the portable fallback and the oracle of the SIMD paths.
 // Written for clarity: walk each group's set bits in storage order (group_check.h).
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "group_check.h"
@@ -86,9 +87,11 @@ int64_t dequantize_bands_int8(const Int8WeightView& w, DType dtype, void* dense,
   const GroupGeometry geo = geometry_of(w.index);
   const int64_t cols = w.index.cols;
   const auto* q = static_cast<const int8_t*>(w.index.values);
+  const int64_t row_begin = 8 * band_begin;
   const int64_t row_end = std::min<int64_t>(8 * band_end, w.index.rows);
-  for (int64_t n = 8 * band_begin; n < row_end; ++n) {
-    for (int64_t k = 0; k < cols; ++k) store_from_float(dense, n * cols + k, 0.0f, dtype);
+  if (row_end > row_begin) {  // +0.0 is all-zero bits in every float dtype
+    const int size = element_size(dtype);
+    std::memset(static_cast<char*>(dense) + row_begin * cols * size, 0, (row_end - row_begin) * cols * size);
   }
   for (int64_t band = band_begin; band < band_end; ++band) {
     for (int64_t group = 0; group < geo.groups; ++group) {

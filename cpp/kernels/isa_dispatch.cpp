@@ -13,6 +13,8 @@ namespace salr::kernels {
 // Non-x86 builds compile only the scalar kernels.
 const KernelTable* avx2_kernel_table() { return nullptr; }
 const KernelTable* avx512_kernel_table() { return nullptr; }
+const Int8KernelTable* avx2_int8_table() { return nullptr; }
+const Int8KernelTable* avx512_int8_table() { return nullptr; }
 #endif
 
 const char* isa_name(Isa isa) {
@@ -90,7 +92,11 @@ const KernelTable& kernel_table(Isa isa) {
   return table != nullptr ? *table : *scalar_kernel_table();
 }
 
-// The SIMD int8 kernels are not written yet: every ISA runs the scalar ones.
-const Int8KernelTable& int8_kernel_table(Isa) { return *scalar_int8_table(); }
+const Int8KernelTable& int8_kernel_table(Isa isa) {
+  const Int8KernelTable* table = isa == Isa::kAvx512 ? avx512_int8_table()
+                                 : isa == Isa::kAvx2 ? avx2_int8_table()
+                                                     : nullptr;
+  return table != nullptr ? *table : *scalar_int8_table();
+}
 
 }  // namespace salr::kernels

@@ -221,21 +221,6 @@ int64_t fma_band(Walk& k, int64_t band, const float* x, __m512* out) {
   return -1;
 }
 
-// Why: lane chunk r of a0 (rows 0-3) / a1 (rows 4-7) holds 4 partial sums of one row -> 8 sums.
-inline __m256 reduce_dot(__m512 a0, __m512 a1) {
-  __m512 s = _mm512_add_ps(_mm512_shuffle_ps(a0, a1, 0x44), _mm512_shuffle_ps(a0, a1, 0xee));
-  s = _mm512_add_ps(s, _mm512_shuffle_ps(s, s, 0xb1));  // lane 0: row r, lane 2: row r+4
-  const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
-  return _mm512_castps512_ps256(_mm512_permutexvar_ps(idx, s));
-}
-
-// Why: folds the fma form (zmm p = rows 2p | 2p+1, 8 columns each) into reduce_dot's layout.
-inline __m256 reduce_fma(const __m512* a) {
-  __m512 f[4];
-  for (int p = 0; p < 4; ++p) f[p] = _mm512_add_ps(a[p], _mm512_shuffle_f32x4(a[p], a[p], 0xb1));
-  return reduce_dot(_mm512_shuffle_f32x4(f[0], f[1], 0x88), _mm512_shuffle_f32x4(f[2], f[3], 0x88));
-}
-
 // Why: the thread's x scratch; reused across calls so the hot path never allocates.
 template <typename T>
 T* scratch(size_t count) {

@@ -167,9 +167,16 @@ def test_sparse_lowrank_gemm(isa, case):
                                       a, b, bias, bitmap, offsets))
     if dense_path or x2.shape[0] >= DEFAULT_DENSE_CROSSOVER[dtype]:
         readings += torch_gemm_readings(flat(x), dense, a, b, bias)
-    magnitude = finite_abs(x2) @ finite_abs(w).T
-    may_overflow = torch.zeros(out.shape, dtype=torch.bool)
-    absolute = torch.zeros(rows, dtype=torch.float64)
+    magnitude, absolute, may_overflow = adapter_and_bias_allowance(x2, a, b, bias, finite_abs(x2) @ finite_abs(w).T)
+    may_overflow |= magnitude > overflow_limit(dtype)
+    assert_admissible(out, readings, magnitude, may_overflow, dtype, absolute)
+
+
+def adapter_and_bias_allowance(x2, a, b, bias, magnitude):
+    """(magnitude, absolute, may_overflow) of the product term's `magnitude` plus the adapter and bias
+    terms, with the rights of the fp32 adapter intermediate t = x·Aᵀ."""
+    may_overflow = torch.zeros(magnitude.shape, dtype=torch.bool)
+    absolute = torch.zeros(magnitude.shape[-1], dtype=torch.float64)
     if a is not None:
         t_magnitude = finite_abs(x2) @ finite_abs(a).T
         magnitude = magnitude + t_magnitude @ finite_abs(b).T
@@ -184,8 +191,7 @@ def test_sparse_lowrank_gemm(isa, case):
         may_overflow |= (t_undetermined.double() @ (~torch.isfinite(b)).double().T) > 0
     if bias is not None:
         magnitude = magnitude + finite_abs(bias)
-    may_overflow |= magnitude > overflow_limit(dtype)
-    assert_admissible(out, readings, magnitude, may_overflow, dtype, absolute)
+    return magnitude, absolute, may_overflow
 
 
 # ---- sparse_gemm_transposed ------------------------------------------------------------------

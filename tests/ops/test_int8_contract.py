@@ -175,3 +175,24 @@ def test_native_backward_on_int8_base(isa, dtype, m):
         err = (leaf.grad.double() - want.grad).abs().max().item()
         assert err <= 4 * TOLERANCE[dtype] * scale * max(1.0, m**0.5), f"{name}: error {err:.3g}"
     assert not values.requires_grad and values.grad is None
+
+
+@pytest.mark.parametrize("m", [3, 70])  # the kernel and the dequantized-chunk path
+@pytest.mark.parametrize("op", ["gemm", "transposed", "decode"])
+def test_inconsistent_index_is_caught_with_int8_values(isa, op, m):
+    # The int8 kernels run the float kernels' group checks (group_check.h): never trust the index.
+    _, (bitmap, values, offsets), scales = int8_weight(key="corrupt")
+    flipped = bitmap.clone()
+    flipped[1, 2] ^= 1 << 5  # popcount of band 1, group 0 no longer matches offsets
+    padded = bitmap.clone()
+    padded[2, 18] |= 1 << 7  # column 151 is padding in a 150-column weight
+    run = {
+        "gemm": lambda b: ops.sparse_lowrank_gemm(torch.randn(m, COLS), b, values, offsets, ROWS, COLS, scales=scales),
+        "transposed": lambda b: ops.sparse_gemm_transposed(torch.randn(m, ROWS), b, values, offsets, ROWS, COLS,
+                                                           scales=scales),
+        "decode": lambda b: ops.bitmap_decode(b, values, offsets, ROWS, COLS),
+    }[op]
+    for b, where in [(flipped, "band 1, column group 0"), (padded, "band 2, column group 2")]:
+        with pytest.raises(RuntimeError, match=f"bitmap, values and offsets are inconsistent at {where}"):
+            run(b)
+    run(bitmap)
