@@ -6,7 +6,7 @@ The rounding here comes after the SVD adapter was fitted, so the adapter does no
 model converted with ``--quantize int8`` fits the adapter against the dequantized base): an upper
 bound on what RTN costs the converted model.
 
-  python bench/int8_quality.py runs/prune/model [--eval-windows 16]
+  python bench/int8_quality.py runs/prune/model [--eval-windows 16] [--scales row 64]
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("model", help="a directory written by salr prune / finetune (float bases)")
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--scales", nargs="+", choices=["row", "64"], default=["row", "64"],
+                        help="the int8 variants: per-row scales, per 64-column group scales (default both)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -37,10 +39,12 @@ def main() -> None:
     windows = assets.text_splits(tokenizer).eval_windows(args.eval_windows, 512)
     base = salr.load(args.model)
     rows = []
-    for name, group in (("float values", None), ("int8 RTN, per row", "row"), ("int8 RTN, per 64 columns", 64)):
+    variants = [("float values", None)] + [(f"int8 RTN, per {'row' if s == 'row' else '64 columns'}", s)
+                                           for s in args.scales]
+    for name, scales in variants:
         model = copy.deepcopy(base)
-        if group is not None:
-            quantize_bases(model, "int8", None if group == "row" else group)
+        if scales is not None:
+            quantize_bases(model, "int8", None if scales == "row" else 64)
         ppl = perplexity(model, windows, desc=name)
         mb = decode_bytes(copy.deepcopy(model).to(torch.bfloat16))
         rows.append((name, ppl, mb))
