@@ -31,6 +31,7 @@ from salr.methods.salr.layer import SALRLinear
 from salr.nn import svd
 from salr.ops.format import BitmapSparseWeight
 from salr.prune import criteria, masks, owl
+from salr.prune import quantize as pquant
 from salr.train import chat_data, checkpoint, data, distributed
 from salr.train import config as train_config
 from salr.train import loop as train_loop
@@ -42,7 +43,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PUBLIC_MODULES = ["salr", "salr.ops", "salr.ops.format", "salr.methods", "salr.methods.registry", "salr.methods.convert",
                   "salr.methods.salr.config", "salr.methods.salr.layer", "salr.methods.salr.model",
                   "salr.methods.salor.config", "salr.methods.salor.factors", "salr.methods.salor.layer",
-                  "salr.methods.salor.model", "salr.prune.masks", "salr.prune.criteria", "salr.prune.owl", "salr.nn.svd",
+                  "salr.methods.salor.model", "salr.prune.masks", "salr.prune.criteria", "salr.prune.owl",
+                  "salr.prune.quantize", "salr.nn.svd",
                   "salr.nn.bitmap_linear", "salr.train.config", "salr.train.loop", "salr.train.data", "salr.train.chat_data",
                   "salr.train.distributed",
                   "salr.train.checkpoint", "salr.train.state", "salr.eval.perplexity", "salr.eval.generation",
@@ -134,6 +136,9 @@ CASES = [
     ("salr.ops.format.BitmapSparseWeight.save", lambda: weight().save("/nonexistent-dir/w.safetensors"), E, "path: "),
     ("salr.ops.format.BitmapSparseWeight.load", lambda: BitmapSparseWeight.load("/nonexistent/w.safetensors"), E, "cannot read"),
     ("salr.ops.format.tensors_sha256", lambda: salr.ops.format.tensors_sha256({"a": [1]}), E, "tensors['a']: expected a tensor"),
+    ("salr.ops.format.BitmapSparseWeight", lambda: BitmapSparseWeight(*ops.bitmap_encode(W.to(torch.int8)), 16, 16), E, "scales: int8 values need scales"),
+    ("salr.ops.format.check_scales", lambda: salr.ops.format.check_scales(torch.zeros(4), 4, 100), E, "scales: every scale must be finite and > 0"),
+    ("salr.ops.format.column_scales", lambda: salr.ops.format.column_scales([1.0], 3), E, "scales: expected a tensor"),
     # ---- SALR config and layer
     ("salr.methods.salr.config.SALRConfig", lambda: SALRConfig(sparsity=1.5), E, "sparsity"),
     ("salr.methods.salr.config.SALRConfig", lambda: SALRConfig(criterion="random"), E, "criterion"),
@@ -155,6 +160,10 @@ CASES = [
     ("salr.methods.salr.model.salr_layers", lambda: salr_model.salr_layers("model"), E, "model: expected a torch.nn.Module"),
     ("salr.methods.salr.model.resolve_layerwise", lambda: salr_model.resolve_layerwise(model(), {"layerwise": "owl"}, None), E, "resolve_layerwise: config"),
     ("salr.methods.salr.model.resolve_layerwise", lambda: salr_model.resolve_layerwise(model(), SALRConfig(layerwise="owl", svd_rank=4, lora_rank=4), None), E, "calibration: layerwise='owl'"),
+    ("salr.methods.salr.model.quantize_bases", lambda: salr_model.quantize_bases(None), E, "model: expected a torch.nn.Module"),
+    ("salr.methods.salr.model.quantize_bases", lambda: salr_model.quantize_bases(model(), "int4"), E, "quantize:"),
+    ("salr.methods.salr.config.SALRConfig", lambda: SALRConfig(quantize="int4"), E, "quantize: expected None or one of int8"),
+    ("salr.methods.salr.layer.SALRLinear.from_weights", lambda: SALRLinear.from_weights(torch.zeros(4, 4, dtype=torch.int8)), E, "scales"),
     ("salr.methods.salr.model.freeze_all_but_adapters", lambda: salr_model.freeze_all_but_adapters(None), E, "model: expected a torch.nn.Module"),
     ("salr.eval.perplexity.perplexity", lambda: perplexity_mod.perplexity(model(), torch.zeros(2, 8, dtype=torch.long), batch_size=0), E, "batch_size"),
     ("salr.eval.perplexity.mean_nll", lambda: perplexity_mod.mean_nll(model(), torch.ones(2, 8)), E, "windows"),
@@ -175,6 +184,15 @@ CASES = [
     ("salr.prune.masks.mask_sparsity", lambda: masks.mask_sparsity(torch.zeros(4)), E, "keep"),
     ("salr.prune.masks.parse_pattern", lambda: masks.parse_pattern("4:2"), E, "pattern"),
     ("salr.prune.criteria.prune_weight", lambda: criteria.prune_weight(torch.zeros(4, 4), "wanda", 0.5), E, "input_norms"),
+    ("salr.prune.criteria.prune_weight_int8", lambda: criteria.prune_weight_int8(torch.zeros(4, 4), "sparsegpt", 0.5), E, "hessian"),
+    ("salr.prune.criteria.prune_weight_int8", lambda: criteria.prune_weight_int8(torch.zeros(4, 4), "magnitude", 0.5, group_size=8), E, "group_size"),
+    ("salr.prune.quantize.check_quantize", lambda: pquant.check_quantize("int4"), E, "quantize: expected None or one of int8"),
+    ("salr.prune.quantize.check_group_size", lambda: pquant.check_group_size(32), E, "quantize_group_size: expected None"),
+    ("salr.prune.quantize.int8_scales", lambda: pquant.int8_scales(torch.zeros(3)), E, "weight: must be 2-D"),
+    ("salr.prune.quantize.round_to_grid", lambda: pquant.round_to_grid([1.0], torch.ones(1)), E, "w: expected a tensor"),
+    ("salr.prune.quantize.quantize_to_grid", lambda: pquant.quantize_to_grid(torch.ones(4, 100), torch.zeros(4)), E, "scales: every scale"),
+    ("salr.prune.quantize.dequantize", lambda: pquant.dequantize(torch.ones(2, 2), torch.ones(2)), E, "q: expected int8"),
+    ("salr.prune.quantize.quantize_int8", lambda: pquant.quantize_int8(torch.tensor([[float("nan")]])), E, "weight: contains NaN"),
     ("salr.prune.criteria.resolve_group", lambda: criteria.resolve_group("diagonal", "magnitude", None), E, "group"),
     ("salr.prune.masks.resolve_sparsity", lambda: masks.resolve_sparsity(0.3, "2:4"), E, "sparsity"),
     ("salr.nn.svd.check_rank", lambda: svd.check_rank(20, 8, 8), E, "rank"),

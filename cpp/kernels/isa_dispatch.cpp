@@ -123,7 +123,7 @@ bool selected_dense_gemm_dtype(DType dtype, DType* gemm_dtype, const char** erro
     return false;
   }
   // fp16: torch 2.13 has no fast fp16 CPU GEMM on any machine measured (30 GFLOP/s per core on a
-  // Sapphire Rapids with AVX512_FP16), so it always widens.
+  // Zen 5 with AVX512_BF16), so it always widens.
   if (dtype == DType::kFloat16 || !fast_bf16_gemm()) *gemm_dtype = DType::kFloat32;
   return true;
 }

@@ -70,9 +70,9 @@ def test_one_fused_call_with_concatenated_adapters(monkeypatch):
     calls = []
     original = salr.ops.sparse_lowrank_gemm
 
-    def spy(x, bitmap, values, offsets, n, k, a, b, bias):
+    def spy(x, bitmap, values, offsets, n, k, a, b, bias, scales=None):
         calls.append((a.shape, b.shape))
-        return original(x, bitmap, values, offsets, n, k, a, b, bias)
+        return original(x, bitmap, values, offsets, n, k, a, b, bias, scales=scales)
 
     monkeypatch.setattr(salr.ops, "sparse_lowrank_gemm", spy)
     module.eval()

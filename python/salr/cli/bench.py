@@ -5,6 +5,8 @@ For every (shape, dtype, sparsity, M) it times, as the median of repeats:
   dense+lora   F.linear(x, W) + (x·Aᵀ)·Bᵀ                   (the unfused baseline, rank 32)
   sparse       salr sparse_lowrank_gemm, no adapter
   sparse+lora  salr sparse_lowrank_gemm with the concatenated r = 16 + 16 adapter fused
+dtype int8 (issue 21): the BM8x8 weight holds int8 values with fp32 per-row scales (round-to-nearest
+of the same random weight); x, the adapters and the dense baseline are bf16.
 Each timed pass runs every layer of a rotation whose compressed weights exceed --working-set
 (default 1 GiB) so the weights come from DRAM, not cache; the bulk read bandwidth of the machine is
 measured in the same run and printed beside the compressed bytes streamed per second.
@@ -28,10 +30,11 @@ from tqdm import tqdm
 
 import salr
 from salr.ops.format import BitmapSparseWeight
+from salr.prune.quantize import quantize_int8
 
 LLAMA_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 SMOLLM2_SHAPES = [(576, 576), (1536, 576), (576, 1536)]
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.bfloat16}  # int8: x and dense in bf16
 ADAPTER_RANK = 32  # r = 16 + 16: the SVD residual adapter and the LoRA, concatenated
 
 
@@ -63,15 +66,16 @@ def random_sparse_weight(rows: int, cols: int, sparsity: float, dtype: torch.dty
 class Rotation:
     """Copies of one layer (dense and BM8x8) in distinct memory, enough to exceed the working set."""
 
-    def __init__(self, rows, cols, sparsity, dtype, working_set_bytes, gen):
+    def __init__(self, rows, cols, sparsity, dtype, working_set_bytes, gen, int8: bool = False):
         dense = random_sparse_weight(rows, cols, sparsity, dtype, gen)
-        sparse = BitmapSparseWeight.from_dense(dense)
+        sparse = BitmapSparseWeight.from_dense(*quantize_int8(dense.float())) if int8 else BitmapSparseWeight.from_dense(dense)
         self.compressed_bytes = sparse.nbytes
         self.dense_bytes = dense.numel() * dense.element_size()
         self.count = max(2, -(-working_set_bytes // self.compressed_bytes))
         self.dense = [dense.clone() for _ in range(self.count)]
         self.sparse = [BitmapSparseWeight(sparse.bitmap.clone(), sparse.values.clone(), sparse.offsets.clone(),
-                                          rows, cols) for _ in range(self.count)]
+                                          rows, cols, None if sparse.scales is None else sparse.scales.clone())
+                       for _ in range(self.count)]
         self.a = (torch.randn(ADAPTER_RANK, cols, generator=gen) / cols**0.5).to(dtype)
         self.b = (torch.randn(rows, ADAPTER_RANK, generator=gen) / 8).to(dtype)
 
@@ -84,7 +88,7 @@ def bench_case(rot: Rotation, m: int, dtype, repeats: int, gen) -> dict:
     t_sparse = median_seconds(lambda i: rot.sparse[i].linear(x), n, repeats)
     t_sparse_lora = median_seconds(lambda i: rot.sparse[i].linear(x, rot.a, rot.b), n, repeats)
     check = rot.sparse[0].linear(x).float()
-    reference = F.linear(x.float(), rot.dense[0].float())
+    reference = F.linear(x.float(), rot.sparse[0].to_dense(torch.float32))  # int8: the dequantized weight
     rel_err = ((check - reference).norm() / reference.norm().clamp_min(1e-30)).item()
     return {"dense": t_dense, "dense_lora": t_dense_lora, "sparse": t_sparse, "sparse_lora": t_sparse_lora,
             "rel_err": rel_err}
@@ -96,7 +100,7 @@ def run_grid(shapes, ms, sparsities, dtypes, working_set, repeats, bulk):
     cases = [(s, d, sp) for d in dtypes for s in shapes for sp in sparsities]
     for (rows, cols), dname, sparsity in tqdm(cases, desc="rotations", unit="weight"):
         dtype = DTYPES[dname]
-        rot = Rotation(rows, cols, sparsity, dtype, working_set, gen)
+        rot = Rotation(rows, cols, sparsity, dtype, working_set, gen, int8=dname == "int8")
         for m in ms:
             r = bench_case(rot, m, dtype, repeats, gen)
             gbps = rot.compressed_bytes / r["sparse"] / 1e9

@@ -23,6 +23,7 @@ from salr.cli.runs import RunDirectory, markdown_table, open_run, plot_bars, plo
 from salr.eval import lm_eval
 from salr.io.saved_model import is_saved_model, load, save
 from salr.methods.salor.config import FactorSparsityConfig
+from salr.methods.salr.model import quantize_bases
 from salr.prune.owl import check_owl_params
 from salr.train.config import TrainConfig
 from salr.train import distill
@@ -131,7 +132,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    layerwise = _layerwise_options(args)  # bad flags fail before the run directory is touched
+    layerwise = {**_layerwise_options(args), **steps.quantize_options(args)}  # bad flags fail before the run directory
     run = open_run(args)
     run.write_config(vars(args))
     budget = _budget(args)
@@ -174,7 +175,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise ValueError(f"--method {args.method}: not wired into the CLI yet (available: {', '.join(METHOD_OPTIONS)})")
     budget = _budget(args)
     # checked before the model loads
-    factor_options = {**_factor_options(args, budget), **_layerwise_options(args)}
+    factor_options = {**_factor_options(args, budget), **_layerwise_options(args), **steps.quantize_options(args)}
     distill_options = _distill_options(args)
     if world == 1:
         return _finetune(args, budget, factor_options, distill_options)
@@ -240,12 +241,16 @@ def _finetune_losa(args: argparse.Namespace) -> int:
     """``salr finetune --method losa``: dense -> LoSA rounds -> merged plain sparse model, saved."""
     budget = _budget(args)
     config = _losa_config(args, budget)  # bad flags fail before the run directory is touched
+    quantize = steps.quantize_options(args)
     run = open_run(args)
     run.write_config(vars(args))
     model, tokenizer, splits = steps.load(args.model, args.text)
     stages = {"dense": {"perplexity": steps.evaluate(model, splits, budget, "dense")}}
     report, history = steps.run_losa(model, splits, budget, config, calib_windows=budget.calib_windows)
     stages["LoSA (merged)"] = {"perplexity": steps.evaluate(model, splits, budget, "LoSA (merged)")}
+    if quantize["quantize"]:  # LoSA merges into the base values, so the int8 grid comes after the last merge
+        quantize_bases(model, **quantize)
+        stages["LoSA (merged, int8)"] = {"perplexity": steps.evaluate(model, splits, budget, "LoSA (merged, int8)")}
     save(model, run.file("model"), tokenizer=tokenizer, overwrite=True)
     rounds = [{k: v for k, v in vars(r).items() if k not in ("cka", "history")} for r in report.rounds]
     run.update_metrics(method="losa", stages=stages, history=history, losa=report.to_dict() | {"rounds": rounds},
@@ -263,7 +268,7 @@ def _finetune_losa(args: argparse.Namespace) -> int:
                             "last loss"], rows)
     run.write_report("salr finetune --method losa", [("Perplexity", _stage_table(stages)), ("Rounds", table)])
     print(f"dense {stages['dense']['perplexity']:.2f} -> LoSA {report.final_sparsity:.1%} sparse "
-          f"{stages['LoSA (merged)']['perplexity']:.2f}; merged model in {run.file('model')}; wrote {run.path}/")
+          f"{list(stages.values())[-1]['perplexity']:.2f}; merged model in {run.file('model')}; wrote {run.path}/")
     return 0
 
 
@@ -283,11 +288,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bulk = bench.bulk_read_gbps()
     machine = bench.machine_line(bulk)
     print(machine)
-    results = bench.run_grid(shapes, ms, sparsities, ["bf16"], 2**30, 5, bulk)
+    results = bench.run_grid(shapes, ms, sparsities, ["bf16", "int8"], 2**30, 5, bulk)
     run.update_metrics(machine=machine, bulk_read_gbps=bulk, cases=results)
     table = "\n".join([bench.HEADER, *map(bench.format_row, results)])
-    run.write_report("salr bench", [("Machine", machine), ("sparse_lowrank_gemm vs torch dense (bf16)", table)])
-    labels = [f"{r['shape']}\n{r['sparsity']:.0%} M={r['m']}" for r in results]
+    run.write_report("salr bench", [("Machine", machine), ("sparse_lowrank_gemm (bf16 values, int8 values + fp32 "
+                                                           "scales) vs torch dense bf16", table)])
+    labels = [f"{r['shape']} {r['dtype']}\n{r['sparsity']:.0%} M={r['m']}" for r in results]
     plot_bars(run, "speedup.png", ["dense"] + labels, [1.0] + [r["speedup"] for r in results],
               "× torch dense (higher is faster)", "salr sparse_lowrank_gemm, bf16")
     print(f"wrote {run.path}/ (metrics.json, report.md, speedup.png)")

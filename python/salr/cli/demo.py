@@ -35,6 +35,7 @@ RELOAD_TOLERANCE = 0.0  # the reloaded model must give bit-identical logits
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    quantize = steps.quantize_options(args)  # before the run directory is touched
     budget = steps.Budget.quick() if args.quick else steps.Budget()
     if args.steps is not None:
         budget.train_steps = args.steps
@@ -43,6 +44,9 @@ def run_demo(args: argparse.Namespace) -> int:
             raise ValueError(f"--criterion {args.criterion}: LoSA prunes with Wanda on the merged weights; "
                              f"leave --criterion out with --method losa")
         steps.losa_config(budget, args.sparsity)  # e.g. too few --steps for its rounds
+        if quantize["quantize"] is not None:
+            raise ValueError("--quantize: the demo's LoSA run keeps float bases; quantize a LoSA model with "
+                             "`salr finetune --method losa --quantize int8`")
     run: RunDirectory = open_run(args)
     run.write_config({**vars(args), "budget": vars(budget)})
 
@@ -65,7 +69,7 @@ def run_demo(args: argparse.Namespace) -> int:
     else:
         with steps.Timer() as t:
             steps.prune(model, splits, budget, sparsity=args.sparsity,
-                        criterion=args.criterion or DEFAULT_CRITERION)
+                        criterion=args.criterion or DEFAULT_CRITERION, **quantize)
         errors = reconstruction_errors(dense_for_speed, model)
         # Now in the speed dtype: half the memory while the model trains, and compare_speed needs no copy.
         dense_for_speed = dense_for_speed.to(speed_dtype or torch.float32)

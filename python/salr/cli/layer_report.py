@@ -63,7 +63,7 @@ def _module_bytes(module: nn.Module) -> tuple[int, int]:
     """(base bytes, adapter bytes) of one linear as held: a SALRLinear's BM8x8 base + bias and its
     adapters (SVD, LoRA, SALOR's stored factors), or a dense linear's weight + bias."""
     if isinstance(module, SALRLinear):
-        base = _bytes(module.bitmap, module.values, module.offsets, module.bias)
+        base = _bytes(module.bitmap, module.values, module.offsets, module.scales, module.bias)
         return base, module.compressed_bytes() - base
     return _bytes(module.weight, getattr(module, "bias", None)), 0
 

@@ -76,6 +76,16 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--svd-rank", type=int, default=64,
                    help="rank of the SVD residual adapter (0 = none; default 64)")
     p.add_argument("--calib-windows", type=_positive_int, default=32, help="calibration windows (default 32)")
+    _add_quantize_args(p)
+
+
+def _add_quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", default=None, metavar="int8",
+                   help="store the pruned bases as int8 values with fp32 scales (SparseGPT folds the rounding into "
+                        "its update, the other criteria round to nearest; adapters stay in the layer dtype; "
+                        "--method losa quantizes after its last merge); default: no quantization")
+    p.add_argument("--quantize-group-size", type=int, default=None, metavar="64",
+                   help="with --quantize: one scale per output row and 64-column group (default: per row)")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -180,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, default=None, help="fine-tuning steps (default 60; --quick 8)")
     p.add_argument("--speed-dtype", choices=["bf16", "fp32"], default="bf16",
                    help="dtype of the dense and salr copies timed for decode tokens/s (default bf16)")
+    _add_quantize_args(p)
     _add_run_args(p, "runs/demo")
 
     p = sub.add_parser("generate", help="greedy text from a saved (or dense) model, streamed; tokens/s",

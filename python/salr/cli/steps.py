@@ -5,6 +5,7 @@ with a :class:`Budget` (how much data and compute), so the commands stay short.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import statistics
 import time
@@ -24,6 +25,7 @@ from salr.methods.salor.config import FactorSparsityConfig, SALORConfig
 from salr.methods.salor.factors import has_factor_masks, update_all_masks
 from salr.methods.salr.config import SALRConfig
 from salr.methods.salr.model import salr_layers
+from salr.prune.quantize import check_group_size, check_quantize
 from salr.train.config import TrainConfig
 from salr.train.loop import train
 
@@ -64,6 +66,15 @@ def load(model: str, text: str = assets.WIKIPEDIA):
     """(model, tokenizer, splits) for 'smollm2' / a local HF directory and 'wikipedia' / a text file."""
     net, tokenizer = assets.load_model(model)
     return net, tokenizer, assets.text_splits(tokenizer, text)
+
+
+def quantize_options(args: argparse.Namespace) -> dict:
+    """SALRConfig's quantize fields of --quantize / --quantize-group-size, checked before the model loads."""
+    quantize = check_quantize(args.quantize, "--quantize")
+    group_size = check_group_size(args.quantize_group_size, "--quantize-group-size")
+    if quantize is None and group_size is not None:
+        raise ValueError("--quantize-group-size: only with --quantize int8")
+    return {"quantize": quantize, "quantize_group_size": group_size}
 
 
 def evaluate(model: nn.Module, splits: assets.TextSplits, budget: Budget, desc: str) -> float:

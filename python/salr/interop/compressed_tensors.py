@@ -171,6 +171,16 @@ def export_compressed_tensors(model: nn.Module, directory: str | os.PathLike, *,
     layers = salr_layers(model)
     if not layers:
         raise ValueError("model: has no SALRLinear layer to export as sparse-bitmask")
+    quantized = [n for n, m in layers.items() if m.quantize]
+    if quantized:
+        # The composition sparse-bitmask over int-quantized weights (int8 'compressed' + 'weight_scale',
+        # described by 'quantization_config.config_groups') existed only in compressed-tensors releases
+        # that also carried the bitmask compressor (<= 0.14); no loader of today reads it, so we do not
+        # write it rather than write what nothing can check.
+        raise ValueError(f"model: {len(quantized)} layers have int8 bases (first: {quantized[0]}); the sparse-bitmask "
+                         f"export writes unquantized values only and does not write "
+                         f"'quantization_config.config_groups' for int8 weights: convert without quantize, or "
+                         f"keep the model in salr's own format (salr.save)")
     with_adapters = [n for n, m in layers.items() if m.adapter_rank]
     if with_adapters and adapters == "refuse":
         raise ValueError(f"adapters: {len(with_adapters)} layers carry adapters (first: {with_adapters[0]}); the "

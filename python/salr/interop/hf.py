@@ -52,7 +52,7 @@ def dense_state_dict(model: nn.Module, merge_adapters: bool = True) -> dict[str,
         weight = module.to_dense() if merge_adapters else module.base_dense().float()
         if name in conv1d:
             weight = weight.T
-        state[f"{name}.weight"] = weight.to(module.values.dtype).contiguous()
+        state[f"{name}.weight"] = weight.to(module.compute_dtype).contiguous()
         if module.bias is not None:
             state[f"{name}.bias"] = module.bias.detach().clone()
     return state
@@ -78,7 +78,7 @@ def to_transformers(model_or_directory: nn.Module | str | os.PathLike, merge_ada
         if hasattr(config, SECTION):
             delattr(config, SECTION)
     dense = AutoModelForCausalLM.from_config(config)
-    dtypes = {t.dtype for t in model.parameters()} | {m.values.dtype for m in salr_layers(model).values()}
+    dtypes = {t.dtype for t in model.parameters()} | {m.compute_dtype for m in salr_layers(model).values()}
     if len(dtypes) == 1:
         dense.to(dtypes.pop())
     dense.load_state_dict(dense_state_dict(model, merge_adapters), strict=True)

@@ -133,7 +133,7 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, trainab
     dropout = float(config.get("lora_dropout", 0.0))
     for name, (a, b, alpha) in plans.items():  # only after every layer checked: all or nothing
         module = targeted[name]
-        dtype, device = module.values.dtype, module.values.device
+        dtype, device = module.compute_dtype, module.values.device
         module.lora_a = nn.Parameter(a.to(device=device, dtype=dtype))
         module.lora_b = nn.Parameter(b.to(device=device, dtype=dtype))
         module.alpha = float(alpha)
@@ -167,7 +167,7 @@ def export_peft_adapter(model: nn.Module, directory: str | os.PathLike, *, base_
         a, b = pair
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise ValueError(f"model: layer {name} has NaN or inf in its adapters; refusing to export")
-        out = dtype or module.values.dtype
+        out = dtype or module.compute_dtype
         tensors[f"{PREFIX}{name}.lora_A.weight"] = a.to(out).contiguous().cpu()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = b.to(out).contiguous().cpu()
         ranks[name] = a.shape[0]

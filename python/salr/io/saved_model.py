@@ -60,11 +60,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _layer_record(module: SALRLinear) -> dict[str, Any]:
+    # An int8 base adds "quantize" / "quantize_group_size" ("dtype" is then the compute dtype); float
+    # layers keep the record format 2 always had, byte for byte.
+    quantized = {"quantize": module.quantize, "quantize_group_size": module.quantize_group_size} if module.quantize else {}
     return {"in_features": module.in_features, "out_features": module.out_features,
             "bias": module.bias is not None, "svd_rank": module.svd_rank, "lora_rank": module.lora_rank,
             "alpha": module.alpha, "dropout": module.dropout, "trainable_svd": module.trainable_svd,
-            "dtype": _dtype_name(module.values.dtype), "nnz": module.values.numel(),
-            "sparsity": round(module.sparsity, 6), **layer_record_fields(module)}  # + SALOR's factor fields
+            "dtype": _dtype_name(module.compute_dtype), "nnz": module.values.numel(),
+            "sparsity": round(module.sparsity, 6), **quantized,
+            **layer_record_fields(module)}  # + SALOR's factor fields
 
 
 def _summary(model: nn.Module, layers: dict[str, SALRLinear]) -> dict[str, Any]:
@@ -76,7 +80,8 @@ def _summary(model: nn.Module, layers: dict[str, SALRLinear]) -> dict[str, Any]:
             "pattern": config.pattern if isinstance(config, SALRConfig) else None,
             "criterion": config.criterion if isinstance(config, SALRConfig) else None,
             "svd_ranks": sorted({m.svd_rank for m in layers.values()}),
-            "lora_ranks": sorted({m.lora_rank for m in layers.values()})}
+            "lora_ranks": sorted({m.lora_rank for m in layers.values()}),
+            **({"quantize": "int8"} if any(m.quantize for m in layers.values()) else {})}
 
 
 def _config_record(config: SALRConfig) -> dict[str, Any]:
@@ -85,6 +90,9 @@ def _config_record(config: SALRConfig) -> dict[str, Any]:
     data = config.to_dict()
     if data["layerwise"] == "uniform":  # OWL's fields say nothing then; format 2 files stay as they were
         for key in ("layerwise", "owl_m", "owl_lambda"):
+            del data[key]
+    if data["quantize"] is None:  # likewise for float bases
+        for key in ("quantize", "quantize_group_size"):
             del data[key]
     return {new_to_old.get(k, k): v for k, v in data.items()}
 
@@ -233,6 +241,11 @@ def load(directory: str | os.PathLike, device: torch.device | str = "cpu") -> nn
         try:
             reference.check_weight("load", module.bitmap, module.values, module.offsets, module.out_features,
                                    module.in_features)
+            if (module.scales is None) != (module.values.dtype != torch.int8):
+                raise ValueError(f"values are {module.values.dtype} but scales are "
+                                 f"{'missing' if module.scales is None else 'present'}")
+            if module.scales is not None:
+                module.sparse_weight  # noqa: B018 - checks the scales (dtype, shape, finite, > 0)
         except ValueError as exc:
             raise ValueError(f"{path}: layer {name}: {exc}") from exc
     model.to(device)
@@ -267,7 +280,8 @@ def layer_skeleton(info: dict[str, Any]) -> SALRLinear:
     if not isinstance(getattr(torch, str(info["dtype"]), None), torch.dtype):
         raise ValueError(f"info: field 'dtype' {info['dtype']!r} is not a torch dtype")
     kwargs = dict(bias=info["bias"], svd_rank=info["svd_rank"], lora_rank=info["lora_rank"], alpha=info["alpha"],
-                  dropout=info["dropout"], trainable_svd=info["trainable_svd"], dtype=getattr(torch, info["dtype"]))
+                  dropout=info["dropout"], trainable_svd=info["trainable_svd"], dtype=getattr(torch, info["dtype"]),
+                  quantize=info.get("quantize"), quantize_group_size=info.get("quantize_group_size"))
     if "factor_config" in info:
         return SALORLinear(info["in_features"], info["out_features"],
                            factor_config=FactorSparsityConfig.from_dict(info["factor_config"]),

@@ -20,7 +20,8 @@ import torch
 
 from salr._checks import check_tensor
 from salr.prune.masks import GROUPS, check_nm_width, mask_from_scores, parse_pattern, resolve_sparsity
-from salr.prune.sparsegpt import sparsegpt_prune
+from salr.prune.quantize import check_group_size, quantize_int8
+from salr.prune.sparsegpt import sparsegpt_prune, sparsegpt_quantize
 
 CRITERIA = ("magnitude", "wanda", "sparsegpt")
 # Each criterion's comparison group as its paper uses it: magnitude per layer (the baseline of the
@@ -90,3 +91,30 @@ def prune_weight(weight: torch.Tensor, criterion: str, sparsity: float | None, *
     keep = mask_from_scores(scores, s, grp, nm)
     w = weight.detach().float()
     return torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device)), keep
+
+
+def prune_weight_int8(weight: torch.Tensor, criterion: str, sparsity: float | None, *, group_size: int | None = None,
+                      pattern: Any = None, group: str | None = None, input_norms: torch.Tensor | None = None,
+                      hessian: torch.Tensor | None = None, blocksize: int = 128,
+                      damping: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune one [N, K] weight and quantize it to int8 (:mod:`salr.prune.quantize`): returns
+    ``(q int8 [N, K], scales fp32 [N] or [N, ceil(K/64)])``; the nonzeros of q are the mask.
+
+    SparseGPT folds the quantization into its column loop
+    (:func:`salr.prune.sparsegpt.sparsegpt_quantize`); magnitude and Wanda prune, then round to
+    nearest. Arguments as :func:`prune_weight`; `group_size` None (per row) or 64.
+    """
+    check_group_size(group_size, "group_size")
+    if check_criterion(criterion) != "sparsegpt":
+        pruned, _ = prune_weight(weight, criterion, sparsity, pattern=pattern, group=group, input_norms=input_norms)
+        return quantize_int8(pruned, group_size)
+    if hessian is None:
+        raise ValueError("hessian: SparseGPT needs the layer's input Hessian from calibration data")
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected a 2-D [out_features, in_features] tensor, got {tuple(weight.shape)}")
+    nm = parse_pattern(pattern)
+    check_nm_width(weight.shape[1], nm)
+    q, scales, _ = sparsegpt_quantize(weight, hessian, resolve_sparsity(sparsity, pattern), nm=nm,
+                                      group=resolve_group(group, criterion, pattern), blocksize=blocksize,
+                                      damping=damping, group_size=group_size)
+    return q, scales

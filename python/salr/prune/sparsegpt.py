@@ -19,6 +19,15 @@ Written from the paper's description (Algorithm 1):
 Mask counts are exact: with ``group="row"`` every row loses round(s·K) weights, with
 ``group="layer"`` the matrix loses round(s·N·K) (each block takes its share of the running total,
 over all rows as in the paper).
+
+Joint sparsify + int8 quantize (:func:`sparsegpt_quantize`; the paper's joint mode, GPTQ's update):
+a first pass prunes in float and fixes the mask and the int8 grid (the scales RTN would choose for
+the updated survivors); a second pass runs the same column loop on the dense weight with that mask
+fixed and rounds every surviving weight of column j to its grid when column j is fixed, so
+e = (w − q)/U_jj carries the quantization error of the survivors, as well as the pruning error of
+the rest, into the later columns. Fixing the grid from the dense weight instead (the paper's code)
+lets the OBS updates push survivors past ±127·scale; the clamping error then grows worse than
+round-to-nearest (measured on planted problems), hence the float pass first.
 """
 
 from __future__ import annotations
@@ -27,7 +36,9 @@ import warnings
 
 import torch
 
+from salr.ops.format import column_scales
 from salr.prune.masks import count
+from salr.prune.quantize import check_group_size, int8_scales, quantize_to_grid, round_to_grid
 
 
 def _inverse_cholesky_upper(hessian: torch.Tensor, damping: float) -> torch.Tensor:
@@ -60,6 +71,33 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     Returns ``(pruned and updated weight in fp32, keep-mask)``; the inputs are not modified.
     `group` is "row" or "layer" for unstructured masks ("nm" or anything with `nm` given is N:M).
     """
+    w, u = _prepare(weight, hessian, blocksize, nm, damping)
+    w, keep = _sweep(w, u, sparsity, nm, group, blocksize)
+    return w.to(weight.device), keep.to(weight.device)
+
+
+@torch.no_grad()
+def sparsegpt_quantize(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
+                       nm: tuple[int, int] | None = None, group: str = "layer", blocksize: int = 128,
+                       damping: float = 0.01, group_size: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SparseGPT with int8 quantization folded into its column loop (module doc): returns
+    ``(q int8 [N, K], scales fp32 [N] or [N, ceil(K/64)], keep-mask)``; arguments as
+    :func:`sparsegpt_prune`, `group_size` None (per row) or 64 as :func:`salr.prune.quantize.int8_scales`."""
+    check_group_size(group_size, "group_size")
+    w, u = _prepare(weight, hessian, blocksize, nm, damping)
+    pruned, keep = _sweep(w.clone(), u, sparsity, nm, group, blocksize)
+    scales = int8_scales(pruned, group_size)
+    grid = column_scales(scales, pruned.shape[1])
+    folded, _ = _sweep(w, u, sparsity, nm, group, blocksize, fixed_keep=keep, grid=grid)
+    # A survivor the second pass sets to exactly 0 leaves the bitmap, as in the float path.
+    q = quantize_to_grid(folded, scales)
+    return q.to(weight.device), scales.to(weight.device), (q != 0).to(weight.device)
+
+
+def _prepare(weight: torch.Tensor, hessian: torch.Tensor, blocksize: int, nm: tuple[int, int] | None,
+             damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks; then (the fp32 weight with its dead columns zeroed, U)."""
     rows, cols = weight.shape
     if hessian.shape != (cols, cols):
         raise ValueError(f"hessian: expected shape ({cols}, {cols}) for a weight with in_features={cols}, "
@@ -80,8 +118,16 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     else:
         h.diagonal()[dead] = 1.0
     w[:, dead] = 0.0
-    u = _inverse_cholesky_upper(h, damping)
+    return w, _inverse_cholesky_upper(h, damping)
 
+
+def _sweep(w: torch.Tensor, u: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, group: str,
+           blocksize: int, fixed_keep: torch.Tensor | None = None, grid: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The column loop on `w` (updated in place): choose the mask block by block (or take
+    `fixed_keep`), zero the pruned weights, round the survivors to `grid` (per-weight scales [N, K])
+    when given, spread every column's error over the later columns. Returns (w, keep)."""
+    rows, cols = w.shape
     keep = torch.ones(rows, cols, dtype=torch.bool, device=w.device)
     for b0 in range(0, cols, blocksize):
         b1 = min(b0 + blocksize, cols)
@@ -91,7 +137,9 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         diag = ub.diagonal()
         errors = torch.zeros_like(wb)
         block_keep = torch.ones(rows, width, dtype=torch.bool, device=w.device)
-        if nm is None:
+        if fixed_keep is not None:
+            block_keep = fixed_keep[:, b0:b1].clone()
+        elif nm is None:
             saliency = wb.square() / diag.square().unsqueeze(0)
             if group == "row":
                 k = count(sparsity, b1) - count(sparsity, b0)
@@ -105,13 +153,14 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
             else:
                 raise ValueError(f"group: expected 'row' or 'layer', got {group!r}")
         for j in range(width):
-            if nm is not None and j % nm[1] == 0:
+            if fixed_keep is None and nm is not None and j % nm[1] == 0:
                 n, m = nm
                 saliency = wb[:, j:j + m].square() / diag[j:j + m].square().unsqueeze(0)
                 drop = torch.topk(saliency, m - n, dim=1, largest=False).indices
                 block_keep[:, j:j + m].scatter_(1, drop, False)
             col = wb[:, j]
-            q = torch.where(block_keep[:, j], col, torch.zeros((), dtype=col.dtype, device=col.device))
+            kept = col if grid is None else round_to_grid(col, grid[:, b0 + j]) * grid[:, b0 + j]
+            q = torch.where(block_keep[:, j], kept, torch.zeros((), dtype=col.dtype, device=col.device))
             err = (col - q) / diag[j]
             wb[:, j:].sub_(err.unsqueeze(1) * ub[j, j:].unsqueeze(0))
             wb[:, j] = q
@@ -120,5 +169,4 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         keep[:, b0:b1] = block_keep
         if b1 < cols:
             w[:, b1:].sub_(errors @ u[b0:b1, b1:])
-    w = torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device))
-    return w.to(weight.device), keep.to(weight.device)
+    return torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device)), keep

@@ -72,7 +72,7 @@ class SALORLinear(FactorMasks, SALRLinear):
         for name in _FACTOR_BUFFERS:
             self.register_buffer(name, None)
         if factor_rank:
-            zeros = torch.zeros((), dtype=self.values.dtype, device=device)
+            zeros = torch.zeros((), dtype=self.compute_dtype, device=device)
             self._set_sparse_factors(SparseFactors.from_dense(zeros.expand(factor_rank, in_features),
                                                               zeros.expand(out_features, factor_rank)))
 
@@ -86,8 +86,9 @@ class SALORLinear(FactorMasks, SALRLinear):
             raise ValueError("layer: SALOR needs a layer with a LoRA (lora_rank >= 1) to sparsify")
         module = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, svd_rank=layer.svd_rank,
                      lora_rank=layer.lora_rank, alpha=layer.alpha, dropout=layer.dropout,
-                     trainable_svd=layer.trainable_svd, dtype=layer.values.dtype, device=layer.bitmap.device,
-                     factor_config=factor_config)
+                     trainable_svd=layer.trainable_svd, dtype=layer.compute_dtype, device=layer.bitmap.device,
+                     factor_config=factor_config, quantize=layer.quantize,
+                     quantize_group_size=layer.quantize_group_size)
         module.load_state_dict({**layer.state_dict(), "mask_a": module.mask_a, "mask_b": module.mask_b})
         for name in ("svd_a", "svd_b", "lora_a", "lora_b"):
             old, new = getattr(layer, name), getattr(module, name)
@@ -145,7 +146,7 @@ class SALORLinear(FactorMasks, SALRLinear):
             self.apply_masks()
         y = super().forward(x)
         if self.factor_rank:
-            y = y + self.sparse_factors(x.to(self.values.dtype)).to(y.dtype)
+            y = y + self.sparse_factors(x.to(self.compute_dtype)).to(y.dtype)
         return y
 
     @torch.no_grad()
@@ -168,7 +169,7 @@ class SALORLinear(FactorMasks, SALRLinear):
         a, b = a.float(), b.float() * self.scale
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise ValueError("merge: the LoRA factors hold NaN or inf; refusing to merge")
-        dtype = self.values.dtype
+        dtype = self.compute_dtype
         self._set_sparse_factors(SparseFactors.from_dense(a.to(dtype), b.to(dtype)))
         self.factor_rank = a.shape[0]
         self.lora_a = self.lora_b = None

@@ -16,6 +16,7 @@ from salr.nn.svd import SVD_METHODS
 from salr.prune.criteria import check_criterion, resolve_group
 from salr.prune.masks import parse_pattern, resolve_sparsity
 from salr.prune.owl import DEFAULT_LAMBDA, DEFAULT_M, LAYERWISE, check_owl_params
+from salr.prune.quantize import check_group_size, check_quantize
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -77,6 +78,10 @@ class SALRConfig:
         only) within ``[target − owl_lambda, target + owl_lambda]``; owl_m is the outlier threshold
         (a multiple of the layer's mean Wanda score). After the conversion the recorded config holds
         the per-block ratios OWL chose, so re-applying it gives the same model.
+    quantize: None (the base keeps `dtype`) or "int8": the pruned base is stored as int8 values with
+        fp32 scales (:mod:`salr.prune.quantize`); SparseGPT folds the rounding into its update, the
+        other criteria round to nearest after pruning. Adapters and bias stay in `dtype`.
+    quantize_group_size: None (one scale per output row) or 64 (one per row and 64-column group).
     """
 
     sparsity: float | Sequence[float] | Mapping[str, float] | None = 0.5
@@ -97,6 +102,8 @@ class SALRConfig:
     layerwise: str = "uniform"
     owl_m: float = DEFAULT_M
     owl_lambda: float = DEFAULT_LAMBDA
+    quantize: str | None = None
+    quantize_group_size: int | None = None
 
     def __post_init__(self) -> None:
         check_criterion(self.criterion)
@@ -136,6 +143,10 @@ class SALRConfig:
                              f"got {self.blocksize}")
         if not (isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping > 0):
             raise ValueError(f"damping: expected a finite number > 0, got {self.damping!r}")
+        check_group_size(self.quantize_group_size)
+        if check_quantize(self.quantize) is None and self.quantize_group_size is not None:
+            raise ValueError(f"quantize_group_size: scale groups need quantize='int8', got quantize=None and "
+                             f"quantize_group_size={self.quantize_group_size!r}")
 
     def _check_layerwise(self) -> None:
         if self.layerwise not in LAYERWISE:

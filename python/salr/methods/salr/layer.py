@@ -14,7 +14,12 @@ one call of ``salr.ops.sparse_lowrank_gemm``; (its settings are :class:`~salr.me
   dropout active (training and dropout > 0) the LoRA branch must see a dropped-out x that the base
   and SVD branches must not, so the op then carries base + SVD and the LoRA term
   ``s·(drop(x)·A_loraᵀ)·B_loraᵀ`` is added separately; in eval mode (or dropout 0) it is one call.
-* Compute dtype: the base's dtype. x, adapters and bias are cast to it, the output back to x's dtype.
+* Compute dtype: the base's dtype (for an int8 base, the `dtype` the layer was built with). x,
+  adapters and bias are cast to it, the output back to x's dtype.
+* int8 base (``quantize="int8"``, issue 21): int8 values + fp32 ``scales`` per row (or per row and
+  64-column group) in the same op; the adapters stay in the compute dtype and train on the frozen
+  int8 base (QLoRA's idea, with sparsity). The SVD residual is fitted against the dequantized base,
+  so it absorbs quantization error as well as pruning error. :meth:`merge` leaves the base alone.
 * :meth:`merge` folds the LoRA into the concatenated inference adapter (the SVD adapter becomes
   [A_svd; A_lora], [B_svd, s·B_lora], computed in fp32 and checked finite); the base is untouched.
   There is no unmerge: the LoRA factors are gone after a merge (save before merging to keep them).
@@ -33,7 +38,8 @@ from salr.nn.bitmap_linear import BitmapLinear
 from salr.nn.models import is_conv1d, linear_dims, weight_view
 from salr.nn.svd import check_rank, residual_adapter
 from salr.ops import reference
-from salr.prune.criteria import prune_weight
+from salr.prune.criteria import prune_weight, prune_weight_int8
+from salr.prune.quantize import check_group_size, check_quantize, dequantize
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """`t` in `dtype` (None stays None); skips Tensor.to's argument parsing when nothing changes."""
@@ -51,7 +57,8 @@ class SALRLinear(BitmapLinear):
     def __init__(self, in_features: int, out_features: int, *, bias: bool = False, svd_rank: int = 0,
                  lora_rank: int = 0, alpha: float | None = None, dropout: float = 0.0,
                  trainable_svd: bool = False, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, quantize: str | None = None,
+                 quantize_group_size: int | None = None) -> None:
         super().__init__()
         _check_int(in_features, "in_features", 1)
         _check_int(out_features, "out_features", 1)
@@ -66,7 +73,15 @@ class SALRLinear(BitmapLinear):
         self.alpha = float(alpha) if alpha is not None else float(max(lora_rank, 1))
         if not (math.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"alpha: expected a finite number > 0, got {alpha!r}")
-        self._register_base(torch.zeros(out_features, in_features, dtype=dtype, device=device))
+        if check_quantize(quantize) is None:
+            if check_group_size(quantize_group_size) is not None:
+                raise ValueError("quantize_group_size: only an int8 base (quantize='int8') has scale groups")
+            self._register_base(torch.zeros(out_features, in_features, dtype=dtype, device=device))
+        else:
+            shape = (out_features,) if check_group_size(quantize_group_size) is None else (
+                out_features, reference.groups_per_band(in_features))
+            self._register_base(torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
+                                torch.ones(shape, dtype=torch.float32, device=device), dtype)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         for name in ("svd_a", "svd_b", "lora_a", "lora_b"):
             self.register_parameter(name, None)
@@ -86,24 +101,32 @@ class SALRLinear(BitmapLinear):
     def from_weights(cls, pruned_weight: torch.Tensor, bias: torch.Tensor | None = None,
                      svd_a: torch.Tensor | None = None, svd_b: torch.Tensor | None = None, *,
                      lora_rank: int = 0, alpha: float | None = None, dropout: float = 0.0,
-                     trainable_svd: bool = False, dtype: torch.dtype | str | None = None) -> "SALRLinear":
+                     trainable_svd: bool = False, dtype: torch.dtype | str | None = None,
+                     scales: torch.Tensor | None = None) -> "SALRLinear":
         """A module whose base is `pruned_weight` [N, K] (its zeros are the mask) and whose SVD
         adapter is (svd_a [r, K], svd_b [N, r]); everything is stored in `dtype` (default: the
-        weight's)."""
+        weight's). An int8 base: `pruned_weight` is the int8 grid q and `scales` its fp32 scales
+        ([N] or [N, ceil(K/64)]); `dtype` (default float32) is then the compute dtype of the rest."""
         if pruned_weight.dim() != 2:
             raise ValueError(f"pruned_weight: expected [out_features, in_features], got {tuple(pruned_weight.shape)}")
         if (svd_a is None) != (svd_b is None):
             raise ValueError("svd_a, svd_b: give both SVD factors or neither")
-        dtype = dtype_from_name(dtype) or pruned_weight.dtype
+        if (pruned_weight.dtype == torch.int8) != (scales is not None):
+            raise ValueError(f"scales: an int8 pruned_weight needs its scales and a float one takes none; got "
+                             f"{pruned_weight.dtype} and scales={'a tensor' if scales is not None else None}")
+        quantized = scales is not None
+        dtype = dtype_from_name(dtype) or (torch.float32 if quantized else pruned_weight.dtype)
         n, k = pruned_weight.shape
         rank = 0 if svd_a is None else svd_a.shape[0]
         if svd_a is not None and (svd_a.shape != (rank, k) or svd_b.shape != (n, rank)):
             raise ValueError(f"svd_a, svd_b: expected shapes [r, {k}] and [{n}, r], got {tuple(svd_a.shape)} "
                              f"and {tuple(svd_b.shape)}")
         module = cls(k, n, bias=bias is not None, svd_rank=rank, lora_rank=lora_rank, alpha=alpha,
-                     dropout=dropout, trainable_svd=trainable_svd, dtype=dtype, device=pruned_weight.device)
+                     dropout=dropout, trainable_svd=trainable_svd, dtype=dtype, device=pruned_weight.device,
+                     quantize="int8" if quantized else None,
+                     quantize_group_size=64 if quantized and scales.dim() == 2 else None)
         with torch.no_grad():
-            module.set_base(pruned_weight.to(dtype))
+            module.set_base(pruned_weight if quantized else pruned_weight.to(dtype), scales)
             if bias is not None:
                 module.bias.copy_(bias.detach())
             if rank:
@@ -118,20 +141,32 @@ class SALRLinear(BitmapLinear):
                     dropout: float = 0.0, trainable_svd: bool = False, input_norms: torch.Tensor | None = None,
                     hessian: torch.Tensor | None = None, activation_aware: bool = False,
                     input_rms: torch.Tensor | None = None, dtype: torch.dtype | str | None = None,
-                    blocksize: int = 128, damping: float = 0.01) -> "SALRLinear":
+                    blocksize: int = 128, damping: float = 0.01, quantize: str | None = None,
+                    quantize_group_size: int | None = None) -> "SALRLinear":
         """Prune an nn.Linear / GPT-2 Conv1D with `criterion`, fit the SVD residual adapter of rank
         `svd_rank` on W − W_s (activation-aware with `input_rms` when `activation_aware`), add a
-        LoRA of `lora_rank`. The residual is taken against W_s as stored (after the cast to `dtype`)."""
+        LoRA of `lora_rank`. The residual is taken against W_s as stored (after the cast to `dtype`,
+        or dequantized). `quantize="int8"` stores an int8 base (per row, or per 64-column group with
+        `quantize_group_size=64`): SparseGPT folds the rounding into its update, the other criteria
+        round to nearest after pruning (:func:`salr.prune.criteria.prune_weight_int8`)."""
         if not (isinstance(linear, nn.Linear) or is_conv1d(linear)):
             raise ValueError(f"linear: expected nn.Linear or transformers Conv1D, got {type(linear).__name__}")
         n, k = linear_dims(linear)
         dtype = dtype_from_name(dtype) or linear.weight.dtype
         if svd_rank:
             check_rank(svd_rank, n, k, "svd_rank")
+        if check_quantize(quantize) is None and check_group_size(quantize_group_size) is not None:
+            raise ValueError("quantize_group_size: only an int8 base (quantize='int8') has scale groups")
         weight = weight_view(linear).detach().float()
-        pruned, _ = prune_weight(weight, criterion, sparsity, pattern=pattern, group=group,
-                                 input_norms=input_norms, hessian=hessian, blocksize=blocksize, damping=damping)
-        stored = pruned.to(dtype)
+        args = dict(pattern=pattern, group=group, input_norms=input_norms, hessian=hessian, blocksize=blocksize,
+                    damping=damping)
+        scales = None
+        if quantize is None:
+            pruned, _ = prune_weight(weight, criterion, sparsity, **args)
+            stored = pruned.to(dtype)
+        else:
+            q, scales = prune_weight_int8(weight, criterion, sparsity, group_size=quantize_group_size, **args)
+            stored = dequantize(q, scales)
         a = b = None
         if svd_rank:
             if activation_aware and input_rms is None:
@@ -140,9 +175,9 @@ class SALRLinear(BitmapLinear):
                                     input_scale=input_rms if activation_aware else None)
             a, b = a.to(dtype), b.to(dtype)
         bias = getattr(linear, "bias", None)
-        return cls.from_weights(stored, bias.detach().to(dtype) if bias is not None else None, a, b,
-                                lora_rank=lora_rank, alpha=alpha, dropout=dropout,
-                                trainable_svd=trainable_svd, dtype=dtype)
+        return cls.from_weights(stored if scales is None else q, bias.detach().to(dtype) if bias is not None else None,
+                                a, b, lora_rank=lora_rank, alpha=alpha, dropout=dropout,
+                                trainable_svd=trainable_svd, dtype=dtype, scales=scales)
 
     # ---- properties ----------------------------------------------------------------------------
     @property
@@ -168,7 +203,8 @@ class SALRLinear(BitmapLinear):
 
     def compressed_bytes(self) -> int:
         """Bytes of the stored tensors (base + adapters + bias)."""
-        tensors = [self.bitmap, self.values, self.offsets, self.bias, self.svd_a, self.svd_b, self.lora_a, self.lora_b]
+        tensors = [self.bitmap, self.values, self.offsets, self.scales, self.bias, self.svd_a, self.svd_b, self.lora_a,
+                   self.lora_b]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     # ---- compute -------------------------------------------------------------------------------
@@ -196,13 +232,12 @@ class SALRLinear(BitmapLinear):
         # Tensors are read from the module's dicts once: each nn.Module attribute read of a buffer or
         # parameter costs ~0.4 µs, and at M = 1 a dozen of them weighed as much as a small layer's GEMV.
         buffers = self._buffers
-        values = buffers["values"]
-        dtype = values.dtype
+        dtype = self.compute_dtype
         xc = _cast(x, dtype)
         separate_lora = self._parameters["lora_a"] is not None and self.training and self.dropout > 0
         a, b = self._adapters(dtype, with_lora=not separate_lora)
-        y = ops.sparse_lowrank_gemm(xc, buffers["bitmap"], values, buffers["offsets"], self.out_features,
-                                    self.in_features, a, b, _cast(buffers["bias"], dtype))
+        y = ops.sparse_lowrank_gemm(xc, buffers["bitmap"], buffers["values"], buffers["offsets"], self.out_features,
+                                    self.in_features, a, b, _cast(buffers["bias"], dtype), scales=buffers["scales"])
         if separate_lora:
             lora_a, lora_b = self._lora_factors()
             y = y + (self.lora_dropout(xc) @ lora_a.to(dtype).t()) @ (lora_b * self.scale).to(dtype).t()
@@ -245,7 +280,7 @@ class SALRLinear(BitmapLinear):
         a, b = self.combined_adapter()
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise ValueError("merge: the adapters hold NaN or inf; refusing to merge")
-        dtype = self.values.dtype
+        dtype = self.compute_dtype
         self.svd_a = nn.Parameter(a.to(dtype), requires_grad=False)
         self.svd_b = nn.Parameter(b.to(dtype), requires_grad=False)
         self.trainable_svd = False
@@ -258,7 +293,7 @@ class SALRLinear(BitmapLinear):
                               unexpected_keys, error_msgs):
         # The nnz (values) and the adapter ranks are data, not architecture: adopt the incoming
         # shapes and dtypes so that a skeleton module loads any saved SALRLinear bit-exactly.
-        for name in ("bitmap", "values", "offsets", "bias"):
+        for name in ("bitmap", "values", "offsets", "scales", "bias"):
             key = prefix + name
             if key in state_dict and name in self._buffers:
                 src = state_dict[key]
@@ -282,7 +317,8 @@ class SALRLinear(BitmapLinear):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"sparsity={self.sparsity:.3f}, dtype={str(self.values.dtype).removeprefix('torch.')}, "
+                f"sparsity={self.sparsity:.3f}, dtype={str(self.compute_dtype).removeprefix('torch.')}, "
+                f"{'quantize=int8' + (', group_size=64, ' if self.quantize_group_size else ', ') if self.quantize else ''}"
                 f"svd_rank={self.svd_rank}{' (trainable)' if self.trainable_svd else ''}, "
                 f"lora_rank={self.lora_rank}, alpha={self.alpha:g}, dropout={self.dropout:g}, "
                 f"bias={self.bias is not None}")

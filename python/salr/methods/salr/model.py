@@ -28,6 +28,7 @@ from salr.prune.calibration import LinearStats, check_calibration, run_sequentia
 from salr.prune.criteria import prune_weight
 from salr.prune.masks import check_nm_width, parse_pattern
 from salr.prune.owl import owl_block_sparsity
+from salr.prune.quantize import check_group_size, check_quantize, quantize_int8
 
 
 @register(SALRConfig)
@@ -48,7 +49,8 @@ def convert_linears(model: nn.Module, config: SALRConfig, calibration: Any, *, p
             group=config.group, svd_rank=config.svd_rank, svd_method=config.svd_method,
             lora_rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
             trainable_svd=config.trainable_svd, activation_aware=config.activation_aware_svd,
-            dtype=config.dtype, blocksize=config.blocksize, damping=config.damping, **_stats_args(config, stats))
+            dtype=config.dtype, blocksize=config.blocksize, damping=config.damping, quantize=config.quantize,
+            quantize_group_size=config.quantize_group_size, **_stats_args(config, stats))
         if wrap is not None:
             module = wrap(module)
         module.train(lin.training)
@@ -160,6 +162,9 @@ def prune_model(model: nn.Module, config: SALRConfig | None = None, calibration:
     every pruned layer by qualified name."""
     config = resolve_layerwise(model, make_config(config, {"svd_rank": 0, "lora_rank": 0, **overrides}),
                                calibration, progress)
+    if config.quantize is not None:
+        raise ValueError("quantize: prune_model keeps dense nn.Linear layers, which hold no int8 base; "
+                         "convert with salr.sparsify_ to store int8 bases")
     report: dict[str, float] = {}
 
     def act(index: int, name: str, lin: nn.Module, stats: LinearStats | None) -> None:
@@ -180,6 +185,30 @@ def _ratio_text(config: SALRConfig) -> str:
     if config.pattern:
         return config.pattern
     return f"{config.sparsity:.0%}" if isinstance(config.sparsity, float) else "per-layer"
+
+
+@torch.no_grad()
+def quantize_bases(model: nn.Module, quantize: str = "int8", quantize_group_size: int | None = None) -> int:
+    """Round every float base of the model's SALRLinears to int8 in place (round-to-nearest,
+    :func:`salr.prune.quantize.quantize_int8`; the mask is kept) and record it in ``model.salr_config``
+    when there is one. Adapters are left as they are (an SVD adapter fitted before does not absorb
+    the rounding: convert with ``SALRConfig(quantize=...)`` for that). This is how a model whose
+    training changes its base (LoSA's merges) gets an int8 base: after its last merge. Returns the
+    number of layers quantized (int8 bases already are skipped)."""
+    check_module(model)
+    if check_quantize(quantize) is None:
+        raise ValueError("quantize: expected 'int8'")
+    check_group_size(quantize_group_size)
+    count = 0
+    for layer in salr_layers(model).values():
+        if layer.quantize is None:
+            q, scales = quantize_int8(layer.base_dense().float(), quantize_group_size)
+            layer.set_base(q, scales)
+            count += 1
+    config = getattr(model, "salr_config", None)
+    if isinstance(config, SALRConfig):
+        model.salr_config = dataclasses.replace(config, quantize=quantize, quantize_group_size=quantize_group_size)
+    return count
 
 
 def freeze_all_but_adapters(model: nn.Module) -> list[str]:
