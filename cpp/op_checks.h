@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <vector>
 
 #include "checks.h"
 
@@ -143,6 +144,21 @@ inline void check_bitmap_encode_args(const char* op, const at::Tensor& dense) {
   check_dim(op, "dense", dense, 2);
   SALR_CHECK(is_values_dtype(dense.scalar_type()), op, "dense must be float32, bfloat16, float16 or int8, got ",
              dense.scalar_type());
+}
+
+// T = x·Aᵀ [m, rank] in fp32 for the kernel path (small M), by the ISA's GEMV into a per-thread
+// scratch: no fp32 copy of A and no allocation once warm (at M = 1 an ATen mm with two dtype
+// conversions cost as much as a small layer). Valid until the next call on this thread; nullptr
+// without an adapter. x2d: [m, in_features], inner stride 1, the adapter's dtype.
+inline const float* project_adapter(const char* op, const at::Tensor& x2d, const CheckedAdapter& adapter) {
+  if (adapter.rank == 0) return nullptr;
+  thread_local std::vector<float> t_scratch;
+  const int64_t m = x2d.size(0);
+  if (static_cast<int64_t>(t_scratch.size()) < m * adapter.rank) t_scratch.resize(m * adapter.rank);
+  const at::Tensor a_c = adapter.a.contiguous();
+  selected_kernels(op).adapter_project({x2d.const_data_ptr(), m, x2d.stride(0), a_c.const_data_ptr(), adapter.rank,
+                                        x2d.size(1), kernel_dtype(x2d.scalar_type()), t_scratch.data()});
+  return t_scratch.data();
 }
 
 }  // namespace salr

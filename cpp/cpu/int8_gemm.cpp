@@ -74,14 +74,8 @@ void int8_lowrank_gemm_cpu(const char* op, const at::Tensor& x2d, const at::Tens
                          y);
     return;
   }
-  // T = x·Aᵀ by the float table's GEMV into a per-thread scratch (as for float weights).
-  thread_local std::vector<float> t_scratch;
-  const at::Tensor a_c = adapter.rank > 0 ? adapter.a.contiguous() : at::Tensor();
-  if (adapter.rank > 0) {
-    if (static_cast<int64_t>(t_scratch.size()) < m * adapter.rank) t_scratch.resize(m * adapter.rank);
-    selected_kernels(op).adapter_project({x2d.const_data_ptr(), m, x2d.stride(0), a_c.const_data_ptr(), adapter.rank,
-                                          cols, kernel_dtype(dtype), t_scratch.data()});
-  }
+  // T = x·Aᵀ by the float table's GEMV (as for float weights).
+  const float* t = project_adapter(op, x2d, adapter);
   const kernels::Int8GemmArgs args{view,
                                    kernel_dtype(dtype),
                                    x2d.const_data_ptr(),
@@ -89,7 +83,7 @@ void int8_lowrank_gemm_cpu(const char* op, const at::Tensor& x2d, const at::Tens
                                    x2d.stride(0),
                                    y.data_ptr(),
                                    y.stride(0),
-                                   adapter.rank > 0 ? t_scratch.data() : nullptr,
+                                   t,
                                    adapter.rank > 0 ? adapter.b.const_data_ptr() : nullptr,
                                    adapter.rank,
                                    bias.has_value() ? bias->const_data_ptr() : nullptr};

@@ -71,22 +71,15 @@ at::Tensor sparse_lowrank_gemm_cpu(const at::Tensor& x, const at::Tensor& bitmap
                          bias_c, y);
     return y.view(out_shape);
   }
-  // Kernel path: T by the ISA's GEMV into a per-thread scratch (no fp32 copy of A, no allocation
-  // once warm): at M = 1 an ATen mm with two dtype conversions cost as much as a small layer.
-  thread_local std::vector<float> t_scratch;
-  const at::Tensor a_c = adapter.rank > 0 ? adapter.a.contiguous() : at::Tensor();
-  if (adapter.rank > 0) {
-    if (static_cast<int64_t>(t_scratch.size()) < m * adapter.rank) t_scratch.resize(m * adapter.rank);
-    table.adapter_project({x2d.const_data_ptr(), m, x2d.stride(0), a_c.const_data_ptr(), adapter.rank, cols,
-                           kernel_dtype(values.scalar_type()), t_scratch.data()});
-  }
+  // Kernel path: T by the ISA's GEMV (project_adapter), the bands in parallel tasks.
+  const float* t = project_adapter(kOp, x2d, adapter);
   const kernels::GemmArgs args{view,
                                x2d.const_data_ptr(),
                                m,
                                x2d.stride(0),
                                y.data_ptr(),
                                y.stride(0),
-                               adapter.rank > 0 ? t_scratch.data() : nullptr,
+                               t,
                                adapter.rank > 0 ? adapter.b.const_data_ptr() : nullptr,
                                adapter.rank,
                                bias_c.has_value() ? bias_c->const_data_ptr() : nullptr};

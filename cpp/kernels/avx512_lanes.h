@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "group_check.h"
 #include "kernels.h"
 #include "numeric.h"
 
@@ -113,6 +114,40 @@ inline void widen16(__m512i lo, __m512i hi, DType dt, __m512* out) {
                  ? _mm512_cvtph_ps(h[q])
                  : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h[q]), 16));
   }
+}
+
+
+// ---- entering a 64-column group of a band ---------------------------------------------------
+
+// Why: the group check + prefetch every AVX-512 band loop (float and int8) runs before a group's
+// tiles: checked_group_start, or for an interior full group the same test fused with 8 unrolled
+// popcounts (no padding can be involved there); then the values stream is prefetched
+// `prefetch_bytes` ahead through the cursor `pf` and the bitmap `prefetch_tiles` words ahead.
+// Returns the group's first value index, or -1 when the group is inconsistent.
+__attribute__((always_inline)) inline int64_t enter_group_prefetching(const SparseWeightView& w,
+                                                                     const GroupGeometry& geo, int es,
+                                                                     const char*& pf, int64_t band, int64_t g,
+                                                                     bool full, int64_t prefetch_bytes,
+                                                                     int64_t prefetch_tiles) {
+  const int32_t* offs = w.offsets + band * geo.groups + g;
+  const uint64_t* gw = w.bitmap + band * geo.tiles + 8 * g;
+  int64_t v;
+  if (full) {
+    v = offs[0];
+    int64_t count = 0;
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) count += _mm_popcnt_u64(gw[i]);
+    if (v < 0 || v + count != offs[1] || offs[1] > w.values_count) return -1;
+  } else {
+    v = checked_group_start(w, geo, band, g);
+    if (v < 0) return -1;
+  }
+  const char* values = static_cast<const char*>(w.values);
+  const char* end = values + int64_t{offs[1]} * es + prefetch_bytes;
+  if (pf == nullptr) pf = values + v * es;
+  for (; pf < end; pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(gw + prefetch_tiles), _MM_HINT_T0);
+  return v;
 }
 
 }  // namespace

@@ -35,31 +35,9 @@ struct Walk {
   const char* pf;  // values prefetch cursor, kPrefetchBytes ahead of the decode
 };
 
-// Why: the group check + prefetch before a group's tiles (an interior full group fuses the check
-// with 8 unrolled popcounts: no padding can be involved). The group's first value, or -1.
+// Why: the band loops' group entry (avx512_lanes.h), with this file's prefetch distances.
 __attribute__((always_inline)) inline int64_t enter_group(Walk& k, int64_t band, int64_t g, bool full) {
-  const int32_t* offs = k.w.offsets + band * k.geo.groups + g;
-  const uint64_t* gw = k.w.bitmap + band * k.geo.tiles + 8 * g;
-  int64_t v;
-  if (full) {
-    v = offs[0];
-    int64_t count = 0;
-#pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) count += _mm_popcnt_u64(gw[i]);
-    if (v < 0 || v + count != offs[1] || offs[1] > k.w.values_count) return -1;
-  } else {
-    v = checked_group_start(k.w, k.geo, band, g);
-    if (v < 0) return -1;
-  }
-  const char* values = static_cast<const char*>(k.w.values);
-  const char* end = values + int64_t{offs[1]} + kPrefetchBytes;
-  if (k.pf == nullptr) k.pf = values + v;
-  for (const char* pf = k.pf; pf < end; pf += 64) {
-    _mm_prefetch(pf, _MM_HINT_T0);
-    k.pf = pf + 64;
-  }
-  _mm_prefetch(reinterpret_cast<const char*>(gw + kPrefetchTiles), _MM_HINT_T0);
-  return v;
+  return enter_group_prefetching(k.w, k.geo, 1, k.pf, band, g, full, kPrefetchBytes, kPrefetchTiles);
 }
 
 // Why: one tile to fp32, zmm p = rows 2p | 2p+1 (the fma layout); absent values are 0. The expanded

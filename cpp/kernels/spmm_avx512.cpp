@@ -45,32 +45,9 @@ struct Walk {
   const char* pf;  // values prefetch cursor, kPrefetchBytes ahead of the decode
 };
 
-// Why: the group check and prefetch every band loop runs before a group's tiles: checked_group_start,
-// or for an interior full group the same test fused with 8 unrolled popcounts (no padding can be
-// involved there). Returns the group's first value index, or -1 when the group is inconsistent.
+// Why: the band loops' group entry (avx512_lanes.h), with this file's prefetch distances.
 __attribute__((always_inline)) inline int64_t enter_group(Walk& k, int64_t band, int64_t g, bool full) {
-  const int32_t* offs = k.w.offsets + band * k.geo.groups + g;
-  const uint64_t* gw = k.w.bitmap + band * k.geo.tiles + 8 * g;
-  int64_t v;
-  if (full) {
-    v = offs[0];
-    int64_t count = 0;
-#pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) count += _mm_popcnt_u64(gw[i]);
-    if (v < 0 || v + count != offs[1] || offs[1] > k.w.values_count) return -1;
-  } else {
-    v = checked_group_start(k.w, k.geo, band, g);
-    if (v < 0) return -1;
-  }
-  const char* values = static_cast<const char*>(k.w.values);
-  const char* end = values + int64_t{offs[1]} * k.es + kPrefetchBytes;
-  if (k.pf == nullptr) k.pf = values + v * k.es;
-  for (const char* pf = k.pf; pf < end; pf += 64) {
-    _mm_prefetch(pf, _MM_HINT_T0);
-    k.pf = pf + 64;
-  }
-  _mm_prefetch(reinterpret_cast<const char*>(gw + kPrefetchTiles), _MM_HINT_T0);
-  return v;
+  return enter_group_prefetching(k.w, k.geo, k.es, k.pf, band, g, full, kPrefetchBytes, kPrefetchTiles);
 }
 
 // Why: with more than 8 rows of x, a band is walked once per 8-row block. The first block expands
