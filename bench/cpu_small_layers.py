@@ -13,6 +13,7 @@ Everything runs under torch.no_grad(), as decoding does.
 
   python bench/cpu_small_layers.py
   python bench/cpu_small_layers.py --isa avx2 --dtype bf16 --threads 1 --clock cpu   # shared machine
+  python bench/cpu_small_layers.py --dtype int8   # int8 base (per-row scales), x/adapters/dense in bf16
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ import torch.nn.functional as F
 from salr import BitmapSparseWeight
 from salr.methods.salr.layer import SALRLinear
 from salr.cli.bench import random_sparse_weight
+from salr.prune.quantize import quantize_int8
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # q/o, k/v, gate/up, down
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.bfloat16}  # int8: int8 base, bf16 rest
 
 
 def interleaved_medians(fns: dict, calls: int, repeats: int, clock=time.perf_counter, warmup: int = 10) -> dict:
@@ -78,13 +80,14 @@ def main(argv: list[str] | None = None) -> None:
         dtype = DTYPES[dname]
         for rows, k in SHAPES:
             dense = random_sparse_weight(rows, k, 0.5, dtype, gen)
-            sparse = BitmapSparseWeight.from_dense(dense)
+            q, scales = quantize_int8(dense) if dname == "int8" else (dense, None)
+            sparse = BitmapSparseWeight.from_dense(q, scales)
             a = (torch.randn(args.rank, k, generator=gen) / k**0.5).to(dtype)
             b = (torch.randn(rows, args.rank, generator=gen) / 8).to(dtype)
             x = torch.randn(1, k, generator=gen).to(dtype)
             linear = torch.nn.Linear(k, rows, bias=False, dtype=dtype)
             linear.weight.data.copy_(dense)
-            layer = SALRLinear.from_weights(dense, svd_a=a, svd_b=b).eval()
+            layer = SALRLinear.from_weights(q, svd_a=a, svd_b=b, scales=scales, dtype=dtype).eval()
             fns = {"dense": lambda: F.linear(x, dense),
                    "dense+lora": lambda: F.linear(x, dense) + F.linear(F.linear(x, a), b),
                    "nn.Linear": lambda: linear(x)}

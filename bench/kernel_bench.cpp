@@ -6,7 +6,7 @@
 // medians. KERNEL_BENCH_MB (default 512) sizes the rotated copies of the weight: 1 keeps a
 // 256-row weight cache-resident, which measures the kernels' instruction cost alone.
 //
-//   g++ -O2 -std=c++17 -Icpp -DSALR_WITH_X86_SIMD bench/kernel_bench.cpp cpp/kernels/*.cpp \
+//   g++ -O3 -std=c++17 -Icpp -DSALR_WITH_X86_SIMD bench/kernel_bench.cpp cpp/kernels/*.cpp \
 //       -o /tmp/kernel_bench   (with the per-file ISA flags of CMakeLists.txt: see scripts/kernel_bench.sh)
 //   /tmp/kernel_bench 11008 4096 0.5 bf16 [m]
 #include <time.h>

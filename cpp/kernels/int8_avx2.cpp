@@ -15,6 +15,7 @@
 #include <cstring>
 #include <vector>
 
+#include "avx2_epilogue.h"
 #include "avx2_rows.h"
 #include "group_check.h"
 #include "int8_kernels.h"
@@ -66,14 +67,6 @@ inline const int8_t* group_values(const SparseWeightView& w, int64_t start, int6
   return buf;
 }
 
-// Lane r = sum of the lanes of acc[r].
-inline __m256 reduce8(const __m256* acc) {
-  const __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]), h23 = _mm256_hadd_ps(acc[2], acc[3]);
-  const __m256 h45 = _mm256_hadd_ps(acc[4], acc[5]), h67 = _mm256_hadd_ps(acc[6], acc[7]);
-  const __m256 lo = _mm256_hadd_ps(h01, h23), hi = _mm256_hadd_ps(h45, h67);
-  return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
-}
-
 // The 8 row scales of (band, group); 0 for rows past the weight's end.
 inline __m256 scale_vector(const Int8WeightView& w, int64_t band, int64_t group) {
   alignas(32) float s[8];
@@ -108,27 +101,11 @@ inline bool decode_group_scaled(const Int8WeightView& w, const GroupGeometry& ge
   return true;
 }
 
-// y's band outputs for one x row from 8 row accumulators: adapter, bias, one rounding.
-template <class D>
-void finish_band(const Int8GemmArgs& a, int64_t i, int64_t band, __m256 sums) {
-  using T = typename D::T;
-  const int64_t nrows = std::min<int64_t>(8, a.weight.index.rows - 8 * band);
-  alignas(32) float out[8];
-  _mm256_store_ps(out, sums);
-  for (int64_t r = 0; r < nrows && a.rank > 0 && a.t != nullptr && a.adapter_b != nullptr; ++r) {
-    const int64_t n = 8 * band + r;
-    for (int64_t k = 0; k < a.rank; ++k) {
-      out[r] += a.t[i * a.rank + k] * load_as_float(a.adapter_b, n * a.rank + k, a.dtype);
-    }
-  }
-  __m256 v = _mm256_load_ps(out);
-  if (a.bias != nullptr) v = _mm256_add_ps(v, load_partial<D>(static_cast<const T*>(a.bias) + 8 * band, nrows));
-  store_partial<D>(static_cast<T*>(a.y) + i * a.y_row_stride + 8 * band, v, nrows);
-}
-
 // M = 1: one pass over the band's value stream, 8 row accumulators (+ 8 per-group partials).
 template <class D>
-int64_t gemm_one_row(const Int8GemmArgs& a, const float* x, int64_t band_begin, int64_t band_end) {
+int64_t gemm_one_row(const Int8GemmArgs& a, const float* x, BandExtras<D>& ex, const float* ts, int64_t band_begin,
+                     int64_t band_end) {
+  using T = typename D::T;
   const Int8WeightView& w = a.weight;
   const GroupGeometry geo = geometry_of(w.index);
   const bool group_scales = w.scale_groups != 1;
@@ -164,7 +141,10 @@ int64_t gemm_one_row(const Int8GemmArgs& a, const float* x, int64_t band_begin, 
       }
     }
     const __m256 sums = reduce8(total);
-    finish_band<D>(a, 0, band, group_scales ? sums : _mm256_mul_ps(sums, scale_vector(w, band, 0)));
+    const int64_t nrows = std::min<int64_t>(8, w.index.rows - 8 * band);
+    ex.load(band, nrows);
+    ex.finish_sums(group_scales ? sums : _mm256_mul_ps(sums, scale_vector(w, band, 0)), ts,
+                   static_cast<T*>(a.y) + 8 * band, nrows);
   }
   return -1;
 }
@@ -185,10 +165,14 @@ int64_t gemm_int8_avx2_t(const Int8GemmArgs& a, int64_t band_begin, int64_t band
   const Int8WeightView& w = a.weight;
   const GroupGeometry geo = geometry_of(w.index);
   const int64_t k8 = geo.groups * format::kGroupColumns;
-  // x as fp32, zero padded to whole groups; then the decoded group buffer (8 rows x 64 columns).
-  float* xs = float_scratch(static_cast<size_t>(a.m * k8 + 8 * format::kGroupColumns + 64 * a.m));
+  BandExtras<D> ex(a.rank, a.t, a.adapter_b, a.bias);
+  // x as fp32, zero padded to whole groups; the decoded group buffer (8 rows x 64 columns); the
+  // accumulators; t zero padded to rank8 columns (what BandExtras reads).
+  float* xs = float_scratch(static_cast<size_t>(a.m * k8 + 8 * format::kGroupColumns + 64 * a.m + a.m * ex.rank8));
   float* dense = xs + a.m * k8;
   float* acc = dense + 8 * format::kGroupColumns;  // [m][8 rows][8 lanes]
+  float* ts = acc + 64 * a.m;
+  if (ex.adapter) rows_to_f32<F32>(a.t, a.rank, a.m, a.rank, ts, ex.rank8);
   for (int64_t i = 0; i < a.m; ++i) {
     const T* src = static_cast<const T*>(a.x) + i * a.x_row_stride;
     for (int64_t k = 0; k < k8; k += 8) {
@@ -196,7 +180,7 @@ int64_t gemm_int8_avx2_t(const Int8GemmArgs& a, int64_t band_begin, int64_t band
       _mm256_storeu_ps(xs + i * k8 + k, n > 0 ? load_partial<D>(src + k, n) : _mm256_setzero_ps());
     }
   }
-  if (a.m == 1) return gemm_one_row<D>(a, xs, band_begin, band_end);
+  if (a.m == 1) return gemm_one_row<D>(a, xs, ex, ts, band_begin, band_end);
   alignas(16) int8_t pad[kGroupValues + kRowRead];
   for (int64_t band = band_begin; band < band_end; ++band) {
     std::fill(acc, acc + 64 * a.m, 0.0f);
@@ -215,10 +199,12 @@ int64_t gemm_int8_avx2_t(const Int8GemmArgs& a, int64_t band_begin, int64_t band
         }
       }
     }
+    const int64_t nrows = std::min<int64_t>(8, w.index.rows - 8 * band);
+    ex.load(band, nrows);
     for (int64_t i = 0; i < a.m; ++i) {
       __m256 rows[8];
       for (int r = 0; r < 8; ++r) rows[r] = _mm256_loadu_ps(acc + 64 * i + 8 * r);
-      finish_band<D>(a, i, band, reduce8(rows));
+      ex.finish(rows, ts + i * ex.rank8, static_cast<T*>(a.y) + i * a.y_row_stride + 8 * band, nrows);
     }
   }
   return -1;

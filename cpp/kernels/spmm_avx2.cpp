@@ -9,6 +9,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "avx2_epilogue.h"
 #include "avx2_rows.h"
 #include "group_check.h"
 #include "kernels.h"
@@ -21,28 +22,6 @@ constexpr int64_t kGroupValues = 512;  // most values one 64-column group of one
 constexpr int64_t kChunk = 64;         // x rows per pass of the blocked path: bounds scratch memory
 constexpr int64_t kDirectMaxM = 1;    // up to this m, decode straight into registers per x row
 constexpr int kPrefetchBytes = 2048;  // values prefetch distance: covers page crossings of the stream
-
-// `rows` rows of n elements (row stride `stride`) -> fp32 rows of `width` >= n, zero padded, so
-// the inner loops load whole 8-column segments with no tail handling.
-template <class D>
-void rows_to_f32(const typename D::T* src, int64_t stride, int64_t rows, int64_t n, float* dst,
-                 int64_t width) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const typename D::T* s = src + i * stride;
-    float* d = dst + i * width;
-    int64_t k = 0;
-    for (; k < n; k += 8) _mm256_storeu_ps(d + k, load_partial<D>(s + k, std::min<int64_t>(8, n - k)));
-    for (; k < width; ++k) d[k] = 0.0f;
-  }
-}
-
-// Lane r = sum of the lanes of acc[r]: the 8 output rows of a band from its row accumulators.
-inline __m256 reduce8(const __m256* acc) {
-  const __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]), h23 = _mm256_hadd_ps(acc[2], acc[3]);
-  const __m256 h45 = _mm256_hadd_ps(acc[4], acc[5]), h67 = _mm256_hadd_ps(acc[6], acc[7]);
-  const __m256 lo = _mm256_hadd_ps(h01, h23), hi = _mm256_hadd_ps(h45, h67);
-  return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
-}
 
 // The values of a checked group, in place unless a row load's 8-element reads (up to kPad before
 // the group's first value: the bf16 row pairs; kPad past its last) would leave the array; then
@@ -79,37 +58,6 @@ inline void decode_group(const typename D::T* p, const uint64_t* words, int64_t 
     p += _mm_popcnt_u64(word);
   }
 }
-
-// Per-band epilogue inputs: adapter rows and bias of the band's 8 outputs, in fp32.
-template <class D>
-struct BandExtras {
-  std::vector<float> b;  // [8][rank8] adapter_b rows of the band, zero padded
-  int64_t rank8 = 0;
-  bool adapter = false;
-  __m256 bias = _mm256_setzero_ps();
-
-  BandExtras(const GemmArgs& a) : adapter(a.rank > 0 && a.t != nullptr && a.adapter_b != nullptr) {
-    rank8 = adapter ? (a.rank + 7) / 8 * 8 : 0;
-    b.assign(static_cast<size_t>(8 * rank8), 0.0f);
-  }
-  void load(const GemmArgs& a, int64_t band, int64_t nrows) {
-    using T = typename D::T;
-    if (adapter) {
-      std::fill(b.begin(), b.end(), 0.0f);
-      rows_to_f32<D>(static_cast<const T*>(a.adapter_b) + 8 * band * a.rank, a.rank, nrows, a.rank,
-                     b.data(), rank8);
-    }
-    bias = a.bias ? load_partial<D>(static_cast<const T*>(a.bias) + 8 * band, nrows) : _mm256_setzero_ps();
-  }
-  // Adds t_row · adapter rows, reduces, adds the bias and stores the band's outputs of one x row.
-  void finish(__m256* acc, const float* t_row, typename D::T* y, int64_t nrows) const {
-    for (int64_t s = 0; s < rank8; s += 8) {
-      const __m256 tv = _mm256_loadu_ps(t_row + s);
-      for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(&b[r * rank8 + s]), tv, acc[r]);
-    }
-    store_partial<D>(y, _mm256_add_ps(reduce8(acc), bias), nrows);
-  }
-};
 
 // Offsets of the eight tile rows' first values inside the tile, byte r = popcount of rows < r:
 // byte popcounts (SWAR) and an exclusive prefix by one multiplication, no serial popcount chain.
@@ -263,7 +211,7 @@ int64_t gemm_direct(const GemmArgs& a, const GroupGeometry& geo, const float* xs
   using T = typename D::T;
   const SparseWeightView& w = a.weight;
   const int64_t width = geo.tiles * 8;
-  BandExtras<D> ex(a);
+  BandExtras<D> ex(a.rank, a.t, a.adapter_b, a.bias);
   alignas(32) T buf[kGroupBuffer];
   const char* values = static_cast<const char*>(w.values);
   std::vector<uint16_t> x16;  // bf16: x's bits, rows zero padded to whole tiles
@@ -276,7 +224,7 @@ int64_t gemm_direct(const GemmArgs& a, const GroupGeometry& geo, const float* xs
   }
   for (int64_t band = band_begin; band < band_end; ++band) {
     const int64_t nrows = std::min<int64_t>(8, w.rows - 8 * band);
-    ex.load(a, band, nrows);
+    ex.load(band, nrows);
     const uint64_t* words = w.bitmap + band * geo.tiles;
     const int64_t full_end = band + 1 < geo.bands ? geo.groups - 1 : 0;  // groups with 8 unpadded tiles
     for (int64_t i = 0; i < a.m; ++i) {
@@ -313,7 +261,7 @@ int64_t gemm_blocked(const GemmArgs& a, const GroupGeometry& geo, const float* x
   using T = typename D::T;
   const SparseWeightView& w = a.weight;
   const int64_t width = geo.tiles * 8;
-  BandExtras<D> ex(a);
+  BandExtras<D> ex(a.rank, a.t, a.adapter_b, a.bias);
   alignas(32) T buf[kGroupBuffer];
   alignas(32) float dense[8 * 64];
   std::vector<float> accs(static_cast<size_t>(mc * 64));
@@ -338,7 +286,7 @@ int64_t gemm_blocked(const GemmArgs& a, const GroupGeometry& geo, const float* x
         for (int r = 0; r < 8; ++r) _mm256_storeu_ps(&accs[i * 64 + 8 * r], acc[r]);
       }
     }
-    ex.load(a, band, nrows);
+    ex.load(band, nrows);
     for (int64_t i = 0; i < mc; ++i) {
       __m256 acc[8];
       for (int r = 0; r < 8; ++r) acc[r] = _mm256_loadu_ps(&accs[i * 64 + 8 * r]);

@@ -58,7 +58,7 @@ def check_forward(q, scales, x, a, b, bias, dtype):
 def forward_cases(q, gen, dtype, m, x_shape=None):
     rows, cols = q.shape
     x = torch.randn(*(x_shape or (m,)), cols, generator=gen).to(dtype)
-    for rank, with_bias in [(0, False), (5, True)]:
+    for rank, with_bias in [(0, False), (5, True), (19, False)]:  # 19: two full 8-lane steps + a tail
         a = torch.randn(rank, cols, generator=gen).to(dtype) if rank else None
         b = (torch.randn(rows, rank, generator=gen) / 4).to(dtype) if rank else None
         bias = torch.randn(rows, generator=gen).to(dtype) if with_bias else None

@@ -1,0 +1,90 @@
+// The band epilogue shared by the AVX2 float and int8 kernels (spmm_avx2.cpp, int8_avx2.cpp; both
+// built with -mavx2 -mfma -mf16c): fp32 staging of rows, the 8-row reduction, and the fused
+// adapter (t · Bᵀ over the band's 8 adapter rows) + bias + one rounding into y.
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "avx2_rows.h"
+
+namespace salr::kernels {
+namespace {
+
+// `rows` rows of n elements (row stride `stride`) -> fp32 rows of `width` >= n, zero padded, so
+// the inner loops load whole 8-column segments with no tail handling.
+template <class D>
+void rows_to_f32(const typename D::T* src, int64_t stride, int64_t rows, int64_t n, float* dst,
+                 int64_t width) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const typename D::T* s = src + i * stride;
+    float* d = dst + i * width;
+    int64_t k = 0;
+    for (; k < n; k += 8) _mm256_storeu_ps(d + k, load_partial<D>(s + k, std::min<int64_t>(8, n - k)));
+    for (; k < width; ++k) d[k] = 0.0f;
+  }
+}
+
+// Lane r = sum of the lanes of acc[r]: the 8 output rows of a band from its row accumulators.
+inline __m256 reduce8(const __m256* acc) {
+  const __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]), h23 = _mm256_hadd_ps(acc[2], acc[3]);
+  const __m256 h45 = _mm256_hadd_ps(acc[4], acc[5]), h67 = _mm256_hadd_ps(acc[6], acc[7]);
+  const __m256 lo = _mm256_hadd_ps(h01, h23), hi = _mm256_hadd_ps(h45, h67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
+// Per-band epilogue inputs: adapter rows and bias of the band's 8 outputs, in fp32. t rows are
+// read rank8 wide: callers stage t zero padded (rows_to_f32<F32>(t, rank, m, rank, ts, rank8)).
+template <class D>
+struct BandExtras {
+  using T = typename D::T;
+  const T* adapter_b;  // [rows, rank] or nullptr
+  const T* bias_row;   // [rows] or nullptr
+  int64_t rank = 0;
+  int64_t rank8 = 0;
+  bool adapter = false;
+  std::vector<float> b;  // [8][rank8] adapter_b rows of the band, zero padded
+  __m256 bias = _mm256_setzero_ps();
+
+  BandExtras(int64_t rank_, const void* t, const void* adapter_b_, const void* bias_)
+      : adapter_b(static_cast<const T*>(adapter_b_)), bias_row(static_cast<const T*>(bias_)), rank(rank_),
+        adapter(rank_ > 0 && t != nullptr && adapter_b_ != nullptr) {
+    rank8 = adapter ? (rank + 7) / 8 * 8 : 0;
+    b.assign(static_cast<size_t>(8 * rank8), 0.0f);
+  }
+  void load(int64_t band, int64_t nrows) {
+    if (adapter) {
+      std::fill(b.begin(), b.end(), 0.0f);
+      rows_to_f32<D>(adapter_b + 8 * band * rank, rank, nrows, rank, b.data(), rank8);
+    }
+    bias = bias_row ? load_partial<D>(bias_row + 8 * band, nrows) : _mm256_setzero_ps();
+  }
+  // acc[r] += t_row · adapter row r (before the reduction: one reduce8 for both sums).
+  void add_adapter(__m256* acc, const float* t_row) const {
+    for (int64_t s = 0; s < rank8; s += 8) {
+      const __m256 tv = _mm256_loadu_ps(t_row + s);
+      for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(&b[r * rank8 + s]), tv, acc[r]);
+    }
+  }
+  // Adds t_row · adapter rows, reduces, adds the bias and stores the band's outputs of one x row.
+  void finish(__m256* acc, const float* t_row, T* y, int64_t nrows) const {
+    add_adapter(acc, t_row);
+    store_partial<D>(y, _mm256_add_ps(reduce8(acc), bias), nrows);
+  }
+  // The same from the band's 8 row sums already reduced (and scaled, for int8 weights).
+  void finish_sums(__m256 sums, const float* t_row, T* y, int64_t nrows) const {
+    if (adapter) {
+      __m256 acc[8];
+      for (auto& v : acc) v = _mm256_setzero_ps();
+      add_adapter(acc, t_row);
+      sums = _mm256_add_ps(sums, reduce8(acc));
+    }
+    store_partial<D>(y, _mm256_add_ps(sums, bias), nrows);
+  }
+};
+
+}  // namespace
+}  // namespace salr::kernels
