@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <vector>
 
 #include "avx2_rows.h"
 
@@ -36,8 +35,9 @@ inline __m256 reduce8(const __m256* acc) {
   return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
 }
 
-// Per-band epilogue inputs: adapter rows and bias of the band's 8 outputs, in fp32. t rows are
-// read rank8 wide: callers stage t zero padded (rows_to_f32<F32>(t, rank, m, rank, ts, rank8)).
+// Per-band epilogue: the band's adapter rows (read in their own dtype, widened on the fly: staging
+// them as fp32 per band cost more than the FMAs) and its bias. t rows are read rank8 wide: callers
+// stage t zero padded (rows_to_f32<F32>(t, rank, m, rank, ts, rank8)).
 template <class D>
 struct BandExtras {
   using T = typename D::T;
@@ -46,27 +46,40 @@ struct BandExtras {
   int64_t rank = 0;
   int64_t rank8 = 0;
   bool adapter = false;
-  std::vector<float> b;  // [8][rank8] adapter_b rows of the band, zero padded
+  const T* band_b = nullptr;  // the current band's first adapter row
+  int64_t band_rows = 0;
   __m256 bias = _mm256_setzero_ps();
 
   BandExtras(int64_t rank_, const void* t, const void* adapter_b_, const void* bias_)
       : adapter_b(static_cast<const T*>(adapter_b_)), bias_row(static_cast<const T*>(bias_)), rank(rank_),
         adapter(rank_ > 0 && t != nullptr && adapter_b_ != nullptr) {
     rank8 = adapter ? (rank + 7) / 8 * 8 : 0;
-    b.assign(static_cast<size_t>(8 * rank8), 0.0f);
   }
   void load(int64_t band, int64_t nrows) {
-    if (adapter) {
-      std::fill(b.begin(), b.end(), 0.0f);
-      rows_to_f32<D>(adapter_b + 8 * band * rank, rank, nrows, rank, b.data(), rank8);
-    }
+    band_b = adapter ? adapter_b + 8 * band * rank : nullptr;
+    band_rows = nrows;
     bias = bias_row ? load_partial<D>(bias_row + 8 * band, nrows) : _mm256_setzero_ps();
   }
   // acc[r] += t_row · adapter row r (before the reduction: one reduce8 for both sums).
   void add_adapter(__m256* acc, const float* t_row) const {
-    for (int64_t s = 0; s < rank8; s += 8) {
-      const __m256 tv = _mm256_loadu_ps(t_row + s);
-      for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(&b[r * rank8 + s]), tv, acc[r]);
+    if (!adapter) return;
+    const int64_t full = rank / 8 * 8;
+    if (band_rows == 8) {
+      for (int64_t s = 0; s < full; s += 8) {
+        const __m256 tv = _mm256_loadu_ps(t_row + s);
+        for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(D::load8(band_b + r * rank + s), tv, acc[r]);
+      }
+    } else {
+      for (int64_t s = 0; s < full; s += 8) {
+        const __m256 tv = _mm256_loadu_ps(t_row + s);
+        for (int64_t r = 0; r < band_rows; ++r) acc[r] = _mm256_fmadd_ps(D::load8(band_b + r * rank + s), tv, acc[r]);
+      }
+    }
+    if (full < rank) {  // the last rank % 8 columns: partial loads, never past a row's end
+      const __m256 tv = _mm256_loadu_ps(t_row + full);
+      for (int64_t r = 0; r < band_rows; ++r) {
+        acc[r] = _mm256_fmadd_ps(load_partial<D>(band_b + r * rank + full, rank - full), tv, acc[r]);
+      }
     }
   }
   // Adds t_row · adapter rows, reduces, adds the bias and stores the band's outputs of one x row.
