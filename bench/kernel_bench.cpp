@@ -79,6 +79,10 @@ int main(int argc, char** argv) {
   const double sparsity = argc > 3 ? atof(argv[3]) : 0.5;
   const std::string dname = argc > 4 ? argv[4] : "bf16";
   const int64_t m = argc > 5 ? atoll(argv[5]) : 1;
+  if (dname != "bf16" && dname != "fp16" && dname != "fp32") {  // int8: bench/cpu_roofline.py --dtype int8
+    std::fprintf(stderr, "kernel_bench: dtype must be bf16, fp16 or fp32, got '%s'\n", dname.c_str());
+    return 2;
+  }
   const DType dt = dname == "fp32" ? DType::kFloat32 : dname == "fp16" ? DType::kFloat16 : DType::kBFloat16;
   std::mt19937 gen(0);
   std::uniform_real_distribution<float> u(0.f, 1.f);
