@@ -1,10 +1,12 @@
 // AVX-512 lane helpers of spmm_avx512.cpp and int8_avx512.cpp (built with its -mavx512{f,bw,vl,dq,vbmi2} -mfma -mf16c;
 // include it from such a translation unit only): 8 / 16 elements of any dtype loaded and stored as
-// fp32, the adapter epilogue of a band, and the tile decode by expand-loads.
+// fp32, the adapter epilogue of a band, the tile decode by expand-loads, and the transposed product's
+// group step.
 #pragma once
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "group_check.h"
@@ -149,6 +151,60 @@ __attribute__((always_inline)) inline int64_t enter_group_prefetching(const Spar
   _mm_prefetch(reinterpret_cast<const char*>(gw + prefetch_tiles), _MM_HINT_T0);
   return v;
 }
+
+// ---- the transposed product's group step (the float and the int8 kernels) -----------------
+
+// Why: dx = dy·W one 64-column group at a time: the group of a band is decoded once to fp32 (4 zmm
+// per tile, rows 2p | 2p+1 in zmm p), then each of mb dy rows adds Σ_r dy[8b+r]·W[r, :] into 8 tile
+// accumulators acc[row * 8 + t] (lanes 0-7: even rows, 8-15: odd rows). `dy_band` points at dy row
+// i0's 8 values of the band; n_valid of them are real (the last band may be short).
+struct TransposedGroupStep {
+  static constexpr int64_t kAhead = 4;  // the group kAhead bands ahead is prefetched
+  __m512i pair_idx[4];  // zmm p broadcasts dy row 2p to lanes 0-7 and row 2p+1 to lanes 8-15
+  TransposedGroupStep() {
+    for (int p = 0; p < 4; ++p) {
+      pair_idx[p] = _mm512_mask_blend_epi32(0xff00, _mm512_set1_epi32(2 * p), _mm512_set1_epi32(2 * p + 1));
+    }
+  }
+  // The same group kAhead bands later: groups of later bands are a stride apart (no HW prefetch).
+  static void prefetch_ahead(const SparseWeightView& w, const GroupGeometry& geo, int64_t band, int64_t g,
+                             int64_t t0, int value_bytes) {
+    if (band + kAhead >= geo.bands) return;
+    const int64_t ahead = (band + kAhead) * geo.groups + g;
+    const char* p = static_cast<const char*>(w.values) + int64_t{w.offsets[ahead]} * value_bytes;
+    const char* e = static_cast<const char*>(w.values) + int64_t{w.offsets[ahead + 1]} * value_bytes;
+    for (; p < e; p += 64) _mm_prefetch(p, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w.bitmap + (band + kAhead) * geo.tiles + t0), _MM_HINT_T0);
+  }
+  void accumulate(const __m512* tiles, int nt, const char* dy_band, int64_t dy_row_bytes, int mb, DType dt,
+                  int n_valid, __m512* acc) const {
+    for (int r = 0; r < mb; ++r) {
+      const __m512 d = _mm512_castps256_ps512(load8(dy_band + r * dy_row_bytes, dt, n_valid));
+      __m512 dp[4];
+      for (int p = 0; p < 4; ++p) dp[p] = _mm512_permutexvar_ps(pair_idx[p], d);
+      __m512* ar = acc + r * 8;
+      for (int t = 0; t < nt; ++t) {
+        __m512 s = _mm512_fmadd_ps(tiles[4 * t], dp[0], ar[t]);
+        s = _mm512_fmadd_ps(tiles[4 * t + 1], dp[1], s);
+        s = _mm512_fmadd_ps(tiles[4 * t + 2], dp[2], s);
+        ar[t] = _mm512_fmadd_ps(tiles[4 * t + 3], dp[3], s);
+      }
+    }
+  }
+  // dx rows i0 .. i0+mb of the group: each tile's even- and odd-row lanes summed into 8 columns.
+  // `dx_group` points at dx row i0's first column of the group; `cols_left` columns remain there.
+  static void store(const __m512* acc, int nt, int mb, char* dx_group, int64_t dx_row_bytes, int64_t cols_left,
+                    DType dt) {
+    const int es = element_size(dt);
+    for (int r = 0; r < mb; ++r) {
+      for (int t = 0; t < nt; ++t) {
+        const __m512 s = acc[r * 8 + t];
+        const __m256 o = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
+        store8(dx_group + r * dx_row_bytes + 8 * t * es, o, dt, static_cast<int>(std::min<int64_t>(8, cols_left - 8 * t)));
+      }
+    }
+  }
+};
 
 }  // namespace
 }  // namespace salr::kernels

@@ -24,7 +24,6 @@ namespace {
 constexpr int kRowBlock = 16;             // x rows per pass over the bands (bounds the x scratch)
 constexpr int64_t kPrefetchBytes = 4096;  // values prefetch distance (DRAM latency x bandwidth)
 constexpr int64_t kPrefetchTiles = 96;    // bitmap prefetch distance in words (768 B)
-constexpr int64_t kTransposedAhead = 4;   // the transposed product prefetches the group 4 bands ahead
 
 // Why: the band loop's state as plain values, so the hot loop keeps it in registers.
 struct Walk {
@@ -210,10 +209,7 @@ int64_t gemm_transposed_int8_avx512(const Int8GemmTransposedArgs& a, int64_t gro
   const auto* values = static_cast<const int8_t*>(w.values);
   alignas(64) __m512 buf[32];  // one group decoded to fp32, 4 zmm per tile
   alignas(64) __m512 acc[kRowBlock * 8];
-  __m512i pair_idx[4];  // zmm p broadcasts dy row 2p to lanes 0-7 and row 2p+1 to lanes 8-15
-  for (int p = 0; p < 4; ++p) {
-    pair_idx[p] = _mm512_mask_blend_epi32(0xff00, _mm512_set1_epi32(2 * p), _mm512_set1_epi32(2 * p + 1));
-  }
+  const TransposedGroupStep step;
   for (int64_t g = group_begin; g < group_end; ++g) {
     const int t0 = static_cast<int>(group_tile_begin(g));
     const int nt = static_cast<int>(group_tile_end(geo, g)) - t0;
@@ -223,11 +219,7 @@ int64_t gemm_transposed_int8_avx512(const Int8GemmTransposedArgs& a, int64_t gro
       for (int64_t band = 0; band < geo.bands; ++band) {
         int64_t v = checked_group_start(w, geo, band, g);
         if (v < 0) return band * geo.groups + g;
-        if (band + kTransposedAhead < geo.bands) {  // groups of later bands are a stride apart: no HW prefetch
-          const int64_t ahead = (band + kTransposedAhead) * geo.groups + g;
-          for (int64_t b = w.offsets[ahead]; b < w.offsets[ahead + 1]; b += 64) _mm_prefetch(reinterpret_cast<const char*>(values + b), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(w.bitmap + (band + kTransposedAhead) * geo.tiles + t0), _MM_HINT_T0);
-        }
+        TransposedGroupStep::prefetch_ahead(w, geo, band, g, t0, 1);
         const uint64_t* words = w.bitmap + band * geo.tiles + t0;
         __m512 sv[4];
         scale_vectors(a.weight.scales, a.weight.scale_groups, w.rows, band, g, sv);
@@ -236,30 +228,12 @@ int64_t gemm_transposed_int8_avx512(const Int8GemmTransposedArgs& a, int64_t gro
           for (int q = 0; q < 4; ++q) buf[4 * t + q] = _mm512_mul_ps(buf[4 * t + q], sv[q]);
         }
         const int n_valid = static_cast<int>(std::min<int64_t>(8, w.rows - 8 * band));
-        for (int r = 0; r < mb; ++r) {
-          const __m512 d = _mm512_castps256_ps512(
-              load8(static_cast<const char*>(a.dy) + ((i0 + r) * a.dy_row_stride + 8 * band) * es, a.dtype, n_valid));
-          __m512 dp[4];
-          for (int p = 0; p < 4; ++p) dp[p] = _mm512_permutexvar_ps(pair_idx[p], d);
-          __m512* ar = acc + r * 8;
-          for (int t = 0; t < nt; ++t) {
-            __m512 sum = _mm512_fmadd_ps(buf[4 * t], dp[0], ar[t]);
-            sum = _mm512_fmadd_ps(buf[4 * t + 1], dp[1], sum);
-            sum = _mm512_fmadd_ps(buf[4 * t + 2], dp[2], sum);
-            ar[t] = _mm512_fmadd_ps(buf[4 * t + 3], dp[3], sum);
-          }
-        }
+        step.accumulate(buf, nt, static_cast<const char*>(a.dy) + (i0 * a.dy_row_stride + 8 * band) * es,
+                        a.dy_row_stride * es, mb, a.dtype, n_valid, acc);
       }
       const int64_t col0 = g * format::kGroupColumns;
-      for (int r = 0; r < mb; ++r) {
-        for (int t = 0; t < nt; ++t) {
-          const __m512 sum = acc[r * 8 + t];
-          const __m256 o = _mm256_add_ps(_mm512_castps512_ps256(sum), _mm512_extractf32x8_ps(sum, 1));
-          const int64_t k = col0 + 8 * t;
-          store8(static_cast<char*>(a.dx) + ((i0 + r) * a.dx_row_stride + k) * es, o, a.dtype,
-                 static_cast<int>(std::min<int64_t>(8, w.cols - k)));
-        }
-      }
+      TransposedGroupStep::store(acc, nt, mb, static_cast<char*>(a.dx) + (i0 * a.dx_row_stride + col0) * es,
+                                 a.dx_row_stride * es, w.cols - col0, a.dtype);
     }
   }
   return -1;

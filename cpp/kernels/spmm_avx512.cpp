@@ -31,7 +31,6 @@ namespace {
 constexpr int kRowBlock = 16;             // x rows per decode pass: bounds the x scratch and accs
 constexpr int64_t kPrefetchBytes = 6144;  // values prefetch distance (DRAM latency x bandwidth)
 constexpr int64_t kPrefetchTiles = 96;    // bitmap prefetch distance in words (768 B)
-constexpr int64_t kTransposedAhead = 4;   // gemm_transposed prefetches the group 4 bands ahead
 
 // ---- one band for a block of R rows of x, accumulators in registers --------------------------
 // x scratch layout: a block of R rows starting at row r0 stores element (tile t, row r, col c) at
@@ -349,10 +348,7 @@ int64_t gemm_transposed_avx512(const GemmTransposedArgs& a, int64_t group_begin,
   const int es = element_size(dt);
   alignas(64) __m512 buf[32];  // one group decoded to fp32, 4 zmm per tile
   alignas(64) __m512 acc[kRowBlock * 8];
-  __m512i pair_idx[4];  // zmm p broadcasts dy row 2p to lanes 0-7 and row 2p+1 to lanes 8-15
-  for (int p = 0; p < 4; ++p) {
-    pair_idx[p] = _mm512_mask_blend_epi32(0xff00, _mm512_set1_epi32(2 * p), _mm512_set1_epi32(2 * p + 1));
-  }
+  const TransposedGroupStep step;
   for (int64_t g = group_begin; g < group_end; ++g) {
     const int t0 = static_cast<int>(group_tile_begin(g));
     const int nt = static_cast<int>(group_tile_end(geo, g)) - t0;
@@ -362,41 +358,16 @@ int64_t gemm_transposed_avx512(const GemmTransposedArgs& a, int64_t group_begin,
       for (int64_t band = 0; band < geo.bands; ++band) {
         int64_t v = checked_group_start(w, geo, band, g);
         if (v < 0) return band * geo.groups + g;
-        if (band + kTransposedAhead < geo.bands) {  // groups of later bands are a stride apart:
-          const int64_t ahead = (band + kTransposedAhead) * geo.groups + g;  // no HW prefetch
-          const char* p = static_cast<const char*>(w.values) + int64_t{w.offsets[ahead]} * es;
-          const char* e = static_cast<const char*>(w.values) + int64_t{w.offsets[ahead + 1]} * es;
-          for (; p < e; p += 64) _mm_prefetch(p, _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(w.bitmap + (band + kTransposedAhead) * geo.tiles + t0), _MM_HINT_T0);
-        }
-        __m512* wt = buf;
+        TransposedGroupStep::prefetch_ahead(w, geo, band, g, t0, es);
         const uint64_t* words = w.bitmap + band * geo.tiles + t0;
-        for (int t = 0; t < nt; v += _mm_popcnt_u64(words[t]), ++t) decode_f32(w.values, v, words[t], dt, wt + 4 * t);
+        for (int t = 0; t < nt; v += _mm_popcnt_u64(words[t]), ++t) decode_f32(w.values, v, words[t], dt, buf + 4 * t);
         const int n_valid = static_cast<int>(std::min<int64_t>(8, w.rows - 8 * band));
-        for (int r = 0; r < mb; ++r) {
-          const __m512 d = _mm512_castps256_ps512(
-              load8(static_cast<const char*>(a.dy) + ((i0 + r) * a.dy_row_stride + 8 * band) * es, dt, n_valid));
-          __m512 dp[4];
-          for (int p = 0; p < 4; ++p) dp[p] = _mm512_permutexvar_ps(pair_idx[p], d);
-          __m512* ar = acc + r * 8;
-          for (int t = 0; t < nt; ++t) {
-            __m512 s = _mm512_fmadd_ps(wt[4 * t], dp[0], ar[t]);
-            s = _mm512_fmadd_ps(wt[4 * t + 1], dp[1], s);
-            s = _mm512_fmadd_ps(wt[4 * t + 2], dp[2], s);
-            ar[t] = _mm512_fmadd_ps(wt[4 * t + 3], dp[3], s);
-          }
-        }
+        step.accumulate(buf, nt, static_cast<const char*>(a.dy) + (i0 * a.dy_row_stride + 8 * band) * es,
+                        a.dy_row_stride * es, mb, dt, n_valid, acc);
       }
       const int64_t col0 = g * format::kGroupColumns;
-      for (int r = 0; r < mb; ++r) {
-        for (int t = 0; t < nt; ++t) {
-          const __m512 s = acc[r * 8 + t];
-          const __m256 o = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
-          const int64_t k = col0 + 8 * t;
-          store8(static_cast<char*>(a.dx) + ((i0 + r) * a.dx_row_stride + k) * es, o, dt,
-                 static_cast<int>(std::min<int64_t>(8, w.cols - k)));
-        }
-      }
+      TransposedGroupStep::store(acc, nt, mb, static_cast<char*>(a.dx) + (i0 * a.dx_row_stride + col0) * es,
+                                 a.dx_row_stride * es, w.cols - col0, dt);
     }
   }
   return -1;
