@@ -8,18 +8,22 @@
 //
 //   g++ -O3 -std=c++17 -Icpp -DSALR_WITH_X86_SIMD bench/kernel_bench.cpp cpp/kernels/*.cpp \
 //       -o /tmp/kernel_bench   (with the per-file ISA flags of CMakeLists.txt: see scripts/kernel_bench.sh)
-//   /tmp/kernel_bench 11008 4096 0.5 bf16 [m]
+//   /tmp/kernel_bench 11008 4096 0.5 bf16|fp16|fp32|int8 [m]
+// int8: the int8 kernels (issue 21) on the same bitmap, values rounded from the bf16 ones with one
+// scale per row, x and y in bf16; its bytes count int8 values, bitmap, offsets and scales.
 #include <time.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "../cpp/bitmap_format.h"
+#include "../cpp/kernels/int8_kernels.h"
 #include "../cpp/kernels/kernels.h"
 #include "../cpp/kernels/numeric.h"
 
@@ -46,7 +50,25 @@ struct Weight {
   std::vector<int32_t> offsets;
   SparseWeightView view;
   int64_t bytes;
+  // int8 only: the values rounded onto a grid of 1/16 (|q| <= 127) and one scale per row.
+  std::vector<int8_t> values8;
+  std::vector<float> scales;
+  Int8WeightView view8;
 };
+
+// The same index with int8 values: timing does not depend on the grid, so one fixed scale serves.
+static void add_int8(Weight& w) {
+  w.values8.resize(w.values16.size());
+  for (size_t i = 0; i < w.values16.size(); ++i) {
+    const float q = std::nearbyint(load_as_float(w.values16.data(), static_cast<int64_t>(i), DType::kBFloat16) * 16.f);
+    w.values8[i] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, q)));
+  }
+  w.values16 = {};
+  w.scales.assign(w.view.rows, 1.f / 16);
+  w.view8 = Int8WeightView{w.view, w.scales.data(), 1};
+  w.view8.index.values = w.values8.data();
+  w.bytes = static_cast<int64_t>(w.values8.size() + w.bitmap.size() * 8 + w.offsets.size() * 4 + w.scales.size() * 4);
+}
 
 static Weight encode(const std::vector<float>& dense32, const std::vector<uint16_t>& dense16, int64_t rows,
                      int64_t cols, DType dt) {
@@ -79,10 +101,11 @@ int main(int argc, char** argv) {
   const double sparsity = argc > 3 ? atof(argv[3]) : 0.5;
   const std::string dname = argc > 4 ? argv[4] : "bf16";
   const int64_t m = argc > 5 ? atoll(argv[5]) : 1;
-  if (dname != "bf16" && dname != "fp16" && dname != "fp32") {  // int8: bench/cpu_roofline.py --dtype int8
-    std::fprintf(stderr, "kernel_bench: dtype must be bf16, fp16 or fp32, got '%s'\n", dname.c_str());
+  if (dname != "bf16" && dname != "fp16" && dname != "fp32" && dname != "int8") {
+    std::fprintf(stderr, "kernel_bench: dtype must be bf16, fp16, fp32 or int8, got '%s'\n", dname.c_str());
     return 2;
   }
+  const bool int8 = dname == "int8";  // int8 values; the index, x and y as for bf16
   const DType dt = dname == "fp32" ? DType::kFloat32 : dname == "fp16" ? DType::kFloat16 : DType::kBFloat16;
   std::mt19937 gen(0);
   std::uniform_real_distribution<float> u(0.f, 1.f);
@@ -98,7 +121,10 @@ int main(int argc, char** argv) {
   const int copies = std::max<int64_t>(1, (working_set_mb << 20) / std::max<int64_t>(1, rows * cols));
   const int calls = std::max<int64_t>(1, 64 / copies);  // per timing: enough work for the clock
   std::vector<Weight> ws;
-  for (int c = 0; c < copies; ++c) ws.push_back(encode(dense32, dense16, rows, cols, dt));
+  for (int c = 0; c < copies; ++c) {
+    ws.push_back(encode(dense32, dense16, rows, cols, dt));
+    if (int8) add_int8(ws.back());
+  }
   dense32.clear();
   dense32.shrink_to_fit();
   std::vector<uint16_t> x16(m * cols);
@@ -134,25 +160,38 @@ int main(int argc, char** argv) {
   bulk.shrink_to_fit();
 
   const int64_t bands = format::num_bands(rows);
-  auto run = [&](const KernelTable& table, std::vector<char>& out) {
-    for (int c = 0; c < copies; ++c) {
-      const GemmArgs args{ws[c].view, x, m, cols, out.data(), rows, nullptr, nullptr, 0, nullptr};
-      if (table.gemm(args, 0, bands) >= 0) std::exit(1);
-    }
+  using Run = std::function<void(std::vector<char>&)>;
+  auto float_run = [&](const KernelTable& table) -> Run {
+    return [&, table_p = &table](std::vector<char>& out) {
+      for (int c = 0; c < copies; ++c) {
+        const GemmArgs args{ws[c].view, x, m, cols, out.data(), rows, nullptr, nullptr, 0, nullptr};
+        if (table_p->gemm(args, 0, bands) >= 0) std::exit(1);
+      }
+    };
   };
-  run(kernel_table(Isa::kScalar), y_ref);
-  std::vector<std::pair<std::string, const KernelTable*>> contenders;
+  auto int8_run = [&](const Int8KernelTable& table) -> Run {
+    return [&, table_p = &table](std::vector<char>& out) {
+      for (int c = 0; c < copies; ++c) {
+        const Int8GemmArgs args{ws[c].view8, dt, x, m, cols, out.data(), rows, nullptr, nullptr, 0, nullptr};
+        if (table_p->gemm(args, 0, bands) >= 0) std::exit(1);
+      }
+    };
+  };
+  auto run_of = [&](Isa isa) { return int8 ? int8_run(int8_kernel_table(isa)) : float_run(kernel_table(isa)); };
+  run_of(Isa::kScalar)(y_ref);
+  std::vector<std::pair<std::string, Run>> contenders;
   for (Isa isa : {Isa::kAvx2, Isa::kAvx512}) {
-    if (isa_compiled(isa) && cpu_supports(isa)) contenders.emplace_back(isa_name(isa), &kernel_table(isa));
+    if (isa_compiled(isa) && cpu_supports(isa)) contenders.emplace_back(isa_name(isa), run_of(isa));
   }
-  if (salr::kernels_base::avx2_kernel_table && cpu_supports(Isa::kAvx2)) {
-    contenders.emplace_back("avx2-base", reinterpret_cast<const KernelTable*>(salr::kernels_base::avx2_kernel_table()));
+  if (salr::kernels_base::avx2_kernel_table && cpu_supports(Isa::kAvx2) && !int8) {
+    contenders.emplace_back(
+        "avx2-base", float_run(*reinterpret_cast<const KernelTable*>(salr::kernels_base::avx2_kernel_table())));
   }
   std::vector<std::vector<double>> times(contenders.size());
   for (int rep = 0; rep < 9; ++rep) {
     for (size_t k = 0; k < contenders.size(); ++k) {
       const double t0 = thread_seconds();
-      for (int i = 0; i < calls; ++i) run(*contenders[k].second, y);
+      for (int i = 0; i < calls; ++i) contenders[k].second(y);
       times[k].push_back((thread_seconds() - t0) / (copies * calls));
       if (rep > 0) continue;
       int64_t diff = 0;
@@ -166,9 +205,11 @@ int main(int argc, char** argv) {
   for (size_t k = 0; k < contenders.size(); ++k) {
     std::sort(times[k].begin(), times[k].end());
     const double t = times[k][times[k].size() / 2];
-    std::printf("%-9s %lldx%lld %.0f%% %s m=%lld: %.3f ms, %.2f GB/s = %.0f%% of bulk read %.2f GB/s (1 thread, CPU time)\n",
+    std::printf("%-9s %lldx%lld %.0f%% %s m=%lld: %.3f ms, %.2f ns per 8x8 tile, %.2f GB/s = %.0f%% of bulk read %.2f GB/s "
+                "(1 thread, CPU time)\n",
                 contenders[k].first.c_str(), (long long)rows, (long long)cols, sparsity * 100, dname.c_str(), (long long)m,
-                t * 1e3, ws[0].bytes / t / 1e9, 100 * ws[0].bytes / t / 1e9 / bulk_gbps, bulk_gbps);
+                t * 1e3, t * 1e9 / (bands * format::tiles_per_band(cols)), ws[0].bytes / t / 1e9,
+                100 * ws[0].bytes / t / 1e9 / bulk_gbps, bulk_gbps);
   }
   return 0;
 }
