@@ -108,12 +108,15 @@ void for_each_decoded_chunk(const char* op, const kernels::SparseWeightView& vie
       });
 }
 
-// y[:, chunk rows] = x · W_chunkᵀ (+ t · B_chunkᵀ + bias) for every chunk that for_each_chunk(fn)
+// y[:, chunk rows] = x · W_chunkᵀ (+ T · B_chunkᵀ + bias) for every chunk that for_each_chunk(fn)
 // hands to fn(row_begin, row_end, w_chunk): the large-M path of sparse_lowrank_gemm, float or int8.
 // The GEMM runs in the chunks' dtype (fp32 where dense_gemm_dtype widened them).
 template <typename ForEachChunk>
 void chunked_lowrank_gemm(ForEachChunk&& for_each_chunk, const at::Tensor& x2d, const CheckedAdapter& adapter,
-                          const at::Tensor& t, const std::optional<at::Tensor>& bias, at::Tensor& y) {
+                          const std::optional<at::Tensor>& bias, at::Tensor& y) {
+  // T = x·Aᵀ once, in fp32: the rank-R intermediate every chunk's epilogue reads.
+  at::Tensor t;
+  if (adapter.rank > 0) t = at::mm(x2d.to(at::kFloat), adapter.a.to(at::kFloat).t()).contiguous();
   at::Tensor x_gemm;
   for_each_chunk([&](int64_t r0, int64_t r1, const at::Tensor& w_chunk) {
     if (!x_gemm.defined()) x_gemm = x2d.to(w_chunk.scalar_type());

@@ -67,10 +67,8 @@ void int8_lowrank_gemm_cpu(const char* op, const at::Tensor& x2d, const at::Tens
   const int64_t crossover =
       dense_crossover_rows(dtype == at::kFloat ? kDenseCrossoverRowsFp32Forward : kDenseCrossoverRows);
   if (m >= crossover) {
-    at::Tensor t;
-    if (adapter.rank > 0) t = at::mm(x2d.to(at::kFloat), adapter.a.to(at::kFloat).t()).contiguous();
     const at::ScalarType gemm_dtype = dense_gemm_dtype(op, dtype);
-    chunked_lowrank_gemm([&](auto&& fn) { for_each_dequantized_chunk(op, view, gemm_dtype, fn); }, x2d, adapter, t, bias,
+    chunked_lowrank_gemm([&](auto&& fn) { for_each_dequantized_chunk(op, view, gemm_dtype, fn); }, x2d, adapter, bias,
                          y);
     return;
   }

@@ -63,11 +63,8 @@ at::Tensor sparse_lowrank_gemm_cpu(const at::Tensor& x, const at::Tensor& bitmap
   const int64_t crossover = dense_crossover_rows(
       values.scalar_type() == at::kFloat ? kDenseCrossoverRowsFp32Forward : kDenseCrossoverRows);
   if (m >= crossover) {
-    // T = x·Aᵀ once, in fp32: the rank-R intermediate every chunk's epilogue reads.
-    at::Tensor t;
-    if (adapter.rank > 0) t = at::mm(x2d.to(at::kFloat), adapter.a.to(at::kFloat).t()).contiguous();
     const at::ScalarType gemm_dtype = dense_gemm_dtype(kOp, values.scalar_type());
-    chunked_lowrank_gemm([&](auto&& fn) { for_each_decoded_chunk(kOp, view, values, gemm_dtype, fn); }, x2d, adapter, t,
+    chunked_lowrank_gemm([&](auto&& fn) { for_each_decoded_chunk(kOp, view, values, gemm_dtype, fn); }, x2d, adapter,
                          bias_c, y);
     return y.view(out_shape);
   }

@@ -119,6 +119,16 @@ inline void widen16(__m512i lo, __m512i hi, DType dt, __m512* out) {
 }
 
 
+// Why: the fma form's step (float and int8): a tile decoded to fp32, rows 2p | 2p+1 in zmm p,
+// against R rows of x (8 fp32 columns each, row r at xt + 8r); a[4r + p] accumulates.
+template <int R>
+__attribute__((always_inline)) inline void fma_rows(const __m512* wt, const float* xt, __m512* a) {
+  for (int r = 0; r < R; ++r) {
+    const __m512 xv = _mm512_broadcast_f32x8(_mm256_loadu_ps(xt + r * 8));
+    for (int q = 0; q < 4; ++q) a[4 * r + q] = _mm512_fmadd_ps(wt[q], xv, a[4 * r + q]);
+  }
+}
+
 // ---- entering a 64-column group of a band ---------------------------------------------------
 
 // Why: the group check + prefetch every AVX-512 band loop (float and int8) runs before a group's

@@ -80,10 +80,7 @@ __attribute__((always_inline)) inline void fma_tile(const int8_t* p, uint64_t wo
   if constexpr (kGroupScales) {
     for (int q = 0; q < 4; ++q) wt[q] = _mm512_mul_ps(wt[q], sv[q]);
   }
-  for (int r = 0; r < R; ++r) {
-    const __m512 xv = _mm512_broadcast_f32x8(_mm256_loadu_ps(xt + r * 8));
-    for (int q = 0; q < 4; ++q) a[4 * r + q] = _mm512_fmadd_ps(wt[q], xv, a[4 * r + q]);
-  }
+  fma_rows<R>(wt, xt, a);
 }
 
 // out[4r+p] = rows 2p | 2p+1 of x row r over one band. R = 1 alternates two accumulator sets to

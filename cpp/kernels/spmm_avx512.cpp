@@ -159,10 +159,7 @@ __attribute__((always_inline)) inline void fma_tile(const void* values, int64_t 
                                                     __m512* a) {
   __m512 wt[4];
   decode_f32(values, v, b, DT, wt);
-  for (int r = 0; r < R; ++r) {
-    const __m512 xv = _mm512_broadcast_f32x8(_mm256_loadu_ps(xt + r * 8));
-    for (int q = 0; q < 4; ++q) a[4 * r + q] = _mm512_fmadd_ps(wt[q], xv, a[4 * r + q]);
-  }
+  fma_rows<R>(wt, xt, a);
 }
 
 // Why: the fp32 form (fp32, fp16, bf16 without BF16): out[4r+p] = rows 2p | 2p+1 of x row r.
