@@ -4,8 +4,11 @@
 
 A recipe is a '+'-joined name:
   dense+lora                   LoRA r on every block linear of the unpruned model (the baseline)
-  <criterion>+svd[+distill][+owl]   SALR: prune (wanda | sparsegpt) + SVD residual adapter + LoRA;
-                                 distill: KL to the dense model (--distill-weight, --distill-temperature);
+  <criterion>+svd[+distill|+distill-lora][+owl]   SALR: prune (wanda | sparsegpt) + SVD residual
+                                 adapter + LoRA; distill: KL to the dense model (--distill-weight,
+                                 --distill-temperature); distill-lora: KL to the dense model after LoRA
+                                 on the same budget (the dense + lora recipe's model, trained first:
+                                 the plain dense teacher is itself above the goal)
                                  owl: OWL layer-wise ratios around the target
   <criterion>+svd+salor        SALR with sparse LoRA factors (50 %, cubic ramp over the first half)
   losa+rmi | losa+owl          LoSA from the dense model (mean rank r, r_max 4r), merged: no adapters
@@ -40,7 +43,7 @@ from salr.train import distill
 from salr.train.config import TrainConfig
 
 CRITERIA = ("wanda", "sparsegpt")
-SALR_EXTRAS = ("distill", "owl", "salor")
+SALR_EXTRAS = ("distill", "distill-lora", "owl", "salor")
 
 
 def quick_budget() -> steps.Budget:
@@ -57,10 +60,20 @@ def parse_recipe(name: str) -> dict:
         return {"kind": "losa", "layerwise": parts[1]}
     extras = parts[2:]
     if (parts[0] in CRITERIA and parts[1:2] == ["svd"] and all(e in SALR_EXTRAS for e in extras)
-            and len(set(extras)) == len(extras)):
-        return {"kind": "salr", "criterion": parts[0], **{e: e in extras for e in SALR_EXTRAS}}
+            and len(set(extras)) == len(extras) and not {"distill", "distill-lora"} <= set(extras)):
+        return {"kind": "salr", "criterion": parts[0], **{e.replace("-", "_"): e in extras for e in SALR_EXTRAS}}
     raise ValueError(f"recipe {name!r}: expected dense+lora, losa+rmi, losa+owl or "
-                     f"<{'|'.join(CRITERIA)}>+svd[+distill][+owl][+salor]")
+                     f"<{'|'.join(CRITERIA)}>+svd[+distill|+distill-lora][+owl][+salor]")
+
+
+def lora_teacher(model: torch.nn.Module, splits, budget: steps.Budget, seed: int) -> torch.nn.Module:
+    """The dense + lora recipe's model as a frozen teacher: a copy of the dense `model` with LoRA trained
+    on the same budget, data order and seed, folded into plain dense weights."""
+    teacher = steps.dense_copy(model)
+    steps.prune(teacher, splits, budget, seed=seed, progress=False, sparsity=0.0, criterion="magnitude", svd_rank=0)
+    steps.finetune(teacher, splits, budget, seed=seed)
+    steps.merge_all(teacher)
+    return distill.frozen_teacher(to_transformers(teacher))
 
 
 def trainable_params(model: torch.nn.Module) -> int:
@@ -103,6 +116,9 @@ def run_recipe(name: str, args: argparse.Namespace, budget: steps.Budget) -> dic
                 options["factor_config"] = FactorSparsityConfig(0.5, end_step=budget.train_steps // 2)
             if recipe["distill"]:
                 teacher = distill.frozen_teacher(model)
+            if recipe["distill_lora"]:
+                teacher = lora_teacher(model, splits, budget, args.seed)
+                row["teacher_s"] = time.perf_counter() - start  # in prune_s too: the recipe's cost
         steps.prune(model, splits, budget, seed=args.seed, progress=False, **options)
         row["prune_s"] = time.perf_counter() - start
         if recipe["kind"] != "dense":

@@ -4,6 +4,7 @@ of a tiny random model mean nothing; the structure does."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -16,7 +17,7 @@ pytest.importorskip("transformers", reason="transformers is not installed")
 pytest.importorskip("tokenizers", reason="tokenizers is not installed")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-RECIPES = ["dense+lora", "wanda+svd+distill+owl", "sparsegpt+svd+salor", "losa+rmi"]
+RECIPES = ["dense+lora", "wanda+svd+distill+owl", "sparsegpt+svd+salor", "losa+rmi", "wanda+svd+distill-lora"]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +33,10 @@ def test_recipe_names(recovery):
     assert recovery.parse_recipe("dense+lora") == {"kind": "dense"}
     assert recovery.parse_recipe("losa+owl") == {"kind": "losa", "layerwise": "owl"}
     assert recovery.parse_recipe("sparsegpt+svd+owl+distill") == {
-        "kind": "salr", "criterion": "sparsegpt", "distill": True, "owl": True, "salor": False}
-    for bad in ("wanda", "wanda+svd+owl+owl", "magnitude+svd", "losa+uniform", "wanda+svd+lora"):
+        "kind": "salr", "criterion": "sparsegpt", "distill": True, "distill_lora": False, "owl": True, "salor": False}
+    assert recovery.parse_recipe("wanda+svd+distill-lora")["distill_lora"]
+    for bad in ("wanda", "wanda+svd+owl+owl", "magnitude+svd", "losa+uniform", "wanda+svd+lora",
+                "wanda+svd+distill+distill-lora"):
         with pytest.raises(ValueError, match="recipe"):
             recovery.parse_recipe(bad)
 
@@ -43,7 +46,16 @@ def test_quick_run_table_plot_and_resume(recovery, tmp_path, monkeypatch):
     out = tmp_path / "out"
     argv = ["--quick", "--model", str(model_dir), "--text", str(text), "--out", str(out), "--eval-windows", "2",
             "--rounds", "2", *RECIPES]
+    teachers = []
+    finetune = recovery.steps.finetune
+
+    def finetune_spy(model, splits, budget, teacher=None, **options):
+        teachers.append(teacher)
+        return finetune(model, splits, budget, teacher=teacher, **options)
+
+    monkeypatch.setattr(recovery.steps, "finetune", finetune_spy)
     assert recovery.main(argv) == 0
+    monkeypatch.setattr(recovery.steps, "finetune", finetune)
     rows = {r: json.loads((out / f"{r.replace('+', '_')}.json").read_text()) for r in RECIPES}
     budget = recovery.quick_budget()
     for name, row in rows.items():
@@ -59,6 +71,15 @@ def test_quick_run_table_plot_and_resume(recovery, tmp_path, monkeypatch):
     assert rows["losa+rmi"]["final_sparsity"] == pytest.approx(0.5, abs=0.02)
     # The merged LoSA model is plain 50 % BM8x8 layers: smaller than the dense model with LoRA folded in.
     assert rows["losa+rmi"]["bytes"] < rows["dense+lora"]["bytes"]
+    # distill-lora's teacher is the dense + lora recipe's model: the same perplexity, and it was trained
+    # (its own fine-tuning is the spied call just before the student's, which gets it as teacher).
+    teacher = teachers[-1]
+    _, _, splits = recovery.steps.load(str(model_dir), str(text))
+    evaluation = dataclasses.replace(budget, eval_windows=2)
+    assert recovery.steps.evaluate(teacher, splits, evaluation, "teacher") == pytest.approx(
+        rows["dense+lora"]["fine_tuned"], rel=1e-6)
+    assert teachers[-2] is None and not any(p.requires_grad for p in teacher.parameters())
+    assert rows["wanda+svd+distill-lora"]["teacher_s"] > 0
     table = (out / "table.md").read_text().splitlines()
     assert [line.split(" | ")[0].lstrip("| ") for line in table[3:]] == RECIPES
     assert table[3].split(" | ")[3] == "1.000"  # the baseline against itself
