@@ -88,7 +88,17 @@ def test_resume_false_starts_over(uninterrupted):
     assert losses(history) == pytest.approx(losses(ref_history)[:2], abs=1e-6)
 
 
-def test_ctrl_c_mid_step_saves_the_last_finished_step(uninterrupted, tmp_path):
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own Ctrl-C handler, whatever the process started with: a shell that runs pytest in the
+    background starts it with SIGINT ignored, and then nothing would raise (the trainer defers Ctrl-C
+    only around the update, and otherwise relies on this handler)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_mid_step_saves_the_last_finished_step(uninterrupted, tmp_path, ctrl_c_raises):
     _, ref_history, ref_params = uninterrupted
     m = model()
     calls = []
@@ -111,7 +121,7 @@ def test_ctrl_c_mid_step_saves_the_last_finished_step(uninterrupted, tmp_path):
     assert_same_run(history, trainable_snapshot(m2), ref_history, ref_params)
 
 
-def test_ctrl_c_during_the_update_finishes_it_first(uninterrupted, tmp_path):
+def test_ctrl_c_during_the_update_finishes_it_first(uninterrupted, tmp_path, ctrl_c_raises):
     _, ref_history, ref_params = uninterrupted
     updates = []
 
