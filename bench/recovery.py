@@ -179,13 +179,16 @@ def plot(rows: list[dict], dense: float, path: Path) -> None:
     stacks: dict[int, list[dict]] = {}
     for r in sorted(rows, key=lambda r: -r["fine_tuned"]):
         stacks.setdefault(round(r["bytes"] / 2e6), []).append(r)
-    for stack in stacks.values():
+    rightmost = max(stacks)
+    for key, stack in stacks.items():
+        left = len(stack) == 1 and key != rightmost  # a lone point beside a stack: its label on the left
         for i, r in enumerate(stack):
             colour = "black" if r["recipe"] == "dense+lora" else ("tab:green" if r["recipe"].startswith("losa")
                                                                   else "tab:blue")
             ax.scatter(r["bytes"] / 1e6, r["fine_tuned"], color=colour)
             ax.annotate(f"{r['recipe']} ({r['fine_tuned']:.2f})", (r["bytes"] / 1e6, r["fine_tuned"]), fontsize=7,
-                        xytext=(8, 9 * ((len(stack) - 1) / 2 - i)), textcoords="offset points", va="center",
+                        xytext=(-8 if left else 8, 9 * ((len(stack) - 1) / 2 - i)), textcoords="offset points",
+                        va="center", ha="right" if left else "left",
                         arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "gray"})
     ax.axhline(dense, color="gray", ls=":", lw=1, label=f"dense, no training ({dense:.2f})")
     if base is not None:
@@ -195,7 +198,7 @@ def plot(rows: list[dict], dense: float, path: Path) -> None:
     ax.set_ylabel("perplexity after fine-tuning")
     ax.set_title("50% sparse recipes vs dense + LoRA, same budget")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center right")
+    ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
