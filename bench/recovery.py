@@ -44,6 +44,7 @@ from salr.train.config import TrainConfig
 
 CRITERIA = ("wanda", "sparsegpt")
 SALR_EXTRAS = ("distill", "distill-lora", "owl", "salor")
+DENSE_LORA = {"sparsity": 0.0, "criterion": "magnitude", "svd_rank": 0}  # the baseline: LoRA on the dense weight
 
 
 def quick_budget() -> steps.Budget:
@@ -70,7 +71,7 @@ def lora_teacher(model: torch.nn.Module, splits, budget: steps.Budget, seed: int
     """The dense + lora recipe's model as a frozen teacher: a copy of the dense `model` with LoRA trained
     on the same budget, data order and seed, folded into plain dense weights."""
     teacher = steps.dense_copy(model)
-    steps.prune(teacher, splits, budget, seed=seed, progress=False, sparsity=0.0, criterion="magnitude", svd_rank=0)
+    steps.prune(teacher, splits, budget, seed=seed, progress=False, **DENSE_LORA)
     steps.finetune(teacher, splits, budget, seed=seed)
     steps.merge_all(teacher)
     return distill.frozen_teacher(to_transformers(teacher))
@@ -108,7 +109,7 @@ def run_recipe(name: str, args: argparse.Namespace, budget: steps.Budget) -> dic
     else:
         teacher = None
         if recipe["kind"] == "dense":
-            options = {"sparsity": 0.0, "criterion": "magnitude", "svd_rank": 0}
+            options = dict(DENSE_LORA)
         else:
             options = {"sparsity": args.sparsity, "criterion": recipe["criterion"],
                        "layerwise": "owl" if recipe["owl"] else "uniform"}
