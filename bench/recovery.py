@@ -12,9 +12,11 @@ A recipe is a '+'-joined name:
                                  owl: OWL layer-wise ratios around the target
   <criterion>+svd+salor        SALR with sparse LoRA factors (50 %, cubic ramp over the first half)
   losa+rmi | losa+owl          LoSA from the dense model (mean rank r, r_max 4r), merged: no adapters
+A sparse recipe may name its own target after '@' (otherwise --sparsity, unstructured): wanda+svd@0.7,
+wanda+svd@2:4 (N:M, SALR recipes only), so one table holds several targets against one baseline.
 
 Every recipe uses the same budget (the demo's: 32 × 512-token calibration windows, 60 AdamW steps of
-4 × 256 tokens, lr 1e-3, warmup 5, cosine, seed 0: the same LoRA init and data order) and is
+4 × 256 tokens (--train-steps scales the tokens), lr 1e-3, warmup 5, cosine, seed 0: the same LoRA init and data order) and is
 evaluated on the first --eval-windows 512-token windows of the evaluation split. Each finished recipe
 is one JSON in --out (a re-run skips it); the table (perplexity, wall time, trainable parameters,
 bytes of the saved model) and the plot (perplexity against bytes) are rewritten after each.
@@ -39,6 +41,7 @@ from salr.interop.hf import to_transformers
 from salr.io.files import atomic_write_text
 from salr.io.saved_model import save
 from salr.methods.salor.config import FactorSparsityConfig
+from salr.prune.masks import resolve_sparsity
 from salr.train import distill
 from salr.train.config import TrainConfig
 
@@ -52,19 +55,38 @@ def quick_budget() -> steps.Budget:
                         train_batch=2, train_seq_len=32, lr=3e-3, warmup=1, svd_rank=4, lora_rank=4)
 
 
+def parse_target(target: str) -> dict:
+    """'0.7' -> {"sparsity": 0.7, "pattern": None}; '2:4' -> {"sparsity": 0.5, "pattern": "2:4"}."""
+    pattern = target if ":" in target else None
+    sparsity = None if pattern else float(target)
+    return {"sparsity": resolve_sparsity(sparsity, pattern, ("recipe target", "recipe target")), "pattern": pattern}
+
+
 def parse_recipe(name: str) -> dict:
-    """The recipe's parts: {"kind": "dense" | "salr" | "losa", ...}; ValueError naming a bad one."""
-    parts = name.split("+")
-    if parts == ["dense", "lora"]:
-        return {"kind": "dense"}
-    if parts[0] == "losa" and len(parts) == 2 and parts[1] in ("rmi", "owl"):
-        return {"kind": "losa", "layerwise": parts[1]}
+    """The recipe's parts: {"kind": "dense" | "salr" | "losa", "target": None | {...}, ...}; ValueError
+    naming a bad one."""
+    recipe_name, at, target_text = name.partition("@")
+    parts = recipe_name.split("+")
+    try:
+        target = parse_target(target_text) if at else None
+    except ValueError as e:
+        raise ValueError(f"recipe {name!r}: target after '@': {e}") from None
     extras = parts[2:]
+    if parts == ["dense", "lora"] and target is None:
+        return {"kind": "dense", "target": None}
+    if (parts[0] == "losa" and len(parts) == 2 and parts[1] in ("rmi", "owl")
+            and (target is None or target["pattern"] is None)):
+        return {"kind": "losa", "layerwise": parts[1], "target": target}
     if (parts[0] in CRITERIA and parts[1:2] == ["svd"] and all(e in SALR_EXTRAS for e in extras)
             and len(set(extras)) == len(extras) and not {"distill", "distill-lora"} <= set(extras)):
-        return {"kind": "salr", "criterion": parts[0], **{e.replace("-", "_"): e in extras for e in SALR_EXTRAS}}
-    raise ValueError(f"recipe {name!r}: expected dense+lora, losa+rmi, losa+owl or "
-                     f"<{'|'.join(CRITERIA)}>+svd[+distill|+distill-lora][+owl][+salor]")
+        return {"kind": "salr", "criterion": parts[0], "target": target,
+                **{e.replace("-", "_"): e in extras for e in SALR_EXTRAS}}
+    raise ValueError(f"recipe {name!r}: expected dense+lora, losa+rmi[@S], losa+owl[@S] or "
+                     f"<{'|'.join(CRITERIA)}>+svd[+distill|+distill-lora][+owl][+salor][@S|@N:M]")
+
+
+def target_label(row: dict) -> str:
+    return row.get("pattern") or f"{row['sparsity']:.0%}"
 
 
 def lora_teacher(model: torch.nn.Module, splits, budget: steps.Budget, seed: int) -> torch.nn.Module:
@@ -93,10 +115,11 @@ def run_recipe(name: str, args: argparse.Namespace, budget: steps.Budget) -> dic
     model, _, splits = steps.load(args.model, args.text)
     evaluation = dataclasses.replace(budget, eval_windows=args.eval_windows)
     start = time.perf_counter()
-    row: dict = {"recipe": name, "sparsity": 0.0 if recipe["kind"] == "dense" else args.sparsity}
+    target = recipe["target"] or {"sparsity": 0.0 if recipe["kind"] == "dense" else args.sparsity, "pattern": None}
+    row: dict = {"recipe": name, **target, "train_steps": budget.train_steps}
     if recipe["kind"] == "losa":
         config = losa.LoSAConfig(
-            sparsity=args.sparsity, rounds=args.rounds, total_steps=budget.train_steps, mean_rank=budget.lora_rank,
+            sparsity=target["sparsity"], rounds=args.rounds, total_steps=budget.train_steps, mean_rank=budget.lora_rank,
             r_max=4 * budget.lora_rank, lora_alpha=2.0 * budget.lora_rank, layerwise=recipe["layerwise"],
             train=TrainConfig(steps=budget.train_steps, batch_size=budget.train_batch, lr=budget.lr,
                               warmup_steps=budget.warmup, seed=args.seed), progress=False)
@@ -111,7 +134,7 @@ def run_recipe(name: str, args: argparse.Namespace, budget: steps.Budget) -> dic
         if recipe["kind"] == "dense":
             options = dict(DENSE_LORA)
         else:
-            options = {"sparsity": args.sparsity, "criterion": recipe["criterion"],
+            options = {**target, "criterion": recipe["criterion"],
                        "layerwise": "owl" if recipe["owl"] else "uniform"}
             if recipe["salor"]:
                 options["factor_config"] = FactorSparsityConfig(0.5, end_step=budget.train_steps // 2)
@@ -156,13 +179,14 @@ def dense_perplexity(args: argparse.Namespace, budget: steps.Budget) -> float:
 
 def table(rows: list[dict], dense: float) -> str:
     base = next((r["fine_tuned"] for r in rows if r["recipe"] == "dense+lora"), None)
-    lines = ["| recipe | pruned | fine-tuned | × dense + LoRA | wall s | trainable params | saved MB |",
-             "|---|---|---|---|---|---|---|", f"| dense (no training) | – | {dense:.2f} | "
+    lines = ["| recipe | sparsity | pruned | fine-tuned | × dense + LoRA | wall s | trainable params | saved MB |",
+             "|---|---|---|---|---|---|---|---|", f"| dense (no training) | – | – | {dense:.2f} | "
              f"{'–' if base is None else f'{dense / base:.3f}'} | – | – | – |"]
     for r in rows:
         ratio = "–" if base is None else f"{r['fine_tuned'] / base:.3f}"
         pruned = f"{r['pruned']:.2f}" if "pruned" in r else "–"
-        lines.append(f"| {r['recipe']} | {pruned} | {r['fine_tuned']:.2f} | {ratio} | {r['wall_s']:.0f} | "
+        lines.append(f"| {r['recipe']} | {target_label(r)} | {pruned} | {r['fine_tuned']:.2f} | {ratio} | "
+                     f"{r['wall_s']:.0f} | "
                      f"{r['trainable']:,} | {r['bytes'] / 1e6:.1f} |")
     return "\n".join(lines)
 
@@ -192,12 +216,15 @@ def plot(rows: list[dict], dense: float, path: Path) -> None:
                         va="center", ha="right" if left else "left",
                         arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "gray"})
     ax.axhline(dense, color="gray", ls=":", lw=1, label=f"dense, no training ({dense:.2f})")
-    if base is not None:
-        ax.axhline(1.10 * base, color="tab:red", ls="--", lw=1, label=f"goal: 1.10 × dense + LoRA ({1.1 * base:.2f})")
+    if base is not None and any(r["sparsity"] == 0.5 and not r.get("pattern") for r in rows):
+        ax.axhline(1.10 * base, color="tab:red", ls="--", lw=1, label=f"50% goal: 1.10 × dense + LoRA ({1.1 * base:.2f})")
+    if base is not None and any(r["sparsity"] > 0.5 or r.get("pattern") for r in rows):
+        ax.axhline(2 * base, color="tab:purple", ls="--", lw=1, label=f"2:4 / 70% goal: 2 × dense + LoRA ({2 * base:.2f})")
     ax.margins(x=0.35, y=0.12)  # room for the labels
     ax.set_xlabel("saved model (MB, fp32)")
     ax.set_ylabel("perplexity after fine-tuning")
-    ax.set_title("50% sparse recipes vs dense + LoRA, same budget")
+    targets = sorted({target_label(r) for r in rows if r["recipe"] != "dense+lora"})
+    ax.set_title(f"{' / '.join(targets)} sparse recipes vs dense + LoRA, {rows[0].get('train_steps', 60)} steps each")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
@@ -233,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", default="wikipedia")
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--train-steps", type=int, default=None,
+                        help="fine-tuning steps (default: the budget's 60; --quick's 4): more tokens, same schedule")
     parser.add_argument("--rounds", type=int, default=5, help="LoSA rounds")
     parser.add_argument("--distill-weight", type=float, default=0.5)
     parser.add_argument("--distill-temperature", type=float, default=2.0)
@@ -247,10 +276,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     budget = quick_budget() if args.quick else steps.Budget()
+    if args.train_steps is not None:
+        if args.train_steps < 1:
+            parser.error(f"--train-steps: must be >= 1, got {args.train_steps}")
+        budget = dataclasses.replace(budget, train_steps=args.train_steps)
     args.out.mkdir(parents=True, exist_ok=True)
+    for done in args.out.glob("*.json"):  # one table, one budget: a finished row of another budget is an error
+        steps_done = json.loads(done.read_text()).get("train_steps", budget.train_steps)
+        if steps_done != budget.train_steps:
+            parser.error(f"--out {args.out}: {done.name} was trained for {steps_done} steps, this run trains "
+                         f"{budget.train_steps} (--train-steps): use another --out")
     dense = dense_perplexity(args, budget)
     for i, name in enumerate([] if args.report else args.recipes, 1):
-        path, claim = args.out / f"{name.replace('+', '_')}.json", args.out / f"{name.replace('+', '_')}.running"
+        stem = name.replace("+", "_").replace(":", "-")
+        path, claim = args.out / f"{stem}.json", args.out / f"{stem}.running"
         if path.exists() or not _claim(claim):  # finished, or another process runs it (a stale claim: delete it)
             print(f"[{i}/{len(args.recipes)}] {name}: {'done' if path.exists() else 'claimed by another run'}", flush=True)
             continue

@@ -17,7 +17,8 @@ pytest.importorskip("transformers", reason="transformers is not installed")
 pytest.importorskip("tokenizers", reason="tokenizers is not installed")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-RECIPES = ["dense+lora", "wanda+svd+distill+owl", "sparsegpt+svd+salor", "losa+rmi", "wanda+svd+distill-lora"]
+RECIPES = ["dense+lora", "wanda+svd+distill+owl", "sparsegpt+svd+salor", "losa+rmi", "wanda+svd+distill-lora",
+           "wanda+svd@2:4"]
 
 
 @pytest.fixture(scope="module")
@@ -30,18 +31,22 @@ def recovery():
 
 
 def test_recipe_names(recovery):
-    assert recovery.parse_recipe("dense+lora") == {"kind": "dense"}
-    assert recovery.parse_recipe("losa+owl") == {"kind": "losa", "layerwise": "owl"}
+    assert recovery.parse_recipe("dense+lora") == {"kind": "dense", "target": None}
+    assert recovery.parse_recipe("losa+owl") == {"kind": "losa", "layerwise": "owl", "target": None}
     assert recovery.parse_recipe("sparsegpt+svd+owl+distill") == {
-        "kind": "salr", "criterion": "sparsegpt", "distill": True, "distill_lora": False, "owl": True, "salor": False}
+        "kind": "salr", "criterion": "sparsegpt", "distill": True, "distill_lora": False, "owl": True, "salor": False,
+        "target": None}
     assert recovery.parse_recipe("wanda+svd+distill-lora")["distill_lora"]
+    assert recovery.parse_recipe("wanda+svd@2:4")["target"] == {"sparsity": 0.5, "pattern": "2:4"}
+    assert recovery.parse_recipe("losa+rmi@0.7")["target"] == {"sparsity": 0.7, "pattern": None}
     for bad in ("wanda", "wanda+svd+owl+owl", "magnitude+svd", "losa+uniform", "wanda+svd+lora",
-                "wanda+svd+distill+distill-lora"):
+                "wanda+svd+distill+distill-lora", "dense+lora@0.5", "losa+rmi@2:4", "wanda+svd@1.5",
+                "wanda+svd@3:2", "wanda+svd@"):
         with pytest.raises(ValueError, match="recipe"):
             recovery.parse_recipe(bad)
 
 
-def test_quick_run_table_plot_and_resume(recovery, tmp_path, monkeypatch):
+def test_quick_run_table_plot_and_resume(recovery, tmp_path, monkeypatch, capsys):
     model_dir, text = write_tiny_cli_assets(tmp_path)
     out = tmp_path / "out"
     argv = ["--quick", "--model", str(model_dir), "--text", str(text), "--out", str(out), "--eval-windows", "2",
@@ -56,11 +61,12 @@ def test_quick_run_table_plot_and_resume(recovery, tmp_path, monkeypatch):
     monkeypatch.setattr(recovery.steps, "finetune", finetune_spy)
     assert recovery.main(argv) == 0
     monkeypatch.setattr(recovery.steps, "finetune", finetune)
-    rows = {r: json.loads((out / f"{r.replace('+', '_')}.json").read_text()) for r in RECIPES}
+    rows = {r: json.loads((out / f"{r.replace('+', '_').replace(':', '-')}.json").read_text()) for r in RECIPES}
     budget = recovery.quick_budget()
     for name, row in rows.items():
         assert row["recipe"] == name and row["eval_windows"] == 2
         assert row["sparsity"] == (0.0 if name == "dense+lora" else 0.5)
+        assert row["pattern"] == ("2:4" if name.endswith("@2:4") else None)
         assert row["fine_tuned"] > 1 and row["bytes"] > 0 and row["wall_s"] > 0
         steps = len(row["loss"])
         assert steps == budget.train_steps, name  # the same budget for every recipe
@@ -73,16 +79,18 @@ def test_quick_run_table_plot_and_resume(recovery, tmp_path, monkeypatch):
     assert rows["losa+rmi"]["bytes"] < rows["dense+lora"]["bytes"]
     # distill-lora's teacher is the dense + lora recipe's model: the same perplexity, and it was trained
     # (its own fine-tuning is the spied call just before the student's, which gets it as teacher).
-    teacher = teachers[-1]
+    last = max(i for i, t in enumerate(teachers) if t is not None)  # distill-lora's: the last recipe with one
+    teacher = teachers[last]
     _, _, splits = recovery.steps.load(str(model_dir), str(text))
     evaluation = dataclasses.replace(budget, eval_windows=2)
     assert recovery.steps.evaluate(teacher, splits, evaluation, "teacher") == pytest.approx(
         rows["dense+lora"]["fine_tuned"], rel=1e-6)
-    assert teachers[-2] is None and not any(p.requires_grad for p in teacher.parameters())
+    assert teachers[last - 1] is None and not any(p.requires_grad for p in teacher.parameters())
     assert rows["wanda+svd+distill-lora"]["teacher_s"] > 0
     table = (out / "table.md").read_text().splitlines()
     assert [line.split(" | ")[0].lstrip("| ") for line in table[3:]] == RECIPES
-    assert table[3].split(" | ")[3] == "1.000"  # the baseline against itself
+    assert table[3].split(" | ")[4] == "1.000"  # the baseline against itself
+    assert [line.split(" | ")[1] for line in table[3:]] == ["0%", "50%", "50%", "50%", "50%", "2:4"]
     assert (out / "recovery.png").stat().st_size > 0
     assert not list(out.glob("*.running"))
 
@@ -93,3 +101,7 @@ def test_quick_run_table_plot_and_resume(recovery, tmp_path, monkeypatch):
     assert recovery.main(argv) == 0
     (out / "losa_owl.running").touch()  # claimed by another process: skipped, not run
     assert recovery.main([*argv, "losa+owl"]) == 0
+    # One --out holds one budget: more steps over finished rows of fewer is refused before any work.
+    with pytest.raises(SystemExit):
+        recovery.main([*argv, "--train-steps", str(budget.train_steps + 1)])
+    assert "--train-steps" in capsys.readouterr().err
