@@ -11,6 +11,8 @@ A recipe is a '+'-joined name:
                                  the plain dense teacher is itself above the goal)
                                  owl: OWL layer-wise ratios around the target
   <criterion>+svd+salor        SALR with sparse LoRA factors (50 %, cubic ramp over the first half)
+  <criterion>+svd+int8         SALR on an int8 base (per-row scales): Wanda rounds to nearest after
+                                 pruning, SparseGPT folds the rounding into its column loop (issue 21)
   losa+rmi | losa+owl          LoSA from the dense model (mean rank r, r_max 4r), merged: no adapters
 A sparse recipe may name its own target after '@' (otherwise --sparsity, unstructured): wanda+svd@0.7,
 wanda+svd@2:4 (N:M, SALR recipes only), so one table holds several targets against one baseline.
@@ -46,7 +48,7 @@ from salr.train import distill
 from salr.train.config import TrainConfig
 
 CRITERIA = ("wanda", "sparsegpt")
-SALR_EXTRAS = ("distill", "distill-lora", "owl", "salor")
+SALR_EXTRAS = ("distill", "distill-lora", "owl", "salor", "int8")
 DENSE_LORA = {"sparsity": 0.0, "criterion": "magnitude", "svd_rank": 0}  # the baseline: LoRA on the dense weight
 
 
@@ -82,7 +84,7 @@ def parse_recipe(name: str) -> dict:
         return {"kind": "salr", "criterion": parts[0], "target": target,
                 **{e.replace("-", "_"): e in extras for e in SALR_EXTRAS}}
     raise ValueError(f"recipe {name!r}: expected dense+lora, losa+rmi[@S], losa+owl[@S] or "
-                     f"<{'|'.join(CRITERIA)}>+svd[+distill|+distill-lora][+owl][+salor][@S|@N:M]")
+                     f"<{'|'.join(CRITERIA)}>+svd[+distill|+distill-lora][+owl][+salor][+int8][@S|@N:M]")
 
 
 def target_label(row: dict) -> str:
@@ -135,7 +137,7 @@ def run_recipe(name: str, args: argparse.Namespace, budget: steps.Budget) -> dic
             options = dict(DENSE_LORA)
         else:
             options = {**target, "criterion": recipe["criterion"],
-                       "layerwise": "owl" if recipe["owl"] else "uniform"}
+                       "layerwise": "owl" if recipe["owl"] else "uniform", "quantize": "int8" if recipe["int8"] else None}
             if recipe["salor"]:
                 options["factor_config"] = FactorSparsityConfig(0.5, end_step=budget.train_steps // 2)
             if recipe["distill"]:

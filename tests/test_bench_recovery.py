@@ -18,7 +18,7 @@ pytest.importorskip("tokenizers", reason="tokenizers is not installed")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 RECIPES = ["dense+lora", "wanda+svd+distill+owl", "sparsegpt+svd+salor", "losa+rmi", "wanda+svd+distill-lora",
-           "wanda+svd@2:4"]
+           "wanda+svd@2:4", "sparsegpt+svd+int8"]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_recipe_names(recovery):
     assert recovery.parse_recipe("losa+owl") == {"kind": "losa", "layerwise": "owl", "target": None}
     assert recovery.parse_recipe("sparsegpt+svd+owl+distill") == {
         "kind": "salr", "criterion": "sparsegpt", "distill": True, "distill_lora": False, "owl": True, "salor": False,
-        "target": None}
+        "int8": False, "target": None}
     assert recovery.parse_recipe("wanda+svd+distill-lora")["distill_lora"]
     assert recovery.parse_recipe("wanda+svd@2:4")["target"] == {"sparsity": 0.5, "pattern": "2:4"}
     assert recovery.parse_recipe("losa+rmi@0.7")["target"] == {"sparsity": 0.7, "pattern": None}
@@ -77,6 +77,9 @@ def test_quick_run_table_plot_and_resume(recovery, tmp_path, monkeypatch, capsys
     assert rows["losa+rmi"]["final_sparsity"] == pytest.approx(0.5, abs=0.02)
     # The merged LoSA model is plain 50 % BM8x8 layers: smaller than the dense model with LoRA folded in.
     assert rows["losa+rmi"]["bytes"] < rows["dense+lora"]["bytes"]
+    # int8 values: the same adapters on a base of ~half the bytes (bitmaps, offsets and scales stay).
+    assert rows["sparsegpt+svd+int8"]["trainable"] == rows["dense+lora"]["trainable"]
+    assert rows["sparsegpt+svd+int8"]["bytes"] < rows["sparsegpt+svd+salor"]["bytes"]
     # distill-lora's teacher is the dense + lora recipe's model: the same perplexity, and it was trained
     # (its own fine-tuning is the spied call just before the student's, which gets it as teacher).
     last = max(i for i, t in enumerate(teachers) if t is not None)  # distill-lora's: the last recipe with one
@@ -90,7 +93,7 @@ def test_quick_run_table_plot_and_resume(recovery, tmp_path, monkeypatch, capsys
     table = (out / "table.md").read_text().splitlines()
     assert [line.split(" | ")[0].lstrip("| ") for line in table[3:]] == RECIPES
     assert table[3].split(" | ")[4] == "1.000"  # the baseline against itself
-    assert [line.split(" | ")[1] for line in table[3:]] == ["0%", "50%", "50%", "50%", "50%", "2:4"]
+    assert [line.split(" | ")[1] for line in table[3:]] == ["0%", "50%", "50%", "50%", "50%", "2:4", "50%"]
     assert (out / "recovery.png").stat().st_size > 0
     assert not list(out.glob("*.running"))
 
