@@ -96,3 +96,11 @@ def write_tiny_cli_assets(root):
     transformers.LlamaForCausalLM(config).save_pretrained(model_dir)
     fast.save_pretrained(model_dir)
     return model_dir, text
+
+
+def gemm_operands(rows: int, cols: int, dtype: torch.dtype, gen: torch.Generator, rank: int = 4) -> dict:
+    """Random operands of the GEMM ops for a [rows, cols] weight: x [2, 3, cols] (batch dims), adapter
+    a [rank, cols] and b [rows, rank], bias [rows], an output gradient [5, rows]."""
+    draw = [("x", (2, 3, cols)), ("a", (rank, cols)), ("b", (rows, rank)), ("bias", (rows,)), ("grad", (5, rows))]
+    return {name: torch.randn(*shape, generator=gen).to(dtype) for name, shape in draw}
+

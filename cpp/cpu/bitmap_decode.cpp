@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "parallel_checked.h"
 #include "kernels/int8_kernels.h"
 #include "op_checks.h"
 
@@ -21,12 +22,10 @@ at::Tensor bitmap_decode_cpu(const at::Tensor& bitmap, const at::Tensor& values,
   const kernels::SparseWeightView view = weight_view(bitmap, values, offsets, rows, cols);
   const kernels::DecodeBandsFn decode = selected_kernels(kOp).decode;
   const bool int8 = values.scalar_type() == at::kChar;  // issue 21: raw int8 values, scales not applied
-  FirstBadGroup bad;
-  at::parallel_for(0, format::num_bands(rows), 1, [&](int64_t b0, int64_t b1) {
-    bad.note(int8 ? kernels::decode_bands_int8(view, dense.data_ptr<int8_t>(), b0, b1)
-                  : decode(view, dense.data_ptr(), b0, b1));
+  parallel_checked(kOp, format::num_bands(rows), 1, cols, [&](int64_t b0, int64_t b1) {
+    return int8 ? kernels::decode_bands_int8(view, dense.data_ptr<int8_t>(), b0, b1)
+                : decode(view, dense.data_ptr(), b0, b1);
   });
-  if (bad.index >= 0) fail_inconsistent(kOp, bad.index, cols);
   return dense;
 }
 

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "parallel_checked.h"
 #include "dense_chunks.h"
 #include "kernels/int8_kernels.h"
 
@@ -88,11 +89,8 @@ void int8_lowrank_gemm_cpu(const char* op, const at::Tensor& x2d, const at::Tens
   const kernels::Int8KernelTable& table = selected_int8_kernels(op);
   // Half the bytes of a bf16 weight per value: twice the weights per task for the same traffic.
   const int64_t grain = std::max<int64_t>(1, 2 * kMinWeightsPerTask / std::max<int64_t>(1, 8 * cols * m));
-  FirstBadGroup bad;
-  at::parallel_for(0, format::num_bands(rows), grain, [&](int64_t b0, int64_t b1) {
-    bad.note(table.gemm(args, b0, b1));
-  });
-  if (bad.index >= 0) fail_inconsistent(op, bad.index, cols);
+  parallel_checked(op, format::num_bands(rows), grain, cols,
+                   [&](int64_t b0, int64_t b1) { return table.gemm(args, b0, b1); });
 }
 
 at::Tensor int8_gemm_transposed_cpu(const char* op, const at::Tensor& dy2d, const at::Tensor& bitmap,
@@ -114,11 +112,8 @@ at::Tensor int8_gemm_transposed_cpu(const char* op, const at::Tensor& dy2d, cons
   const kernels::Int8GemmTransposedArgs args{view, kernel_dtype(dtype), dy2d.const_data_ptr(), m, dy2d.stride(0),
                                              dx.data_ptr(), dx.stride(0)};
   const kernels::Int8KernelTable& table = selected_int8_kernels(op);
-  FirstBadGroup bad;
-  at::parallel_for(0, format::groups_per_band(cols), 1, [&](int64_t g0, int64_t g1) {
-    bad.note(table.gemm_transposed(args, g0, g1));
-  });
-  if (bad.index >= 0) fail_inconsistent(op, bad.index, cols);
+  parallel_checked(op, format::groups_per_band(cols), 1, cols,
+                   [&](int64_t g0, int64_t g1) { return table.gemm_transposed(args, g0, g1); });
   return dx;
 }
 

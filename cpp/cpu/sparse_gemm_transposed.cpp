@@ -10,6 +10,7 @@
 #include <algorithm>
 
 #include "checks.h"
+#include "parallel_checked.h"
 #include "op_checks.h"
 #include "dense_chunks.h"
 #include "int8_glue.h"
@@ -55,11 +56,8 @@ at::Tensor sparse_gemm_transposed_cpu(const at::Tensor& grad_out, const at::Tens
   const kernels::GemmTransposedArgs args{view, dy.const_data_ptr(), m, dy.stride(0), dx.data_ptr(),
                                          dx.stride(0)};
   const kernels::KernelTable& table = selected_kernels(kOp);
-  FirstBadGroup bad;
-  at::parallel_for(0, format::groups_per_band(cols), 1, [&](int64_t g0, int64_t g1) {
-    bad.note(table.gemm_transposed(args, g0, g1));
-  });
-  if (bad.index >= 0) fail_inconsistent(kOp, bad.index, cols);
+  parallel_checked(kOp, format::groups_per_band(cols), 1, cols,
+                   [&](int64_t g0, int64_t g1) { return table.gemm_transposed(args, g0, g1); });
   return dx.view(out_shape);
 }
 

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "parallel_checked.h"
 #include "op_checks.h"
 #include "dense_chunks.h"
 #include "int8_glue.h"
@@ -81,11 +82,8 @@ at::Tensor sparse_lowrank_gemm_cpu(const at::Tensor& x, const at::Tensor& bitmap
                                adapter.rank,
                                bias_c.has_value() ? bias_c->const_data_ptr() : nullptr};
   const int64_t grain = std::max<int64_t>(1, kMinWeightsPerTask / std::max<int64_t>(1, 8 * cols * m));
-  FirstBadGroup bad;
-  at::parallel_for(0, format::num_bands(rows), grain, [&](int64_t b0, int64_t b1) {
-    bad.note(table.gemm(args, b0, b1));
-  });
-  if (bad.index >= 0) fail_inconsistent(kOp, bad.index, cols);
+  parallel_checked(kOp, format::num_bands(rows), grain, cols,
+                   [&](int64_t b0, int64_t b1) { return table.gemm(args, b0, b1); });
   return y.view(out_shape);
 }
 

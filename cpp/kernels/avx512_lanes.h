@@ -201,6 +201,39 @@ struct TransposedGroupStep {
       }
     }
   }
+  // dx = dy·W over groups [group_begin, group_end), kRows dy rows per pass: for each band,
+  // decode(band, g, first_value, bitmap_words, nt, tiles) writes the band's group in fp32 (4 zmm per
+  // tile). `dt` is dy's and dx's dtype; value_bytes sizes the prefetch. Returns -1, or the
+  // band * groups + g whose offsets are inconsistent.
+  template <int kRows, class DecodeGroup>
+  int64_t run(const SparseWeightView& w, int value_bytes, DType dt, const void* dy, int64_t dy_row_stride, void* dx,
+              int64_t dx_row_stride, int64_t m, int64_t group_begin, int64_t group_end, DecodeGroup decode) const {
+    const GroupGeometry geo = geometry_of(w);
+    const int es = element_size(dt);
+    alignas(64) __m512 tiles[32];  // one group decoded to fp32, 4 zmm per tile
+    alignas(64) __m512 acc[kRows * 8];
+    for (int64_t g = group_begin; g < group_end; ++g) {
+      const int t0 = static_cast<int>(group_tile_begin(g));
+      const int nt = static_cast<int>(group_tile_end(geo, g)) - t0;
+      for (int64_t i0 = 0; i0 < m; i0 += kRows) {
+        const int mb = static_cast<int>(std::min<int64_t>(kRows, m - i0));
+        for (int i = 0; i < mb * 8; ++i) acc[i] = _mm512_setzero_ps();
+        for (int64_t band = 0; band < geo.bands; ++band) {
+          const int64_t v = checked_group_start(w, geo, band, g);
+          if (v < 0) return band * geo.groups + g;
+          prefetch_ahead(w, geo, band, g, t0, value_bytes);
+          decode(band, g, v, w.bitmap + band * geo.tiles + t0, nt, tiles);
+          const int n_valid = static_cast<int>(std::min<int64_t>(8, w.rows - 8 * band));
+          accumulate(tiles, nt, static_cast<const char*>(dy) + (i0 * dy_row_stride + 8 * band) * es,
+                     dy_row_stride * es, mb, dt, n_valid, acc);
+        }
+        const int64_t col0 = g * format::kGroupColumns;
+        store(acc, nt, mb, static_cast<char*>(dx) + (i0 * dx_row_stride + col0) * es, dx_row_stride * es,
+              w.cols - col0, dt);
+      }
+    }
+    return -1;
+  }
   // dx rows i0 .. i0+mb of the group: each tile's even- and odd-row lanes summed into 8 columns.
   // `dx_group` points at dx row i0's first column of the group; `cols_left` columns remain there.
   static void store(const __m512* acc, int nt, int mb, char* dx_group, int64_t dx_row_bytes, int64_t cols_left,

@@ -336,38 +336,14 @@ int64_t gemm_avx512(const GemmArgs& a, int64_t band_begin, int64_t band_end) {
   return gemm_bands<false>(a, band_begin, band_end);
 }
 
-// Why: dx for 64-column groups: decode (band, group) once to fp32, then each dy row adds
-// Σ_r dy[8b+r]·W[r, :] into 8 tile accumulators (lanes 0-7: even rows, 8-15: odd rows).
+// dx for 64-column groups (TransposedGroupStep::run): each (band, group) decoded once to fp32.
 int64_t gemm_transposed_avx512(const GemmTransposedArgs& a, int64_t group_begin, int64_t group_end) {
   const SparseWeightView& w = a.weight;
-  const GroupGeometry geo = geometry_of(w);
-  const DType dt = w.dtype;
-  const int es = element_size(dt);
-  alignas(64) __m512 buf[32];  // one group decoded to fp32, 4 zmm per tile
-  alignas(64) __m512 acc[kRowBlock * 8];
-  const TransposedGroupStep step;
-  for (int64_t g = group_begin; g < group_end; ++g) {
-    const int t0 = static_cast<int>(group_tile_begin(g));
-    const int nt = static_cast<int>(group_tile_end(geo, g)) - t0;
-    for (int64_t i0 = 0; i0 < a.m; i0 += kRowBlock) {
-      const int mb = static_cast<int>(std::min<int64_t>(kRowBlock, a.m - i0));
-      for (int i = 0; i < mb * 8; ++i) acc[i] = _mm512_setzero_ps();
-      for (int64_t band = 0; band < geo.bands; ++band) {
-        int64_t v = checked_group_start(w, geo, band, g);
-        if (v < 0) return band * geo.groups + g;
-        TransposedGroupStep::prefetch_ahead(w, geo, band, g, t0, es);
-        const uint64_t* words = w.bitmap + band * geo.tiles + t0;
-        for (int t = 0; t < nt; v += _mm_popcnt_u64(words[t]), ++t) decode_f32(w.values, v, words[t], dt, buf + 4 * t);
-        const int n_valid = static_cast<int>(std::min<int64_t>(8, w.rows - 8 * band));
-        step.accumulate(buf, nt, static_cast<const char*>(a.dy) + (i0 * a.dy_row_stride + 8 * band) * es,
-                        a.dy_row_stride * es, mb, dt, n_valid, acc);
-      }
-      const int64_t col0 = g * format::kGroupColumns;
-      TransposedGroupStep::store(acc, nt, mb, static_cast<char*>(a.dx) + (i0 * a.dx_row_stride + col0) * es,
-                                 a.dx_row_stride * es, w.cols - col0, dt);
-    }
-  }
-  return -1;
+  const auto decode = [&](int64_t, int64_t, int64_t v, const uint64_t* words, int nt, __m512* tiles) {
+    for (int t = 0; t < nt; v += _mm_popcnt_u64(words[t]), ++t) decode_f32(w.values, v, words[t], w.dtype, tiles + 4 * t);
+  };
+  return TransposedGroupStep().run<kRowBlock>(w, element_size(w.dtype), w.dtype, a.dy, a.dy_row_stride, a.dx,
+                                              a.dx_row_stride, a.m, group_begin, group_end, decode);
 }
 
 const KernelTable kAvx512Table{"avx512", gemm_avx512, gemm_transposed_avx512, decode_bands_avx512,

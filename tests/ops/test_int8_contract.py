@@ -10,6 +10,7 @@ import salr
 from salr import ops, reference
 from salr.ops._meta import gemm_backward_products
 from conftest import DTYPES, TOLERANCE, make_generator
+from salr_helpers import gemm_operands
 
 pytestmark = pytest.mark.skipif(not salr.native_available(), reason=salr.native_error() or "")
 
@@ -103,12 +104,7 @@ def test_opcheck_int8(dtype, per_group):
     q, (bitmap, values, offsets), scales = int8_weight(key=("opcheck", dtype))
     if per_group:
         scales = scales.unsqueeze(1).repeat(1, GROUPS).contiguous()
-    gen = make_generator("opcheck-int8", dtype)
-    x = torch.randn(2, 3, COLS, generator=gen).to(dtype)
-    a = torch.randn(4, COLS, generator=gen).to(dtype)
-    b = torch.randn(ROWS, 4, generator=gen).to(dtype)
-    bias = torch.randn(ROWS, generator=gen).to(dtype)
-    grad = torch.randn(5, ROWS, generator=gen).to(dtype)
+    x, a, b, bias, grad = gemm_operands(ROWS, COLS, dtype, make_generator("opcheck-int8", dtype)).values()
     salr_ops = torch.ops.salr
     cases = [
         (salr_ops.bitmap_decode.default, (bitmap, values, offsets, ROWS, COLS)),

@@ -9,6 +9,7 @@ import torch
 import salr
 from salr import ops
 from conftest import make_generator, random_sparse
+from salr_helpers import gemm_operands
 
 pytestmark = pytest.mark.skipif(not salr.native_available(), reason=salr.native_error() or "")
 
@@ -22,12 +23,7 @@ def sample_weight(rows=19, cols=70, dtype=torch.float32):
 def test_opcheck_every_op(dtype):
     dense, (bitmap, values, offsets) = sample_weight(dtype=dtype)
     rows, cols = dense.shape
-    gen = make_generator("opcheck", dtype)
-    x = torch.randn(2, 3, cols, generator=gen).to(dtype)
-    a = torch.randn(4, cols, generator=gen).to(dtype)
-    b = torch.randn(rows, 4, generator=gen).to(dtype)
-    bias = torch.randn(rows, generator=gen).to(dtype)
-    grad = torch.randn(5, rows, generator=gen).to(dtype)
+    x, a, b, bias, grad = gemm_operands(rows, cols, dtype, make_generator("opcheck", dtype)).values()
     salr_ops = torch.ops.salr
     cases = [
         (salr_ops.bitmap_decode.default, (bitmap, values, offsets, rows, cols)),
