@@ -12,7 +12,9 @@ A recipe is a '+'-joined name:
                                  owl: OWL layer-wise ratios around the target
   <criterion>+svd+salor        SALR with sparse LoRA factors (50 %, cubic ramp over the first half)
   <criterion>+svd+int8         SALR on an int8 base (per-row scales): Wanda rounds to nearest after
-                                 pruning, SparseGPT folds the rounding into its column loop (issue 21)
+                                 pruning, SparseGPT folds the rounding into its column loop (issue 21);
+                                 also evaluated with the merged adapters rounded to int8 (per row of A
+                                 and of B): the quality an int8-adapter format would have
   losa+rmi | losa+owl          LoSA from the dense model (mean rank r, r_max 4r), merged: no adapters
 A sparse recipe may name its own target after '@' (otherwise --sparsity, unstructured): wanda+svd@0.7,
 wanda+svd@2:4 (N:M, SALR recipes only), so one table holds several targets against one baseline.
@@ -28,6 +30,7 @@ bytes of the saved model) and the plot (perplexity against bytes) are rewritten 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -42,8 +45,10 @@ from salr.cli import steps
 from salr.interop.hf import to_transformers
 from salr.io.files import atomic_write_text
 from salr.io.saved_model import save
+from salr.methods.salr.layer import SALRLinear
 from salr.methods.salor.config import FactorSparsityConfig
 from salr.prune.masks import resolve_sparsity
+from salr.prune.quantize import int8_scales
 from salr.train import distill
 from salr.train.config import TrainConfig
 
@@ -99,6 +104,21 @@ def lora_teacher(model: torch.nn.Module, splits, budget: steps.Budget, seed: int
     steps.finetune(teacher, splits, budget, seed=seed)
     steps.merge_all(teacher)
     return distill.frozen_teacher(to_transformers(teacher))
+
+
+@torch.no_grad()
+def with_int8_adapters(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a merged SALR model whose adapters A [R, K] and B [N, R] are rounded to the int8 grid
+    (round to nearest, one scale per row) and kept in their float dtype: what int8 adapters would score."""
+    model = copy.deepcopy(model)
+    for layer in model.modules():
+        if isinstance(layer, SALRLinear) and layer.svd_a is not None:
+            for factor in (layer.svd_a, layer.svd_b):
+                # Plain RTN: dense factors have no bitmap to keep, so values may round to 0 (quantize_int8
+                # keeps a pruned weight's survivors at ±1).
+                step = int8_scales(factor.float())[:, None]
+                factor.copy_((torch.round(factor.float() / step).clamp(-127, 127) * step).to(factor.dtype))
+    return model
 
 
 def trainable_params(model: torch.nn.Module) -> int:
@@ -164,6 +184,8 @@ def run_recipe(name: str, args: argparse.Namespace, budget: steps.Budget) -> dic
     if recipe["kind"] == "losa":
         row["wall_s"] = time.perf_counter() - start
     row["fine_tuned"] = steps.evaluate(model, splits, evaluation, f"{name}: fine-tuned")
+    if recipe.get("int8"):
+        row["int8_adapters"] = steps.evaluate(with_int8_adapters(model), splits, evaluation, f"{name}: int8 adapters")
     row["bytes"] = saved_bytes(model)
     row["eval_windows"] = args.eval_windows
     return row
@@ -181,15 +203,18 @@ def dense_perplexity(args: argparse.Namespace, budget: steps.Budget) -> float:
 
 def table(rows: list[dict], dense: float) -> str:
     base = next((r["fine_tuned"] for r in rows if r["recipe"] == "dense+lora"), None)
-    lines = ["| recipe | sparsity | pruned | fine-tuned | × dense + LoRA | wall s | trainable params | saved MB |",
-             "|---|---|---|---|---|---|---|---|", f"| dense (no training) | – | – | {dense:.2f} | "
-             f"{'–' if base is None else f'{dense / base:.3f}'} | – | – | – |"]
+    adapters = any("int8_adapters" in r for r in rows)  # a column only when an int8 recipe ran
+    lines = ["| recipe | sparsity | pruned | fine-tuned | × dense + LoRA | wall s | trainable params | saved MB |"
+             + (" int8 adapters |" if adapters else ""), "|---|---|---|---|---|---|---|---|" + ("---|" if adapters else ""),
+             f"| dense (no training) | – | – | {dense:.2f} | {'–' if base is None else f'{dense / base:.3f}'} | – | – | – |"
+             + (" – |" if adapters else "")]
     for r in rows:
         ratio = "–" if base is None else f"{r['fine_tuned'] / base:.3f}"
         pruned = f"{r['pruned']:.2f}" if "pruned" in r else "–"
+        int8_adapters = f" {r['int8_adapters']:.2f} |" if "int8_adapters" in r else " – |"
         lines.append(f"| {r['recipe']} | {target_label(r)} | {pruned} | {r['fine_tuned']:.2f} | {ratio} | "
-                     f"{r['wall_s']:.0f} | "
-                     f"{r['trainable']:,} | {r['bytes'] / 1e6:.1f} |")
+                     f"{r['wall_s']:.0f} | {r['trainable']:,} | {r['bytes'] / 1e6:.1f} |"
+                     + (int8_adapters if adapters else ""))
     return "\n".join(lines)
 
 

@@ -10,8 +10,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from salr_helpers import write_tiny_cli_assets
+import salr
+from salr.methods.salr.layer import SALRLinear
+from salr_helpers import tiny_model, write_tiny_cli_assets
 
 pytest.importorskip("transformers", reason="transformers is not installed")
 pytest.importorskip("tokenizers", reason="tokenizers is not installed")
@@ -80,6 +83,11 @@ def test_quick_run_table_plot_and_resume(recovery, tmp_path, monkeypatch, capsys
     # int8 values: the same adapters on a base of ~half the bytes (bitmaps, offsets and scales stay).
     assert rows["sparsegpt+svd+int8"]["trainable"] == rows["dense+lora"]["trainable"]
     assert rows["sparsegpt+svd+int8"]["bytes"] < rows["sparsegpt+svd+salor"]["bytes"]
+    # ... and with its merged adapters rounded to int8: close to, not exactly, the float adapters' score.
+    int8_row = rows["sparsegpt+svd+int8"]
+    assert int8_row["int8_adapters"] != int8_row["fine_tuned"]
+    assert int8_row["int8_adapters"] == pytest.approx(int8_row["fine_tuned"], rel=0.05)
+    assert "int8_adapters" not in rows["wanda+svd@2:4"]
     # distill-lora's teacher is the dense + lora recipe's model: the same perplexity, and it was trained
     # (its own fine-tuning is the spied call just before the student's, which gets it as teacher).
     last = max(i for i, t in enumerate(teachers) if t is not None)  # distill-lora's: the last recipe with one
@@ -94,6 +102,7 @@ def test_quick_run_table_plot_and_resume(recovery, tmp_path, monkeypatch, capsys
     assert [line.split(" | ")[0].lstrip("| ") for line in table[3:]] == RECIPES
     assert table[3].split(" | ")[4] == "1.000"  # the baseline against itself
     assert [line.split(" | ")[1] for line in table[3:]] == ["0%", "50%", "50%", "50%", "50%", "2:4", "50%"]
+    assert table[-1].endswith(f" {int8_row['int8_adapters']:.2f} |") and table[-2].endswith(" – |")
     assert (out / "recovery.png").stat().st_size > 0
     assert not list(out.glob("*.running"))
 
@@ -108,3 +117,20 @@ def test_quick_run_table_plot_and_resume(recovery, tmp_path, monkeypatch, capsys
     with pytest.raises(SystemExit):
         recovery.main([*argv, "--train-steps", str(budget.train_steps + 1)])
     assert "--train-steps" in capsys.readouterr().err
+
+
+def test_int8_adapters_are_on_the_grid(recovery):
+    """with_int8_adapters rounds a copy's merged A and B to 255 levels per row; the model is untouched."""
+    model = tiny_model("llama")
+    salr.sparsify_(model, salr.SALRConfig(sparsity=0.5, criterion="magnitude", svd_rank=4, lora_rank=2))
+    salr.merge_(model)
+    rounded = recovery.with_int8_adapters(model)
+    pairs = [(a, b) for a, b in zip(model.modules(), rounded.modules()) if isinstance(a, SALRLinear)]
+    assert pairs
+    for before, after in pairs:
+        for old, new in ((before.svd_a, after.svd_a), (before.svd_b, after.svd_b)):
+            step = old.float().abs().amax(1, keepdim=True) / 127
+            levels = new.float() / step
+            assert torch.allclose(levels, levels.round(), atol=1e-3)  # on the grid
+            assert (new.float() - old.float()).abs().le(step * (0.5 + 1e-4)).all()  # the nearest point
+            assert not torch.equal(old, new)
