@@ -20,8 +20,8 @@ A sparse recipe may name its own target after '@' (otherwise --sparsity, unstruc
 wanda+svd@2:4 (N:M, SALR recipes only), so one table holds several targets against one baseline.
 
 Every recipe uses the same budget (the demo's: 32 × 512-token calibration windows, 60 AdamW steps of
-4 × 256 tokens (--train-steps scales the tokens), lr 1e-3, warmup 5, cosine, seed 0: the same LoRA init and data order) and is
-evaluated on the first --eval-windows 512-token windows of the evaluation split. Each finished recipe
+4 × 256 tokens, lr 1e-3, warmup 5, cosine, seed 0: the same LoRA init and data order; --train-steps
+scales the tokens) and is evaluated on the first --eval-windows 512-token windows of the evaluation split. Each finished recipe
 is one JSON in --out (a re-run skips it); the table (perplexity, wall time, trainable parameters,
 bytes of the saved model) and the plot (perplexity against bytes) are rewritten after each.
 --quick runs the machinery on a small budget (with --model / --text: a tiny local model in a test).
@@ -156,8 +156,8 @@ def run_recipe(name: str, args: argparse.Namespace, budget: steps.Budget) -> dic
         if recipe["kind"] == "dense":
             options = dict(DENSE_LORA)
         else:
-            options = {**target, "criterion": recipe["criterion"],
-                       "layerwise": "owl" if recipe["owl"] else "uniform", "quantize": "int8" if recipe["int8"] else None}
+            options = {**target, "criterion": recipe["criterion"], "layerwise": "owl" if recipe["owl"] else "uniform",
+                       "quantize": "int8" if recipe["int8"] else None}
             if recipe["salor"]:
                 options["factor_config"] = FactorSparsityConfig(0.5, end_step=budget.train_steps // 2)
             if recipe["distill"]:
@@ -204,10 +204,11 @@ def dense_perplexity(args: argparse.Namespace, budget: steps.Budget) -> float:
 def table(rows: list[dict], dense: float) -> str:
     base = next((r["fine_tuned"] for r in rows if r["recipe"] == "dense+lora"), None)
     adapters = any("int8_adapters" in r for r in rows)  # a column only when an int8 recipe ran
-    lines = ["| recipe | sparsity | pruned | fine-tuned | × dense + LoRA | wall s | trainable params | saved MB |"
-             + (" int8 adapters |" if adapters else ""), "|---|---|---|---|---|---|---|---|" + ("---|" if adapters else ""),
-             f"| dense (no training) | – | – | {dense:.2f} | {'–' if base is None else f'{dense / base:.3f}'} | – | – | – |"
-             + (" – |" if adapters else "")]
+    header = ["recipe", "sparsity", "pruned", "fine-tuned", "× dense + LoRA", "wall s", "trainable params", "saved MB"]
+    header += ["int8 adapters"] if adapters else []
+    dense_ratio = "–" if base is None else f"{dense / base:.3f}"
+    dense_row = ["dense (no training)", "–", "–", f"{dense:.2f}", dense_ratio] + ["–"] * (len(header) - 5)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), "| " + " | ".join(dense_row) + " |"]
     for r in rows:
         ratio = "–" if base is None else f"{r['fine_tuned'] / base:.3f}"
         pruned = f"{r['pruned']:.2f}" if "pruned" in r else "–"
@@ -244,9 +245,11 @@ def plot(rows: list[dict], dense: float, path: Path) -> None:
                         arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "gray"})
     ax.axhline(dense, color="gray", ls=":", lw=1, label=f"dense, no training ({dense:.2f})")
     if base is not None and any(r["sparsity"] == 0.5 and not r.get("pattern") for r in rows):
-        ax.axhline(1.10 * base, color="tab:red", ls="--", lw=1, label=f"50% goal: 1.10 × dense + LoRA ({1.1 * base:.2f})")
+        ax.axhline(1.10 * base, color="tab:red", ls="--", lw=1,
+                   label=f"50% goal: 1.10 × dense + LoRA ({1.1 * base:.2f})")
     if base is not None and any(r["sparsity"] > 0.5 or r.get("pattern") for r in rows):
-        ax.axhline(2 * base, color="tab:purple", ls="--", lw=1, label=f"2:4 / 70% goal: 2 × dense + LoRA ({2 * base:.2f})")
+        ax.axhline(2 * base, color="tab:purple", ls="--", lw=1,
+                   label=f"2:4 / 70% goal: 2 × dense + LoRA ({2 * base:.2f})")
     ax.margins(x=0.35, y=0.12)  # room for the labels
     ax.set_xlabel("saved model (MB, fp32)")
     ax.set_ylabel("perplexity after fine-tuning")
