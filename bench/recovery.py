@@ -228,10 +228,15 @@ def plot(rows: list[dict], dense: float, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     base = next((r["fine_tuned"] for r in rows if r["recipe"] == "dense+lora"), None)
-    # Most recipes save the same bytes: their labels are stacked in perplexity order, 9 points apart.
+    # Recipes within 20 MB of each other share a stack: their labels in perplexity order, 9 points apart.
     stacks: dict[int, list[dict]] = {}
-    for r in sorted(rows, key=lambda r: -r["fine_tuned"]):
-        stacks.setdefault(round(r["bytes"] / 2e6), []).append(r)
+    key, previous = -1, None
+    for r in sorted(rows, key=lambda r: r["bytes"]):
+        key += previous is None or r["bytes"] - previous > 20e6
+        previous = r["bytes"]
+        stacks.setdefault(key, []).append(r)
+    for stack in stacks.values():
+        stack.sort(key=lambda r: -r["fine_tuned"])
     rightmost = max(stacks)
     for key, stack in stacks.items():
         left = len(stack) == 1 and key != rightmost  # a lone point beside a stack: its label on the left
