@@ -27,11 +27,13 @@
 #include "../cpp/kernels/kernels.h"
 #include "../cpp/kernels/numeric.h"
 
-// Another revision's AVX2 table, compiled into this namespace by scripts/kernel_bench.sh (weak:
-// null when not linked). Its KernelTable has the same layout as this revision's.
+// Another revision's AVX2 tables, compiled into this namespace by scripts/kernel_bench.sh (weak:
+// null when not linked). Its KernelTable / Int8KernelTable have the same layout as this revision's.
 namespace salr::kernels_base {
 struct KernelTable;
+struct Int8KernelTable;
 const KernelTable* avx2_kernel_table() __attribute__((weak));
+const Int8KernelTable* avx2_int8_table() __attribute__((weak));
 }  // namespace salr::kernels_base
 
 using namespace salr;
@@ -183,9 +185,13 @@ int main(int argc, char** argv) {
   for (Isa isa : {Isa::kAvx2, Isa::kAvx512}) {
     if (isa_compiled(isa) && cpu_supports(isa)) contenders.emplace_back(isa_name(isa), run_of(isa));
   }
-  if (salr::kernels_base::avx2_kernel_table && cpu_supports(Isa::kAvx2) && !int8) {
+  if (cpu_supports(Isa::kAvx2) && !int8 && salr::kernels_base::avx2_kernel_table) {
     contenders.emplace_back(
         "avx2-base", float_run(*reinterpret_cast<const KernelTable*>(salr::kernels_base::avx2_kernel_table())));
+  }
+  if (cpu_supports(Isa::kAvx2) && int8 && salr::kernels_base::avx2_int8_table) {
+    contenders.emplace_back(
+        "avx2-base", int8_run(*reinterpret_cast<const Int8KernelTable*>(salr::kernels_base::avx2_int8_table())));
   }
   std::vector<std::vector<double>> times(contenders.size());
   for (int rep = 0; rep < 9; ++rep) {

@@ -2,8 +2,8 @@
 # Builds and runs bench/kernel_bench.cpp (torch-free, one thread, CPU time) at -O3 (the Release build
 # of CMakeLists.txt: at -O2 GCC leaves the AVX-512 accumulators on the stack, 4-5x slower) with the ISA flags of
 # CMakeLists.txt. Arguments go to the binary: rows cols sparsity dtype [m].
-# KERNEL_BENCH_BASE=<git ref>: also time that revision's AVX2 kernels in the same process (alternating
-# with this tree's). KERNEL_BENCH_MB=<MB>: working set of the rotated weight copies (default 512).
+# KERNEL_BENCH_BASE=<git ref>: also time that revision's AVX2 kernels (float and int8) in the same process
+# (alternating with this tree's). KERNEL_BENCH_MB=<MB>: working set of the rotated weight copies (default 512).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${KERNEL_BENCH_DIR:-/tmp/salr-kernel-bench}"
@@ -26,10 +26,11 @@ if [ -n "${KERNEL_BENCH_BASE:-}" ]; then
   base="$out/base-src"
   rm -rf "$base" && mkdir -p "$base"
   git -C "$root" archive "$KERNEL_BENCH_BASE" cpp | tar -x -C "$base"
-  for f in spmm_avx2 decode_avx2; do  # its own namespace, so both revisions link side by side
-    ${CXX:-g++} -O3 -std=c++17 -DSALR_WITH_X86_SIMD -Dkernels=kernels_base -I"$base/cpp" \
-      -mavx2 -mfma -mf16c -mbmi -mbmi2 -mpopcnt -c "$base/cpp/kernels/$f.cpp" -o "$out/base_$f.o"
+  base_cxx="${CXX:-g++} -O3 -std=c++17 -DSALR_WITH_X86_SIMD -Dkernels=kernels_base -I$base/cpp"
+  for f in spmm_avx2 decode_avx2 int8_avx2; do  # its own namespace, so both revisions link side by side
+    $base_cxx -mavx2 -mfma -mf16c -mbmi -mbmi2 -mpopcnt -c "$base/cpp/kernels/$f.cpp" -o "$out/base_$f.o"
   done
+  $base_cxx -c "$base/cpp/kernels/int8_scalar.cpp" -o "$out/base_int8_scalar.o"  # the int8 table's dequantize
 fi
 $cxx "$root/bench/kernel_bench.cpp" "$out"/*.o -o "$out/kernel_bench"
 "$out/kernel_bench" "$@"

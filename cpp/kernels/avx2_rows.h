@@ -106,6 +106,43 @@ struct F32 {
   static void store8(T* p, __m256 v) { _mm256_storeu_ps(p, v); }
 };
 
+// Offset of tile row r's first value inside the tile: popcount of the bits of rows < r.
+inline int64_t row_offset(uint64_t word, int r) {
+  return r == 0 ? 0 : static_cast<int64_t>(_mm_popcnt_u64(_bzhi_u64(word, 8 * r)));
+}
+
+// Offsets of the eight tile rows' first values inside the tile, byte r = popcount of rows < r:
+// byte popcounts (SWAR) and an exclusive prefix by one multiplication, no serial popcount chain.
+inline uint64_t row_offsets(uint64_t word) {
+  uint64_t c = word - ((word >> 1) & 0x5555555555555555ull);
+  c = (c & 0x3333333333333333ull) + ((c >> 2) & 0x3333333333333333ull);
+  c = (c + (c >> 4)) & 0x0f0f0f0f0f0f0f0full;  // byte r: popcount of row r (<= 8)
+  return c * 0x0101010101010100ull;            // byte r: sum of bytes < r (<= 56: no carry)
+}
+
+// Rotation by a constant, which BMI2 does in one non-destructive rorx (a shift needs a copy first).
+inline uint64_t rotate_right(uint64_t v, int n) { return n == 0 ? v : (v >> n) | (v << (64 - n)); }
+
+// acc[r] += row r of one tile * the tile's 8 x columns (fp32, fp16, int8). Each row costs two loads (its
+// values and its table entry), the expansion and one FMA; its offset and table entry are cut out of
+// `offs` and `word` in registers. Why registers: index bytes read from memory cost load slots, and
+// loads (about two per cycle on the Zen 5 measured, bench/RESULTS.md) are what the loop runs out of.
+
+template <class D>
+__attribute__((always_inline)) inline void tile_fma_direct(const typename D::T* p, uint64_t word, __m256 xv,
+                                                           __m256* acc) {
+  const uint64_t offs = row_offsets(word);
+  constexpr int kShift = D::kEntryShift;
+  constexpr unsigned kEntryMask = 0xffu << kShift;
+#pragma GCC unroll 8
+  for (int r = 0; r < 8; ++r) {
+    const unsigned off = static_cast<unsigned>(rotate_right(offs, 8 * r)) & 0xffu;
+    // Bits of rows > r rotated to the bottom fall outside kEntryMask (kShift <= 5 < 8).
+    const unsigned entry = static_cast<unsigned>(rotate_right(word, (8 * r - kShift) & 63)) & kEntryMask;
+    acc[r] = _mm256_fmadd_ps(D::row_at(p + off, entry), xv, acc[r]);
+  }
+}
+
 // Loads n <= 8 elements through a zeroed buffer: never reads past the n valid ones.
 template <class D>
 inline __m256 load_partial(const typename D::T* p, int64_t n) {

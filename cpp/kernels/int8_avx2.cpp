@@ -1,13 +1,16 @@
 // AVX2 + FMA kernels for int8 BM8x8 weights (issue 21). Built with the flags of spmm_avx2.cpp.
 //
 // A tile row's 8-bit mask picks a vpshufb control that moves the row's packed int8 values into the
-// top byte of their column's 32-bit lane (zeros elsewhere); an arithmetic shift right by 24
-// sign-extends them, so a row costs one broadcast load, one shuffle, one shift, one convert and one
-// FMA. Per-row scales multiply each output row once after the band's accumulation, per-group scales
-// each group's partial sums.
+// top byte of their column's 32-bit lane (zeros elsewhere); converted as they stand, the lanes are
+// 2^24 · q exactly, so a row costs one broadcast load, one shuffle, one convert and one FMA, and the
+// 2^-24 goes into x (M = 1: one multiply per tile) or the row scales (decoded groups). Why not an
+// arithmetic shift to sign-extend: it would run on the two ports the convert and the FMA share,
+// which bound this loop. Per-row scales multiply each output row once after the band's
+// accumulation, per-group scales each group's partial sums.
 //
-// M = 1 walks the band straight from the value stream. M > 1 decodes (band, group) once into fp32
-// (scales applied) and every x row reads it from L1. The transposed product decodes likewise.
+// M = 1 walks the band straight from the value stream (the float kernels' tile_fma_direct). M > 1
+// decodes (band, group) once into fp32 (scales applied) and every x row reads it from L1. The
+// transposed product decodes likewise.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -44,18 +47,21 @@ struct Int8RowTable {
 };
 const Int8RowTable g_int8_rows;
 
-// Row r of a tile as fp32 lanes (0 where the mask is clear); reads 8 bytes from p.
-inline __m256 row_q(const int8_t* p, unsigned mask) {
-  int64_t bytes;
-  std::memcpy(&bytes, p, sizeof bytes);
-  const __m256i src = _mm256_set1_epi64x(bytes);
-  const __m256i ctl = _mm256_load_si256(reinterpret_cast<const __m256i*>(g_int8_rows.ctl[mask]));
-  return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_shuffle_epi8(src, ctl), 24));
-}
+constexpr float kTopByte = 0x1p-24f;  // a value converted from its lane's top byte is 2^24 · q
 
-inline int64_t row_offset(uint64_t word, int r) {
-  return r == 0 ? 0 : static_cast<int64_t>(_mm_popcnt_u64(_bzhi_u64(word, 8 * r)));
-}
+// Row expansion of int8 values for tile_fma_direct (avx2_rows.h): lanes 2^24 · q, 0 where the mask is
+// clear; reads 8 bytes from p.
+struct Int8Top {
+  using T = int8_t;
+  static constexpr int kEntryShift = 5;  // log2 of a control's size in bytes
+  static __m256 row_at(const T* p, unsigned entry) {
+    int64_t bytes;
+    std::memcpy(&bytes, p, sizeof bytes);
+    const __m256i ctl = _mm256_load_si256(reinterpret_cast<const __m256i*>(&g_int8_rows.ctl[0][0] + entry));
+    return _mm256_cvtepi32_ps(_mm256_shuffle_epi8(_mm256_set1_epi64x(bytes), ctl));
+  }
+  static __m256 row(const T* p, unsigned mask) { return row_at(p, mask << kEntryShift); }
+};
 
 // The values of a checked group, in place unless the 8-byte row reads would pass the end of values;
 // then from a zero-padded copy in `buf` (kGroupValues + kRowRead bytes).
@@ -87,13 +93,13 @@ inline bool decode_group_scaled(const Int8WeightView& w, const GroupGeometry& ge
   const int64_t index = band * geo.groups + g;
   const int8_t* p = group_values(idx, start, idx.offsets[index + 1], pad);
   alignas(32) float s[8];
-  _mm256_store_ps(s, scale_vector(w, band, g));
+  _mm256_store_ps(s, _mm256_mul_ps(scale_vector(w, band, g), _mm256_set1_ps(kTopByte)));
   const uint64_t* words = idx.bitmap + band * geo.tiles + group_tile_begin(g);
   const int64_t nt = group_tile_end(geo, g) - group_tile_begin(g);
   for (int64_t t = 0; t < nt; ++t) {
     const uint64_t word = words[t];
     for (int r = 0; r < 8; ++r) {
-      const __m256 row = row_q(p + row_offset(word, r), format::row_mask(word, r));
+      const __m256 row = Int8Top::row(p + row_offset(word, r), format::row_mask(word, r));
       _mm256_storeu_ps(dense + r * 64 + 8 * t, _mm256_mul_ps(row, _mm256_set1_ps(s[r])));
     }
     p += _mm_popcnt_u64(word);
@@ -128,10 +134,7 @@ int64_t gemm_one_row(const Int8GemmArgs& a, const float* x, BandExtras<D>& ex, c
       const uint64_t* words = w.index.bitmap + band * geo.tiles;
       for (int64_t t = group_tile_begin(g); t < group_tile_end(geo, g); ++t) {
         const uint64_t word = words[t];
-        const __m256 xv = _mm256_loadu_ps(x + 8 * t);
-        for (int r = 0; r < 8; ++r) {
-          acc[r] = _mm256_fmadd_ps(row_q(p + row_offset(word, r), format::row_mask(word, r)), xv, acc[r]);
-        }
+        tile_fma_direct<Int8Top>(p, word, _mm256_mul_ps(_mm256_loadu_ps(x + 8 * t), _mm256_set1_ps(kTopByte)), acc);
         p += _mm_popcnt_u64(word);
       }
       if (group_scales) {

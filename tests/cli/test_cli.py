@@ -45,6 +45,7 @@ def test_bad_arguments_are_one_clear_line(args, message, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--method", "losa", "--criterion", "sparsegpt"], "--criterion sparsegpt: LoSA prunes with Wanda"),
     (["--method", "losa", "--steps", "5"], "final_share"),
+    (["--method", "losa", "--layerwise", "owl"], "--layerwise owl: LoSA takes its block sparsities from RMI"),
 ])
 def test_demo_losa_refuses_bad_flags_before_the_run_directory(args, message, tmp_path, capsys):
     assert cli.main(["demo", *args, "--out", str(tmp_path / "run")]) == 2

@@ -11,6 +11,7 @@ import torch
 
 import salr
 from salr import cli
+from salr.cli.parser import salr_layerwise
 from salr.methods.salr.config import SALRConfig
 from salr.methods.salr.model import prune_model, salr_layers
 from salr.prune.masks import count
@@ -184,6 +185,27 @@ def test_cli_losa_layerwise_owl(tiny_assets, tmp_path):
     for r, target in zip(rounds, sparsity_schedule(0.6, 3)):  # OWL's ratios scaled to each round's target
         assert r["block_sparsity"] == pytest.approx([e * target / 0.6 for e in expected], abs=0.01)
     assert len(set(expected)) > 1 and sum(rounds[-1]["block_sparsity"]) / 3 == pytest.approx(0.6, abs=0.01)
+
+
+@pytest.mark.parametrize("sparsity, pattern, expected", [
+    (0.5, None, "owl"), (0.91, None, "owl"), (0.92, None, "uniform"), (0.0, None, "uniform"), (None, "2:4", "uniform"),
+])
+def test_default_layerwise_is_owl_where_it_applies(sparsity, pattern, expected):
+    assert salr_layerwise(None, sparsity or 0.5, pattern, 0.08) == expected
+    assert salr_layerwise("uniform", 0.5, None, 0.08) == "uniform"  # an explicit choice stands
+
+
+def test_cli_prune_default_is_sparsegpt_with_owl(tiny_assets, tmp_path):
+    model_dir, text = tiny_assets
+    runs = {}
+    for name, extra in (("default", []), ("2:4", ["--pattern", "2:4"])):
+        out = tmp_path / name
+        assert cli.main(["prune", "--model", str(model_dir), "--text", str(text), "--out", str(out), *SEQ,
+                         "--sparsity", "0.5", *extra]) == 0
+        runs[name] = salr.load(out / "model").salr_config
+    assert runs["default"].criterion == "sparsegpt" and runs["default"].layerwise == "owl"
+    assert len(set(runs["default"].sparsity)) > 1  # OWL's block ratios, not one number
+    assert runs["2:4"].criterion == "sparsegpt" and runs["2:4"].layerwise == "uniform"
 
 
 @pytest.mark.parametrize("args, message", [

