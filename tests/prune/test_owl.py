@@ -188,10 +188,10 @@ def test_cli_losa_layerwise_owl(tiny_assets, tmp_path):
 
 
 @pytest.mark.parametrize("sparsity, pattern, expected", [
-    (0.5, None, "owl"), (0.91, None, "owl"), (0.92, None, "uniform"), (0.0, None, "uniform"), (None, "2:4", "uniform"),
+    (0.5, None, "owl"), (0.91, None, "owl"), (0.92, None, "uniform"), (0.0, None, "uniform"), (0.5, "2:4", "uniform"),
 ])
 def test_default_layerwise_is_owl_where_it_applies(sparsity, pattern, expected):
-    assert salr_layerwise(None, sparsity or 0.5, pattern, 0.08) == expected
+    assert salr_layerwise(None, sparsity, pattern, 0.08) == expected
     assert salr_layerwise("uniform", 0.5, None, 0.08) == "uniform"  # an explicit choice stands
 
 
