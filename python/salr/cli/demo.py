@@ -49,8 +49,12 @@ def run_demo(args: argparse.Namespace) -> int:
         if quantize["quantize"] is not None:
             raise ValueError("--quantize: the demo's LoSA run keeps float bases; quantize a LoSA model with "
                              "`salr finetune --method losa --quantize int8`")
+        recipe = {}
+    else:  # the defaults resolved, so config.json says what ran
+        recipe = {"criterion": args.criterion or DEFAULT_CRITERION,
+                  "layerwise": salr_layerwise(args.layerwise, args.sparsity, None, owl.DEFAULT_LAMBDA)}
     run: RunDirectory = open_run(args)
-    run.write_config({**vars(args), "budget": vars(budget)})
+    run.write_config({**vars(args), **recipe, "budget": vars(budget)})
 
     model, tokenizer, splits = steps.load("smollm2")
     stages: dict[str, dict] = {}
@@ -70,8 +74,7 @@ def run_demo(args: argparse.Namespace) -> int:
         dense_for_speed = dense_for_speed.to(speed_dtype or torch.float32)
     else:
         with steps.Timer() as t:
-            steps.prune(model, splits, budget, sparsity=args.sparsity, criterion=args.criterion or DEFAULT_CRITERION,
-                        layerwise=salr_layerwise(args.layerwise, args.sparsity, None, owl.DEFAULT_LAMBDA), **quantize)
+            steps.prune(model, splits, budget, sparsity=args.sparsity, **recipe, **quantize)
         errors = reconstruction_errors(dense_for_speed, model)
         # Now in the speed dtype: half the memory while the model trains, and compare_speed needs no copy.
         dense_for_speed = dense_for_speed.to(speed_dtype or torch.float32)
