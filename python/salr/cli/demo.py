@@ -3,8 +3,9 @@
 dense model → 50% SALR (the default recipe: SparseGPT with OWL block sparsities + SVD residual adapter
 + LoRA, every decoder-block linear in BM8x8) → short fine-tune of the adapters on the Wikipedia train
 split → perplexity dense / pruned / fine-tuned → LoRA merged into the inference adapters → model saved
-(safetensors) and reloaded (outputs must match) → greedy generation and decode tokens/s, dense vs sparse, measured alternately
-(both cast to --speed-dtype, bf16 by default: the model trains and is evaluated in fp32).
+(safetensors) and reloaded (outputs must match) → greedy generation and decode tokens/s, dense vs
+sparse, measured alternately (both cast to --speed-dtype, bf16 by default: the model trains and is
+evaluated in fp32).
 
 ``--method losa`` runs LoSA from the dense model instead (5 rounds of Wanda pruning + masked LoRA on
 8 calibration windows, the same 60 steps), merged into plain sparse layers; "pruned" is then the model
