@@ -118,3 +118,21 @@ def test_bad_arguments():
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="hessian: contains NaN"):
         sparsegpt_prune(weight, bad, 0.5)
+
+
+def test_hessian_from_fewer_tokens_than_inputs_warns():
+    """XᵀX from fewer tokens than inputs is rank-deficient: the calibration says so, naming the counts;
+    with enough tokens it is silent."""
+    import warnings
+
+    from salr.prune.calibration import LinearStats
+
+    stats = LinearStats(in_features=64, with_hessian=True)
+    stats.add(torch.randn(2, 20, 64))  # 40 tokens
+    with pytest.warns(RuntimeWarning, match="40 calibration tokens for 64 inputs"):
+        hessian = stats.hessian()
+    assert torch.linalg.matrix_rank(hessian).item() <= 40
+    stats.add(torch.randn(24, 64))  # 64 tokens
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.linalg.matrix_rank(stats.hessian()).item() == 64

@@ -17,6 +17,8 @@ block boundary's activations (two [n, seq, hidden] buffers), never the whole mod
 
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -95,6 +97,12 @@ class LinearStats:
         """H = (2/tokens)·XᵀX, the Hessian of the layer's squared reconstruction error."""
         if self.xtx is None:
             raise ValueError("LinearStats: the Hessian was not collected (with_hessian=False)")
+        if self.tokens < self.in_features:
+            # Why: XᵀX then has rank ≤ tokens; damping, not data, fills the other directions and
+            # SparseGPT prunes worse than Wanda (the quick demo at 1,024 tokens: 70 vs 51 perplexity).
+            warnings.warn(f"SparseGPT: {self.tokens} calibration tokens for {self.in_features} inputs leave the "
+                          f"Hessian rank-deficient; calibrate on at least {self.in_features} tokens "
+                          f"(--calib-windows) or prune with --criterion wanda", RuntimeWarning, stacklevel=2)
         return self.xtx * (2.0 / max(1, self.tokens))
 
 
