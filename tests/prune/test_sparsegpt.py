@@ -1,14 +1,17 @@
 """SparseGPT: lower layer reconstruction error than Wanda and magnitude on correlated inputs, exact
-masks, OBS updates equal to an explicit-inverse reference, dead inputs, bad arguments."""
+masks, OBS updates equal to an explicit-inverse reference, dead inputs, bad arguments, and the
+warning for a Hessian from fewer tokens than inputs."""
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 
 
+from salr.prune.calibration import LinearStats
 from salr.prune.criteria import prune_weight
 from salr.prune.sparsegpt import sparsegpt_prune
 
@@ -123,10 +126,6 @@ def test_bad_arguments():
 def test_hessian_from_fewer_tokens_than_inputs_warns():
     """XᵀX from fewer tokens than inputs is rank-deficient: the calibration says so, naming the counts;
     with enough tokens it is silent."""
-    import warnings
-
-    from salr.prune.calibration import LinearStats
-
     stats = LinearStats(in_features=64, with_hessian=True)
     stats.add(torch.randn(2, 20, 64))  # 40 tokens
     with pytest.warns(RuntimeWarning, match="40 calibration tokens for 64 inputs"):

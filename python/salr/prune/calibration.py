@@ -18,7 +18,6 @@ block boundary's activations (two [n, seq, hidden] buffers), never the whole mod
 from __future__ import annotations
 
 import warnings
-
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
