@@ -62,6 +62,11 @@ def quick_budget() -> steps.Budget:
                         train_batch=2, train_seq_len=32, lr=3e-3, warmup=1, svd_rank=4, lora_rank=4)
 
 
+def lora_alpha(budget: steps.Budget) -> dict:
+    """alpha = 2r at every --lora-rank (the budget's r = 16 -> 32, SALRConfig's default): the LoRA scale stays 2."""
+    return {"lora_alpha": 2.0 * budget.lora_rank}
+
+
 def parse_target(target: str) -> dict:
     """'0.7' -> {"sparsity": 0.7, "pattern": None}; '2:4' -> {"sparsity": 0.5, "pattern": "2:4"}."""
     pattern = target if ":" in target else None
@@ -100,7 +105,7 @@ def lora_teacher(model: torch.nn.Module, splits, budget: steps.Budget, seed: int
     """The dense + lora recipe's model as a frozen teacher: a copy of the dense `model` with LoRA trained
     on the same budget, data order and seed, folded into plain dense weights."""
     teacher = steps.dense_copy(model)
-    steps.prune(teacher, splits, budget, seed=seed, progress=False, **DENSE_LORA)
+    steps.prune(teacher, splits, budget, seed=seed, progress=False, **lora_alpha(budget), **DENSE_LORA)
     steps.finetune(teacher, splits, budget, seed=seed)
     steps.merge_all(teacher)
     return distill.frozen_teacher(to_transformers(teacher))
@@ -138,11 +143,11 @@ def run_recipe(name: str, args: argparse.Namespace, budget: steps.Budget) -> dic
     evaluation = dataclasses.replace(budget, eval_windows=args.eval_windows)
     start = time.perf_counter()
     target = recipe["target"] or {"sparsity": 0.0 if recipe["kind"] == "dense" else args.sparsity, "pattern": None}
-    row: dict = {"recipe": name, **target, "train_steps": budget.train_steps}
+    row: dict = {"recipe": name, **target, "train_steps": budget.train_steps, "lora_rank": budget.lora_rank}
     if recipe["kind"] == "losa":
         config = losa.LoSAConfig(
             sparsity=target["sparsity"], rounds=args.rounds, total_steps=budget.train_steps, mean_rank=budget.lora_rank,
-            r_max=4 * budget.lora_rank, lora_alpha=2.0 * budget.lora_rank, layerwise=recipe["layerwise"],
+            r_max=4 * budget.lora_rank, **lora_alpha(budget), layerwise=recipe["layerwise"],
             train=TrainConfig(steps=budget.train_steps, batch_size=budget.train_batch, lr=budget.lr,
                               warmup_steps=budget.warmup, seed=args.seed), progress=False)
         calibration = splits.calibration_windows(budget.calib_windows, budget.calib_seq_len)
@@ -165,7 +170,7 @@ def run_recipe(name: str, args: argparse.Namespace, budget: steps.Budget) -> dic
             if recipe["distill_lora"]:
                 teacher = lora_teacher(model, splits, budget, args.seed)
                 row["teacher_s"] = time.perf_counter() - start  # in prune_s too: the recipe's cost
-        steps.prune(model, splits, budget, seed=args.seed, progress=False, **options)
+        steps.prune(model, splits, budget, seed=args.seed, progress=False, **lora_alpha(budget), **options)
         row["prune_s"] = time.perf_counter() - start
         if recipe["kind"] != "dense":
             row["pruned"] = steps.evaluate(model, splits, evaluation, f"{name}: pruned")
@@ -297,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--train-steps", type=int, default=None,
                         help="fine-tuning steps (default: the budget's 60; --quick's 4): more tokens, same schedule")
+    parser.add_argument("--lora-rank", type=int, default=None,
+                        help="LoRA rank of every recipe, alpha 2r (default: the budget's 16; LoSA: its mean rank)")
     parser.add_argument("--rounds", type=int, default=5, help="LoSA rounds")
     parser.add_argument("--distill-weight", type=float, default=0.5)
     parser.add_argument("--distill-temperature", type=float, default=2.0)
@@ -310,17 +317,22 @@ def main(argv: list[str] | None = None) -> int:
         parse_recipe(name)  # a typo fails before hours of work
     if args.threads:
         torch.set_num_threads(args.threads)
-    budget = quick_budget() if args.quick else steps.Budget()
-    if args.train_steps is not None:
-        if args.train_steps < 1:
-            parser.error(f"--train-steps: must be >= 1, got {args.train_steps}")
-        budget = dataclasses.replace(budget, train_steps=args.train_steps)
+    default = quick_budget() if args.quick else steps.Budget()
+    budget = default
+    for flag, field in (("--train-steps", "train_steps"), ("--lora-rank", "lora_rank")):
+        value = getattr(args, field)
+        if value is not None:
+            if value < 1:
+                parser.error(f"{flag}: must be >= 1, got {value}")
+            budget = dataclasses.replace(budget, **{field: value})
     args.out.mkdir(parents=True, exist_ok=True)
     for done in args.out.glob("*.json"):  # one table, one budget: a finished row of another budget is an error
-        steps_done = json.loads(done.read_text()).get("train_steps", budget.train_steps)
-        if steps_done != budget.train_steps:
-            parser.error(f"--out {args.out}: {done.name} was trained for {steps_done} steps, this run trains "
-                         f"{budget.train_steps} (--train-steps): use another --out")
+        row = json.loads(done.read_text())
+        for flag, field in (("--train-steps", "train_steps"), ("--lora-rank", "lora_rank")):
+            done_value = row.get(field, getattr(default, field))
+            if done_value != getattr(budget, field):
+                parser.error(f"--out {args.out}: {done.name} was run with {field} {done_value}, this run with "
+                             f"{getattr(budget, field)} ({flag}): use another --out")
     dense = dense_perplexity(args, budget)
     for i, name in enumerate([] if args.report else args.recipes, 1):
         stem = name.replace("+", "_").replace(":", "-")

@@ -117,6 +117,9 @@ def test_quick_run_table_plot_and_resume(recovery, tmp_path, monkeypatch, capsys
     with pytest.raises(SystemExit):
         recovery.main([*argv, "--train-steps", str(budget.train_steps + 1)])
     assert "--train-steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # likewise another LoRA rank
+        recovery.main([*argv, "--lora-rank", str(budget.lora_rank + 1)])
+    assert "--lora-rank" in capsys.readouterr().err
 
 
 def test_int8_adapters_are_on_the_grid(recovery):

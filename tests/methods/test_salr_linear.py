@@ -70,14 +70,15 @@ def test_one_fused_call_with_concatenated_adapters(monkeypatch):
     calls = []
     original = salr.ops.sparse_lowrank_gemm
 
-    def spy(x, bitmap, values, offsets, n, k, a, b, bias, scales=None):
-        calls.append((a.shape, b.shape))
-        return original(x, bitmap, values, offsets, n, k, a, b, bias, scales=scales)
+    def spy(x, bitmap, values, offsets, n, k, a, b, bias, scales=None, frozen_adapter=None):
+        calls.append((tuple(t.shape for t in frozen_adapter), a.shape, b.shape))
+        return original(x, bitmap, values, offsets, n, k, a, b, bias, scales=scales, frozen_adapter=frozen_adapter)
 
     monkeypatch.setattr(salr.ops, "sparse_lowrank_gemm", spy)
     module.eval()
     module(torch.randn(2, 72))
-    assert calls == [((10, 72), (40, 10))]
+    # The frozen SVD adapter and the LoRA: the op stacks them into one rank-10 product.
+    assert calls == [(((6, 72), (40, 6)), (4, 72), (40, 4))]
 
 
 def test_only_adapters_get_gradients():

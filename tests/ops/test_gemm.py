@@ -91,12 +91,31 @@ def test_gemv_row_walk_special_cases(isa, dtype, shape, pattern):
 def test_forward_dense_path(dtype, shape, gemm, monkeypatch):
     # Force the decode + dense GEMM path for every dtype (fp32 only takes it from M = 256 by default),
     # with the GEMM in the weight's dtype and widened to fp32 (what a CPU without AVX512_BF16 gets).
+    # With fp32 chunks, (13, 70) and (100, 130) fold the adapter into the chunk (M·(K + N) > N·K,
+    # cpp/dense_chunks.h) and (576, 192) applies it after the GEMM.
     monkeypatch.setenv("SALR_CPU_DENSE_CROSSOVER", str(min(DENSE_PATH_ROWS)))
     monkeypatch.setenv("SALR_CPU_DENSE_GEMM", gemm)
     for m in DENSE_PATH_ROWS:
         for rank, with_bias in [(0, False), (0, True), (7, True)]:
             case = make_case(*shape, 0.5, dtype, m, rank, with_bias, ("dense", shape, dtype, m, rank))
             check_forward(*case, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_path_over_several_chunks(dtype, monkeypatch):
+    # 520×4100: chunks of 31 bands (1M elements, cpp/dense_chunks.h), so three chunks, the last of 3
+    # bands with a ragged end; each writes its own columns of y (straight into y without an adapter).
+    # M = 470 folds the adapter into fp32 chunks (470·4620 > 520·4100), M = 64 does not.
+    monkeypatch.setenv("SALR_CPU_DENSE_CROSSOVER", "64")
+    rows, cols = 520, 4100
+    for m, rank, with_bias in [(64, 0, True), (64, 7, False), (470, 7, True)]:
+        check_forward(*make_case(rows, cols, 0.5, dtype, m, rank, with_bias, ("chunks", dtype, m)), dtype)
+    dense = random_sparse(rows, cols, 0.5, dtype, make_generator("chunks-t", dtype))
+    bitmap, values, offsets = ops.bitmap_encode(dense)
+    dy = torch.randn(64, rows, generator=make_generator("chunks-dy")).to(dtype)
+    out = ops.sparse_gemm_transposed(dy, bitmap, values, offsets, rows, cols)
+    ref = reference.sparse_gemm_transposed(dy.double(), bitmap, values.double(), offsets, rows, cols)
+    assert_matches_reference(out, ref, dy.double().abs() @ dense.double().abs(), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from salr.ops import reference
+from salr.ops import _meta, reference
 from salr._native import native_available
 
 Tensor = torch.Tensor
@@ -61,14 +61,31 @@ def bitmap_decode(bitmap: Tensor, values: Tensor, offsets: Tensor, rows: int, co
 def sparse_lowrank_gemm(x: Tensor, bitmap: Tensor, values: Tensor, offsets: Tensor,
                         out_features: int, in_features: int, adapter_a: Tensor | None = None,
                         adapter_b: Tensor | None = None, bias: Tensor | None = None, *,
-                        scales: Tensor | None = None) -> Tensor:
+                        scales: Tensor | None = None,
+                        frozen_adapter: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """``y = x·W_sᵀ + (x·adapter_aᵀ)·adapter_bᵀ + bias``.
 
     x: [..., K]; adapter_a: [R, K] (stacked adapters [A1; A2; ...]); adapter_b: [N, R]
     ([s1·B1, s2·B2, ...], scales folded in); bias: [N]; scales: with int8 values only (module doc).
+    frozen_adapter: (A_f [R_f, K], B_f [N, R_f]) that never train (SALR's SVD residual under a
+    LoRA): stacked before adapter_a / adapter_b into the same single GEMM, and the backward forms no
+    gradient products for them; refused if either requires a gradient.
     Returns [..., N] in x's dtype. Differentiable in x, values (float values), adapter_a, adapter_b
     and bias.
     """
+    if frozen_adapter is not None:
+        frozen_a, frozen_b = frozen_adapter
+        if frozen_a.requires_grad or frozen_b.requires_grad:
+            raise ValueError("salr.ops.sparse_lowrank_gemm: frozen_adapter tensors must not require a gradient "
+                             "(pass a trainable adapter as adapter_a / adapter_b)")
+        if adapter_a is None or adapter_b is None:
+            adapter_a, adapter_b = frozen_a, frozen_b
+        elif (native_available() and not torch.compiler.is_compiling()
+              and _needs_autograd(x, values, adapter_a, adapter_b, bias)):
+            return _meta.FrozenPrefixGemm.apply(x, bitmap, values, offsets, out_features, in_features, frozen_a,
+                                                frozen_b, adapter_a, adapter_b, bias, scales)
+        else:
+            adapter_a, adapter_b = torch.cat((frozen_a, adapter_a), 0), torch.cat((frozen_b, adapter_b), 1)
     if native_available():
         op = torch.ops.salr.sparse_lowrank_gemm.default
         if _needs_autograd(x, values, adapter_a, adapter_b, bias):

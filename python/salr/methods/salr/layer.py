@@ -10,9 +10,10 @@ one call of ``salr.ops.sparse_lowrank_gemm``; (its settings are :class:`~salr.me
 * LoRA ``lora_a`` [r, K] (Kaiming-uniform, a=√5), ``lora_b`` [N, r] (zeros), as PEFT initialises them,
   so a fresh module computes exactly the base + SVD output.
 * Forward: the adapters are concatenated, ``adapter_a = [A_svd; A_lora]`` and
-  ``adapter_b = [B_svd, s·B_lora]``, and passed to ONE ``sparse_lowrank_gemm`` call. With LoRA
-  dropout active (training and dropout > 0) the LoRA branch must see a dropped-out x that the base
-  and SVD branches must not, so the op then carries base + SVD and the LoRA term
+  ``adapter_b = [B_svd, s·B_lora]``, and passed to ONE ``sparse_lowrank_gemm`` call (a frozen SVD
+  adapter as its ``frozen_adapter``: the backward then forms no gradient products for its ranks).
+  With LoRA dropout active (training and dropout > 0) the LoRA branch must see a dropped-out x that
+  the base and SVD branches must not, so the op then carries base + SVD and the LoRA term
   ``s·(drop(x)·A_loraᵀ)·B_loraᵀ`` is added separately; in eval mode (or dropout 0) it is one call.
 * Compute dtype: the base's dtype (for an int8 base, the `dtype` the layer was built with). x,
   adapters and bias are cast to it, the output back to x's dtype.
@@ -212,21 +213,29 @@ class SALRLinear(BitmapLinear):
         """(A_lora, B_lora) as the forward uses them, unscaled (SALORLinear masks them here)."""
         return self.lora_a, self.lora_b
 
-    def _adapters(self, dtype: torch.dtype, with_lora: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _adapters(self, dtype: torch.dtype, with_lora: bool
+                  ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None, torch.Tensor | None]:
+        """(frozen, adapter_a, adapter_b) for the op: a frozen SVD adapter goes in `frozen` (stacked
+        first by the op, which then forms no gradient products for it), a trainable one in front of
+        the LoRA."""
         params = self._parameters
-        a_parts, b_parts = [], []
+        frozen, a_parts, b_parts = None, [], []
         if params["svd_a"] is not None:
-            a_parts.append(_cast(params["svd_a"], dtype))
-            b_parts.append(_cast(params["svd_b"], dtype))
+            svd_a, svd_b = _cast(params["svd_a"], dtype), _cast(params["svd_b"], dtype)
+            if svd_a.requires_grad or svd_b.requires_grad:
+                a_parts.append(svd_a)
+                b_parts.append(svd_b)
+            else:
+                frozen = (svd_a, svd_b)
         if with_lora and params["lora_a"] is not None:
             lora_a, lora_b = self._lora_factors()
             a_parts.append(_cast(lora_a, dtype))
             b_parts.append((lora_b * self.scale).to(dtype))
         if not a_parts:
-            return None, None
+            return frozen, None, None
         if len(a_parts) == 1:
-            return a_parts[0], b_parts[0]
-        return torch.cat(a_parts, 0), torch.cat(b_parts, 1)
+            return frozen, a_parts[0], b_parts[0]
+        return frozen, torch.cat(a_parts, 0), torch.cat(b_parts, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Tensors are read from the module's dicts once: each nn.Module attribute read of a buffer or
@@ -235,9 +244,10 @@ class SALRLinear(BitmapLinear):
         dtype = self.compute_dtype
         xc = _cast(x, dtype)
         separate_lora = self._parameters["lora_a"] is not None and self.training and self.dropout > 0
-        a, b = self._adapters(dtype, with_lora=not separate_lora)
+        frozen, a, b = self._adapters(dtype, with_lora=not separate_lora)
         y = ops.sparse_lowrank_gemm(xc, buffers["bitmap"], buffers["values"], buffers["offsets"], self.out_features,
-                                    self.in_features, a, b, _cast(buffers["bias"], dtype), scales=buffers["scales"])
+                                    self.in_features, a, b, _cast(buffers["bias"], dtype), scales=buffers["scales"],
+                                    frozen_adapter=frozen)
         if separate_lora:
             lora_a, lora_b = self._lora_factors()
             y = y + (self.lora_dropout(xc) @ lora_a.to(dtype).t()) @ (lora_b * self.scale).to(dtype).t()
