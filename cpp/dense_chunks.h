@@ -108,28 +108,37 @@ void for_each_decoded_chunk(const char* op, const kernels::SparseWeightView& vie
       });
 }
 
+// Folding the adapter into an fp32 chunk (W_c += B_c·A: chunk rows × R × K multiply-adds, N·R·K for
+// the call) costs less than applying it to the activations (M·R·(K + N): x·Aᵀ then ·Bᵀ, or dy·B then
+// ·A) once M·(K + N) > N·K: a training batch (M = 1024 at 576×576: 3.6× fewer). Only fp32 chunks: in
+// a 16-bit chunk W + B·A would be rounded to 8 or 11 bits before the GEMM.
+// (Never with K = 0: there x·Aᵀ·Bᵀ still reads B, and 0·NaN in B must reach y as in the reference.)
+inline bool adapter_fold_pays(const CheckedAdapter& adapter, int64_t m, int64_t rows, int64_t cols) {
+  return adapter.rank > 0 && cols > 0 && m * (cols + rows) > rows * cols;
+}
+
+// w_chunk (rows [r0, r1) of the weight, this call's scratch, decoded afresh for every chunk) += B_c·A;
+// `a_f32` caches A in fp32 across the chunks of one call.
+inline void fold_adapter(const at::Tensor& w_chunk, const CheckedAdapter& adapter, int64_t r0, int64_t r1,
+                         at::Tensor& a_f32) {
+  if (!a_f32.defined()) a_f32 = adapter.a.to(at::kFloat);
+  at::Tensor w = w_chunk;
+  w.addmm_(adapter.b.narrow(0, r0, r1 - r0).to(at::kFloat), a_f32);
+}
+
 // y[:, chunk rows] = x · W_chunkᵀ (+ T · B_chunkᵀ + bias) for every chunk that for_each_chunk(fn)
 // hands to fn(row_begin, row_end, w_chunk): the large-M path of sparse_lowrank_gemm, float or int8.
 // The GEMM runs in the chunks' dtype (fp32 where dense_gemm_dtype widened them).
 template <typename ForEachChunk>
 void chunked_lowrank_gemm(ForEachChunk&& for_each_chunk, const at::Tensor& x2d, const CheckedAdapter& adapter,
                           const std::optional<at::Tensor>& bias, at::Tensor& y) {
-  // Folding the adapter into an fp32 chunk (W_c += B_c·A: chunk rows × R × K multiply-adds, N·R·K
-  // for the call) costs less than applying it to the activations (T = x·Aᵀ, then T·Bᵀ: M·R·(K + N))
-  // once M·(K + N) > N·K: a training batch (M = 1024 at 576×576: 3.6× fewer). Only fp32 chunks: in a
-  // 16-bit chunk W + B·A would be rounded to 8 or 11 bits before the GEMM.
-  const int64_t m = x2d.size(0), rows = y.size(1), cols = x2d.size(1);
-  const bool fold_pays = adapter.rank > 0 && m * (cols + rows) > rows * cols;
+  const bool fold_pays = adapter_fold_pays(adapter, x2d.size(0), y.size(1), x2d.size(1));
   at::Tensor t, a_f32, x_gemm;
   for_each_chunk([&](int64_t r0, int64_t r1, const at::Tensor& w_chunk) {
     if (!x_gemm.defined()) x_gemm = x2d.to(w_chunk.scalar_type());
     at::Tensor y_chunk = y.narrow(1, r0, r1 - r0);
     const bool fold = fold_pays && w_chunk.scalar_type() == at::kFloat;
-    if (fold) {
-      if (!a_f32.defined()) a_f32 = adapter.a.to(at::kFloat);
-      at::Tensor w_mut = w_chunk;  // the chunk is this call's scratch, decoded afresh for every chunk
-      w_mut.addmm_(adapter.b.narrow(0, r0, r1 - r0).to(at::kFloat), a_f32);
-    }
+    if (fold) fold_adapter(w_chunk, adapter, r0, r1, a_f32);
     const bool adapter_in_epilogue = adapter.rank > 0 && !fold;
     if (!adapter_in_epilogue && w_chunk.scalar_type() == y.scalar_type()) {
       // Straight into y's columns (BLAS writes a row-major block with y's row stride): no temporary
@@ -151,6 +160,32 @@ void chunked_lowrank_gemm(ForEachChunk&& for_each_chunk, const at::Tensor& x2d, 
     if (bias.has_value()) acc.add_(bias->narrow(0, r0, r1 - r0).to(at::kFloat));
     y_chunk.copy_(acc);
   });
+}
+
+// dx = dy · (W + B·A) in fp32 over the fp32 chunks for_each_chunk(fn) hands to fn(row_begin,
+// row_end, w_chunk): the large-M path of sparse_gemm_transposed, float or int8.
+template <typename ForEachChunk>
+at::Tensor chunked_transposed_gemm(ForEachChunk&& for_each_chunk, const at::Tensor& dy2d, int64_t cols,
+                                   const CheckedAdapter& adapter) {
+  const int64_t m = dy2d.size(0), rows = dy2d.size(1);
+  const bool fold = adapter_fold_pays(adapter, m, rows, cols);
+  at::Tensor acc = at::zeros({m, cols}, dy2d.options().dtype(at::kFloat));
+  const at::Tensor dy32 = dy2d.to(at::kFloat);
+  at::Tensor a_f32;
+  for_each_chunk([&](int64_t r0, int64_t r1, const at::Tensor& w_chunk) {
+    if (fold) fold_adapter(w_chunk, adapter, r0, r1, a_f32);
+    acc.addmm_(dy32.narrow(1, r0, r1 - r0), w_chunk);
+  });
+  if (adapter.rank > 0 && !fold) acc.addmm_(at::mm(dy32, adapter.b.to(at::kFloat)), adapter.a.to(at::kFloat));
+  return acc;
+}
+
+// dx += (dy·B)·A, summed in fp32 and rounded once more into dx's dtype: the adapter term of the
+// small-M transposed product, whose sparse part the kernels wrote into dx.
+inline void add_adapter_x_gradient(const at::Tensor& dy2d, const CheckedAdapter& adapter, at::Tensor& dx) {
+  if (adapter.rank == 0) return;
+  const at::Tensor t = at::mm(dy2d.to(at::kFloat), adapter.b.to(at::kFloat));
+  dx.copy_(at::addmm(dx.to(at::kFloat), t, adapter.a.to(at::kFloat)));
 }
 
 }  // namespace salr

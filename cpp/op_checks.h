@@ -62,20 +62,10 @@ inline void check_scales(const char* op, const std::optional<at::Tensor>& scales
   SALR_CHECK(s.is_contiguous(), op, "scales must be contiguous");
 }
 
-// salr.sparse_lowrank_gemm: x [..., cols], adapter_a [R, cols] with adapter_b [rows, R], bias [rows].
-inline CheckedAdapter check_sparse_lowrank_gemm_args(const char* op, const at::Tensor& x, const at::Tensor& bitmap,
-                                                     const at::Tensor& values, const at::Tensor& offsets,
-                                                     int64_t rows, int64_t cols,
-                                                     const std::optional<at::Tensor>& adapter_a,
-                                                     const std::optional<at::Tensor>& adapter_b,
-                                                     const std::optional<at::Tensor>& bias,
-                                                     const std::optional<at::Tensor>& scales) {
-  check_bitmap_weight(op, bitmap, values, offsets, rows, cols);
-  check_scales(op, scales, values, rows, cols);
-  check_same_device(op, "x", x, values);
-  const at::ScalarType act = check_activation_dtype(op, "x", x, values);
-  SALR_CHECK(x.dim() >= 1 && x.size(-1) == cols, op, "x must have shape [..., ", cols, "] (in_features), got ",
-             x.sizes());
+// adapter_a [R, cols] with adapter_b [rows, R], both or neither, in the activations' dtype `act`.
+inline CheckedAdapter check_adapter(const char* op, const std::optional<at::Tensor>& adapter_a,
+                                    const std::optional<at::Tensor>& adapter_b, const at::Tensor& values,
+                                    at::ScalarType act, int64_t rows, int64_t cols) {
   SALR_CHECK(adapter_a.has_value() == adapter_b.has_value(), op,
              "adapter_a and adapter_b must be given together (got only ",
              adapter_a.has_value() ? "adapter_a" : "adapter_b", ")");
@@ -94,6 +84,24 @@ inline CheckedAdapter check_sparse_lowrank_gemm_args(const char* op, const at::T
                a.size(0), "] to match adapter_a, got ", b.sizes());
     adapter = {a, b.contiguous(), a.size(0)};
   }
+  return adapter;
+}
+
+// salr.sparse_lowrank_gemm: x [..., cols], adapter_a [R, cols] with adapter_b [rows, R], bias [rows].
+inline CheckedAdapter check_sparse_lowrank_gemm_args(const char* op, const at::Tensor& x, const at::Tensor& bitmap,
+                                                     const at::Tensor& values, const at::Tensor& offsets,
+                                                     int64_t rows, int64_t cols,
+                                                     const std::optional<at::Tensor>& adapter_a,
+                                                     const std::optional<at::Tensor>& adapter_b,
+                                                     const std::optional<at::Tensor>& bias,
+                                                     const std::optional<at::Tensor>& scales) {
+  check_bitmap_weight(op, bitmap, values, offsets, rows, cols);
+  check_scales(op, scales, values, rows, cols);
+  check_same_device(op, "x", x, values);
+  const at::ScalarType act = check_activation_dtype(op, "x", x, values);
+  SALR_CHECK(x.dim() >= 1 && x.size(-1) == cols, op, "x must have shape [..., ", cols, "] (in_features), got ",
+             x.sizes());
+  const CheckedAdapter adapter = check_adapter(op, adapter_a, adapter_b, values, act, rows, cols);
   if (bias.has_value()) {
     check_same_device(op, "bias", *bias, values);
     check_dtype(op, "bias", *bias, act);
@@ -103,16 +111,21 @@ inline CheckedAdapter check_sparse_lowrank_gemm_args(const char* op, const at::T
   return adapter;
 }
 
-// salr.sparse_gemm_transposed: grad_out [..., rows] in the weight's dtype (any float with int8 values).
-inline void check_sparse_gemm_transposed_args(const char* op, const at::Tensor& grad_out, const at::Tensor& bitmap,
-                                              const at::Tensor& values, const at::Tensor& offsets, int64_t rows,
-                                              int64_t cols, const std::optional<at::Tensor>& scales) {
+// salr.sparse_gemm_transposed: grad_out [..., rows] in the weight's dtype (any float with int8 values),
+// adapters as sparse_lowrank_gemm's.
+inline CheckedAdapter check_sparse_gemm_transposed_args(const char* op, const at::Tensor& grad_out,
+                                                        const at::Tensor& bitmap, const at::Tensor& values,
+                                                        const at::Tensor& offsets, int64_t rows, int64_t cols,
+                                                        const std::optional<at::Tensor>& scales,
+                                                        const std::optional<at::Tensor>& adapter_a,
+                                                        const std::optional<at::Tensor>& adapter_b) {
   check_bitmap_weight(op, bitmap, values, offsets, rows, cols);
   check_scales(op, scales, values, rows, cols);
   check_same_device(op, "grad_out", grad_out, values);
-  check_activation_dtype(op, "grad_out", grad_out, values);
+  const at::ScalarType act = check_activation_dtype(op, "grad_out", grad_out, values);
   SALR_CHECK(grad_out.dim() >= 1 && grad_out.size(-1) == rows, op, "grad_out must have shape [..., ", rows,
              "] (out_features), got ", grad_out.sizes());
+  return check_adapter(op, adapter_a, adapter_b, values, act, rows, cols);
 }
 
 // salr.sampled_gemm: left [T, rows] and right [T, cols] of one float dtype.

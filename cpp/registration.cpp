@@ -15,10 +15,12 @@ TORCH_LIBRARY(salr, m) {
       "sparse_lowrank_gemm(Tensor x, Tensor bitmap, Tensor values, Tensor offsets, "
       "SymInt out_features, SymInt in_features, Tensor? adapter_a=None, Tensor? adapter_b=None, "
       "Tensor? bias=None, Tensor? scales=None) -> Tensor");
-  // dx = dy·W_s: dy [..., out_features] -> dx [..., in_features] (the x-gradient); scales as above
+  // dx = dy·(W_s + adapter_b·adapter_a): dy [..., out_features] -> dx [..., in_features], the x-gradient
+  // of sparse_lowrank_gemm with the same adapters (optional, shapes as there); scales as above
   m.def(
       "sparse_gemm_transposed(Tensor grad_out, Tensor bitmap, Tensor values, Tensor offsets, "
-      "SymInt out_features, SymInt in_features, Tensor? scales=None) -> Tensor");
+      "SymInt out_features, SymInt in_features, Tensor? scales=None, Tensor? adapter_a=None, "
+      "Tensor? adapter_b=None) -> Tensor");
   // (leftᵀ·right) at the bitmap's nonzeros, shaped and typed like values: left [T, out_features],
   // right [T, in_features]. The values-gradient (left=dy, right=x) and LoSA's masked B·A.
   m.def(

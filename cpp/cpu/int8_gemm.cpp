@@ -95,17 +95,14 @@ void int8_lowrank_gemm_cpu(const char* op, const at::Tensor& x2d, const at::Tens
 
 at::Tensor int8_gemm_transposed_cpu(const char* op, const at::Tensor& dy2d, const at::Tensor& bitmap,
                                     const at::Tensor& values, const at::Tensor& offsets, int64_t rows, int64_t cols,
-                                    const at::Tensor& scales) {
+                                    const at::Tensor& scales, const CheckedAdapter& adapter) {
   const int64_t m = dy2d.size(0);
   const kernels::Int8WeightView view = int8_weight_view(bitmap, values, offsets, rows, cols, scales);
   const at::ScalarType dtype = dy2d.scalar_type();
   if (m >= dense_crossover_rows()) {
-    at::Tensor acc = at::zeros({m, cols}, dy2d.options().dtype(at::kFloat));
-    const at::Tensor dy_f = dy2d.to(at::kFloat);
     // Dequantized into fp32 directly: the fp32 GEMM then reads each weight with one rounding (the scale).
-    for_each_dequantized_chunk(op, view, at::kFloat, [&](int64_t r0, int64_t r1, const at::Tensor& w_chunk) {
-      acc.addmm_(dy_f.narrow(1, r0, r1 - r0), w_chunk);
-    });
+    const at::Tensor acc = chunked_transposed_gemm(
+        [&](auto&& fn) { for_each_dequantized_chunk(op, view, at::kFloat, fn); }, dy2d, cols, adapter);
     return acc.to(dtype);
   }
   at::Tensor dx = at::empty({m, cols}, dy2d.options());
@@ -114,6 +111,7 @@ at::Tensor int8_gemm_transposed_cpu(const char* op, const at::Tensor& dy2d, cons
   const kernels::Int8KernelTable& table = selected_int8_kernels(op);
   parallel_checked(op, format::groups_per_band(cols), 1, cols,
                    [&](int64_t g0, int64_t g1) { return table.gemm_transposed(args, g0, g1); });
+  add_adapter_x_gradient(dy2d, adapter, dx);
   return dx;
 }
 

@@ -19,9 +19,9 @@ void int8_lowrank_gemm_cpu(const char* op, const at::Tensor& x2d, const at::Tens
                            const at::Tensor& offsets, int64_t rows, int64_t cols, const at::Tensor& scales,
                            const CheckedAdapter& adapter, const std::optional<at::Tensor>& bias, at::Tensor& y);
 
-// dy2d [m, rows] (inner stride 1) · W -> dx [m, cols] in dy's dtype; m, rows, cols >= 1.
+// dy2d [m, rows] (inner stride 1) · (W + B·A) -> dx [m, cols] in dy's dtype; m, rows, cols >= 1.
 at::Tensor int8_gemm_transposed_cpu(const char* op, const at::Tensor& dy2d, const at::Tensor& bitmap,
                                     const at::Tensor& values, const at::Tensor& offsets, int64_t rows, int64_t cols,
-                                    const at::Tensor& scales);
+                                    const at::Tensor& scales, const CheckedAdapter& adapter);
 
 }  // namespace salr

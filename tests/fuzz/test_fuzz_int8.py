@@ -17,7 +17,7 @@ import salr
 from salr import reference
 from fuzz_cases import (DTYPES, FUZZ_SETTINGS, LAYOUTS, densities, env, extents, fills, finite_abs, lay_out,
                         lead_dims, materialize, sparse_product)
-from test_fuzz_ops import (DEFAULT_DENSE_CROSSOVER, adapter_and_bias_allowance, assert_admissible, flat,
+from test_fuzz_ops import (DEFAULT_DENSE_CROSSOVER, adapter_and_bias_allowance, assert_admissible, flat, folded_readings,
                            gemm_readings, overflow_limit, torch_gemm_readings)
 
 pytestmark = pytest.mark.skipif(not salr.native_available(), reason=salr.native_error() or "")
@@ -80,7 +80,7 @@ def test_sparse_lowrank_gemm_int8(isa, case):
     w = reference.dequantize(q, scales, torch.float64)
     readings = [gemm_readings(x2, w, a, b, bias, bitmap, offsets)]
     if dense_path or x2.shape[0] >= DEFAULT_DENSE_CROSSOVER[dtype]:
-        readings += torch_gemm_readings(flat(x), w, a, b, bias)
+        readings += torch_gemm_readings(flat(x), w, a, b, bias) + folded_readings(flat(x), w, a, b, bias)
     magnitude, absolute, may_overflow = adapter_and_bias_allowance(x2, a, b, bias, finite_abs(x2) @ w.abs().T)
     unscaled = finite_abs(x2) @ q.double().abs().T
     may_overflow |= (magnitude > overflow_limit(dtype)) | (unscaled > overflow_limit(torch.float32))

@@ -150,6 +150,22 @@ def torch_gemm_readings(x, w, a, b, bias):
     return readings
 
 
+def folded_readings(lhs, w, a, b, bias):
+    """The decode + dense-GEMM paths fold the adapter into an fp32 weight chunk when that is cheaper
+    (cpp/dense_chunks.h): lhs·(W + B·A)ᵀ with W + B·A formed in fp32 as the op forms it, so where B·A
+    overflows fp32, or meets a non-finite weight, that association's result is what comes out (in
+    float64 and through torch's fp32 GEMM, as torch_gemm_readings)."""
+    if a is None or w.shape[1] == 0:
+        return []
+    w_eff = torch.addmm(w.float(), b.float(), a.float())
+    readings = []
+    for y in (lhs.double() @ w_eff.double().T, torch.nn.functional.linear(lhs.float(), w_eff).double()):
+        if bias is not None:
+            y = y + bias.double()
+        readings.append((y, y))
+    return readings
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @FUZZ_SETTINGS
 @given(case=gemm_cases())
@@ -166,7 +182,7 @@ def test_sparse_lowrank_gemm(isa, case):
         readings.append(gemm_readings(flush_subnormals(x2.to(dtype)).double(), flush_subnormals(dense).double(),
                                       a, b, bias, bitmap, offsets))
     if dense_path or x2.shape[0] >= DEFAULT_DENSE_CROSSOVER[dtype]:
-        readings += torch_gemm_readings(flat(x), dense, a, b, bias)
+        readings += torch_gemm_readings(flat(x), dense, a, b, bias) + folded_readings(flat(x), dense, a, b, bias)
     magnitude, absolute, may_overflow = adapter_and_bias_allowance(x2, a, b, bias, finite_abs(x2) @ finite_abs(w).T)
     may_overflow |= magnitude > overflow_limit(dtype)
     assert_admissible(out, readings, magnitude, may_overflow, dtype, absolute)
@@ -199,32 +215,51 @@ def adapter_and_bias_allowance(x2, a, b, bias, magnitude):
 @st.composite
 def transposed_cases(draw):
     dtype, dense = draw(weights())
-    dy = materialize(draw(fills(dtype)), (*draw(lead_dims), dense.shape[0]), dtype)
-    return dtype, dense, lay_out(dy, draw(st.sampled_from(LAYOUTS))), draw(st.booleans())
+    rows, cols = dense.shape
+    dy = materialize(draw(fills(dtype)), (*draw(lead_dims), rows), dtype)
+    a = b = None
+    if draw(st.booleans()):  # the forward's adapters: dx = dy·(W + B·A)
+        rank = draw(st.one_of(st.integers(0, 8), st.integers(9, 64)))
+        a = lay_out(materialize(draw(fills(dtype)), (rank, cols), dtype), draw(st.sampled_from(LAYOUTS[:3])))
+        b = lay_out(materialize(draw(fills(dtype)), (rows, rank), dtype), draw(st.sampled_from(LAYOUTS[:3])))
+    return dtype, dense, lay_out(dy, draw(st.sampled_from(LAYOUTS))), a, b, draw(st.booleans())
+
+
+def transposed_readings(dy2, w, a, b, bitmap, offsets):
+    """(dense, sparse) float64 results of dy·(W + B·A): the reference op, and the product skipping
+    pruned weights (the adapter term (dy·B)·A in both)."""
+    rows, cols = w.shape
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    dense = reference.sparse_gemm_transposed(dy2, bitmap, reference.to_tiles(w)[reference.unpack_bitmap(bitmap)],
+                                             offsets, rows, cols, None, d(a), d(b))
+    sparse = sparse_product(dy2, w.T)
+    if a is not None:
+        sparse = sparse + (dy2 @ d(b)) @ d(a)
+    return dense, sparse
 
 
 @pytest.mark.parametrize("isa", ISAS)
 @FUZZ_SETTINGS
 @given(case=transposed_cases())
 def test_sparse_gemm_transposed(isa, case):
-    dtype, dense, dy, dense_path = case
+    dtype, dense, dy, a, b, dense_path = case
     rows, cols = dense.shape
     bitmap, values, offsets = torch.ops.salr.bitmap_encode(dense)
     with env(SALR_CPU_ISA=isa, SALR_CPU_DENSE_CROSSOVER="1" if dense_path else None):
-        out = torch.ops.salr.sparse_gemm_transposed(dy, bitmap, values, offsets, rows, cols)
+        out = torch.ops.salr.sparse_gemm_transposed(dy, bitmap, values, offsets, rows, cols, None, a, b)
     assert out.shape == (*dy.shape[:-1], cols) and out.dtype == dtype
     out, dy2, w = flat(out), flat(dy).double(), dense.double()
-
-    def readings(dy_r, w_r):
-        ref = reference.sparse_gemm_transposed(dy_r, bitmap, reference.to_tiles(w_r)[reference.unpack_bitmap(bitmap)],
-                                               offsets, rows, cols)
-        return ref, sparse_product(dy_r, w_r.T)
-
-    cases = [readings(dy2, w)]
+    cases = [transposed_readings(dy2, w, a, b, bitmap, offsets)]
     if dtype == torch.bfloat16:
-        cases.append(readings(flush_subnormals(dy2.to(dtype)).double(), flush_subnormals(dense).double()))
-    magnitude = finite_abs(dy2) @ finite_abs(w)
-    assert_admissible(out, cases, magnitude, magnitude > overflow_limit(dtype), dtype)
+        cases.append(transposed_readings(flush_subnormals(dy2.to(dtype)).double(), flush_subnormals(dense).double(),
+                                         a, b, bitmap, offsets))
+    if dense_path or dy2.shape[0] >= DEFAULT_DENSE_CROSSOVER[torch.bfloat16]:  # 64 for every dtype here
+        cases += folded_readings(flat(dy), w.T, None if a is None else b.T, None if a is None else a.T, None)
+    # The adapter term's fp32 intermediate is t = dy·B: the forward's rights with (Bᵀ, Aᵀ) for (A, B).
+    magnitude, absolute, may_overflow = adapter_and_bias_allowance(
+        dy2, None if a is None else b.T, None if a is None else a.T, None, finite_abs(dy2) @ finite_abs(w))
+    may_overflow |= magnitude > overflow_limit(dtype)
+    assert_admissible(out, cases, magnitude, may_overflow, dtype, absolute)
 
 
 # ---- sampled_gemm ----------------------------------------------------------------------------

@@ -56,6 +56,14 @@ def test_mismatched_shapes(weight):
         gemm(x, *weight, bias=torch.zeros(ROWS + 1))
     with pytest.raises(RuntimeError, match=r"sparse_gemm_transposed: grad_out must have shape \[\.\.\., 20\]"):
         torch.ops.salr.sparse_gemm_transposed(torch.randn(2, ROWS + 1), *weight, ROWS, COLS)
+    dy = torch.randn(2, ROWS)
+    with pytest.raises(RuntimeError, match=r"sparse_gemm_transposed: adapter_b must have shape \[20, 4\]"):
+        torch.ops.salr.sparse_gemm_transposed(dy, *weight, ROWS, COLS, None, torch.randn(4, COLS), torch.randn(ROWS, 5))
+    with pytest.raises(RuntimeError, match=r"sparse_gemm_transposed: adapter_a and adapter_b must be given together"):
+        torch.ops.salr.sparse_gemm_transposed(dy, *weight, ROWS, COLS, None, torch.randn(4, COLS), None)
+    with pytest.raises(RuntimeError, match=r"sparse_gemm_transposed: adapter_a must have dtype Float, got Double"):
+        torch.ops.salr.sparse_gemm_transposed(dy, *weight, ROWS, COLS, None, torch.randn(4, COLS).double(),
+                                              torch.randn(ROWS, 4))
     with pytest.raises(RuntimeError, match=r"sampled_gemm: right must have shape \[3, 70\]"):
         torch.ops.salr.sampled_gemm(torch.randn(3, ROWS), torch.randn(4, COLS), *weight, ROWS, COLS)
     with pytest.raises(RuntimeError, match=r"bitmap_decode: offsets must have 7 entries"):

@@ -111,11 +111,10 @@ def test_dense_path_over_several_chunks(dtype, monkeypatch):
     for m, rank, with_bias in [(64, 0, True), (64, 7, False), (470, 7, True)]:
         check_forward(*make_case(rows, cols, 0.5, dtype, m, rank, with_bias, ("chunks", dtype, m)), dtype)
     dense = random_sparse(rows, cols, 0.5, dtype, make_generator("chunks-t", dtype))
-    bitmap, values, offsets = ops.bitmap_encode(dense)
-    dy = torch.randn(64, rows, generator=make_generator("chunks-dy")).to(dtype)
-    out = ops.sparse_gemm_transposed(dy, bitmap, values, offsets, rows, cols)
-    ref = reference.sparse_gemm_transposed(dy.double(), bitmap, values.double(), offsets, rows, cols)
-    assert_matches_reference(out, ref, dy.double().abs() @ dense.double().abs(), dtype)
+    gen = make_generator("chunks-dy")
+    a, b = torch.randn(7, cols, generator=gen).to(dtype), (torch.randn(rows, 7, generator=gen) / 4).to(dtype)
+    for m, adapter in [(64, (None, None)), (64, (a, b)), (470, (a, b))]:  # the adapter folded at M = 470
+        check_transposed(dense, torch.randn(m, rows, generator=gen).to(dtype), *adapter, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -190,9 +189,22 @@ def test_transposed_product(isa, dtype, shape, density):
     bitmap, values, offsets = ops.bitmap_encode(dense)
     for m in KERNEL_ROWS + DENSE_PATH_ROWS[:1]:
         dy = torch.randn(m, rows, generator=make_generator("dy", m)).to(dtype)
-        out = ops.sparse_gemm_transposed(dy, bitmap, values, offsets, rows, cols)
-        ref = reference.sparse_gemm_transposed(dy.double(), bitmap, values.double(), offsets, rows, cols)
-        assert_matches_reference(out, ref, dy.double().abs() @ dense.double().abs(), dtype)
+        check_transposed(dense, dy, None, None, dtype)
+        # With the forward's adapters, dy·(W + B·A): kernel path, and at M = 64 the chunk path (the
+        # adapter folded into fp32 chunks where M·(K + N) > N·K, else added after the GEMM).
+        a = torch.randn(5, cols, generator=make_generator("ta", m)).to(dtype)
+        b = (torch.randn(rows, 5, generator=make_generator("tb", m)) / 4).to(dtype)
+        check_transposed(dense, dy, a, b, dtype)
+
+
+def check_transposed(dense, dy, a, b, dtype):
+    rows, cols = dense.shape
+    bitmap, values, offsets = ops.bitmap_encode(dense)
+    out = ops.sparse_gemm_transposed(dy, bitmap, values, offsets, rows, cols, adapter_a=a, adapter_b=b)
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    ref = reference.sparse_gemm_transposed(dy.double(), bitmap, values.double(), offsets, rows, cols, None, d(a), d(b))
+    weight_magnitude = dense.double().abs() + (0 if a is None else b.double().abs() @ a.double().abs())
+    assert_matches_reference(out, ref, dy.double().abs() @ weight_magnitude, dtype)
 
 
 @pytest.mark.parametrize("density", [0.0, 0.5, 1.0])

@@ -149,6 +149,14 @@ def test_transposed_product(isa, dtype, shape, density):
             out = ops.sparse_gemm_transposed(dy, bitmap, values, offsets, rows, cols, scales=scales)
             ref = reference.sparse_gemm_transposed(dy.double(), bitmap, values, offsets, rows, cols, scales)
             assert_matches_reference(out, ref, dy.double().abs() @ dequantized(q, scales).abs(), dtype)
+            # With the adapters of the forward: dy·(W + B·A), the kernel path and the (folded) chunk path.
+            a, b = torch.randn(3, cols, generator=gen).to(dtype), (torch.randn(rows, 3, generator=gen) / 4).to(dtype)
+            out = ops.sparse_gemm_transposed(dy, bitmap, values, offsets, rows, cols, scales=scales, adapter_a=a,
+                                             adapter_b=b)
+            ref = reference.sparse_gemm_transposed(dy.double(), bitmap, values, offsets, rows, cols, scales, a.double(),
+                                                   b.double())
+            magnitude = dy.double().abs() @ (dequantized(q, scales).abs() + b.double().abs() @ a.double().abs())
+            assert_matches_reference(out, ref, magnitude, dtype)
 
 
 def test_zero_sized_weights(isa):

@@ -113,6 +113,7 @@ def test_opcheck_int8(dtype, per_group):
          (x.clone().requires_grad_(), bitmap, values, offsets, ROWS, COLS, a.clone().requires_grad_(),
           b.clone().requires_grad_(), bias.clone().requires_grad_(), scales)),
         (salr_ops.sparse_gemm_transposed.default, (grad, bitmap, values, offsets, ROWS, COLS, scales)),
+        (salr_ops.sparse_gemm_transposed.default, (grad, bitmap, values, offsets, ROWS, COLS, scales, a, b)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)

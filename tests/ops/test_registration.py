@@ -33,6 +33,8 @@ def test_opcheck_every_op(dtype):
           a.requires_grad_(), b.requires_grad_(), bias.requires_grad_())),
         (salr_ops.sparse_lowrank_gemm.default, (x[0, 0:1].detach(), bitmap, values, offsets, rows, cols, None, None, None)),
         (salr_ops.sparse_gemm_transposed.default, (grad, bitmap, values, offsets, rows, cols)),
+        (salr_ops.sparse_gemm_transposed.default,
+         (grad, bitmap, values, offsets, rows, cols, None, a.detach(), b.detach())),
         (salr_ops.sampled_gemm.default, (grad, torch.randn(5, cols).to(dtype), bitmap, values, offsets, rows, cols)),
     ]
     for op, args in cases:

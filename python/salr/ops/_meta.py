@@ -51,9 +51,10 @@ def _register() -> None:
         return x.new_empty((*x.shape[:-1], out_features))
 
     @torch.library.register_fake("salr::sparse_gemm_transposed")
-    def _gemm_t_fake(grad_out, bitmap, values, offsets, out_features, in_features, scales=None):
+    def _gemm_t_fake(grad_out, bitmap, values, offsets, out_features, in_features, scales=None, adapter_a=None,
+                     adapter_b=None):
         _check_one_device("sparse_gemm_transposed", grad_out=grad_out, bitmap=bitmap, values=values,
-                          offsets=offsets, scales=scales)
+                          offsets=offsets, scales=scales, adapter_a=adapter_a, adapter_b=adapter_b)
         _check_scales_given("sparse_gemm_transposed", values, scales)
         return grad_out.new_empty((*grad_out.shape[:-1], in_features))
 
@@ -100,17 +101,13 @@ def gemm_backward_products(impl, grad, x, bitmap, values, offsets, out_features,
     grad_2d = grad.reshape(-1, out_features)
     x_2d = x.reshape(-1, in_features)
     grad_x = grad_values = grad_a = grad_b = grad_bias = None
-    # dL/dT for every rank feeds the x-gradient; the A-gradient needs only the trainable ranks'.
-    grad_t = grad_2d @ adapter_b if adapter_a is not None and need_x else None
-    if need_x:
-        grad_x = impl.sparse_gemm_transposed(grad, bitmap, values, offsets, out_features, in_features, scales)
-        if grad_t is not None:
-            grad_x = grad_x + (grad_t @ adapter_a).reshape(grad_x.shape)
+    if need_x:  # dy·(W + B·A): the op folds the adapter into its decoded chunks when that is cheaper
+        grad_x = impl.sparse_gemm_transposed(grad, bitmap, values, offsets, out_features, in_features, scales,
+                                             adapter_a, adapter_b)
     if need_values and values.dtype != torch.int8:
         grad_values = impl.sampled_gemm(grad_2d, x_2d, bitmap, values, offsets, out_features, in_features)
     if need_a:
-        grad_t_trained = grad_t[:, frozen_rank:] if grad_t is not None else grad_2d @ adapter_b[:, frozen_rank:]
-        grad_a = grad_t_trained.T @ x_2d
+        grad_a = (grad_2d @ adapter_b[:, frozen_rank:]).T @ x_2d
     if need_b:
         grad_b = grad_2d.T @ (x_2d @ adapter_a[frozen_rank:].T)
     if need_bias and has_bias:

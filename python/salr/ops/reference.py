@@ -170,11 +170,17 @@ def sparse_lowrank_gemm(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Ten
 
 def sparse_gemm_transposed(grad_out: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor,
                            offsets: torch.Tensor, out_features: int, in_features: int,
-                           scales: torch.Tensor | None = None) -> torch.Tensor:
-    """dx = dy·W_s, computed in at least fp32, returned in dy's dtype."""
+                           scales: torch.Tensor | None = None, adapter_a: torch.Tensor | None = None,
+                           adapter_b: torch.Tensor | None = None) -> torch.Tensor:
+    """dx = dy·(W_s + adapter_b·adapter_a), computed in at least fp32, returned in dy's dtype."""
+    if (adapter_a is None) != (adapter_b is None):
+        raise ValueError("salr.sparse_gemm_transposed: adapter_a and adapter_b must be given together")
     compute = torch.promote_types(grad_out.dtype, torch.float32)
     weight = weight_in(compute, bitmap, values, offsets, out_features, in_features, scales, "sparse_gemm_transposed")
-    return (grad_out.to(compute) @ weight).to(grad_out.dtype)
+    dx = grad_out.to(compute) @ weight
+    if adapter_a is not None:
+        dx = dx + (grad_out.to(compute) @ adapter_b.to(compute)) @ adapter_a.to(compute)
+    return dx.to(grad_out.dtype)
 
 
 def sampled_gemm(left: torch.Tensor, right: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor,

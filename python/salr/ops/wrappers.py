@@ -101,12 +101,15 @@ def sparse_lowrank_gemm(x: Tensor, bitmap: Tensor, values: Tensor, offsets: Tens
 
 
 def sparse_gemm_transposed(grad_out: Tensor, bitmap: Tensor, values: Tensor, offsets: Tensor,
-                           out_features: int, in_features: int, *, scales: Tensor | None = None) -> Tensor:
-    """``dx = dy·W_s``: grad_out [..., N] -> [..., K] (the x-gradient of sparse_lowrank_gemm)."""
+                           out_features: int, in_features: int, *, scales: Tensor | None = None,
+                           adapter_a: Tensor | None = None, adapter_b: Tensor | None = None) -> Tensor:
+    """``dx = dy·(W_s + adapter_b·adapter_a)``: grad_out [..., N] -> [..., K], the x-gradient of
+    sparse_lowrank_gemm with the same (optional) adapters."""
     if native_available():
         return torch.ops.salr.sparse_gemm_transposed(grad_out, bitmap, values, offsets, out_features, in_features,
-                                                     scales)
-    return reference.sparse_gemm_transposed(grad_out, bitmap, values, offsets, out_features, in_features, scales)
+                                                     scales, adapter_a, adapter_b)
+    return reference.sparse_gemm_transposed(grad_out, bitmap, values, offsets, out_features, in_features, scales,
+                                            adapter_a, adapter_b)
 
 
 def sampled_gemm(left: Tensor, right: Tensor, bitmap: Tensor, values: Tensor, offsets: Tensor,
