@@ -9,6 +9,7 @@ weights are kept.
 
   python bench/finetune_speed.py --threads 2 --rounds 3 --steps 4
   python bench/finetune_speed.py --profile      # adds a torch.profiler table of one salr step
+  python bench/finetune_speed.py --per-linear   # one linear's forward + backward at SmolLM2's shapes
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import time
 
 import torch
 
@@ -39,6 +41,52 @@ def salr_model(model, rank: int, svd_rank: int):
     return model
 
 
+def per_linear(args) -> None:
+    """Forward + backward of one linear at M = batch · seq_len tokens (fp32, 50 % magnitude-pruned
+    random weight): dense F.linear + LoRA r against salr's op with the SVD adapter frozen (what
+    SALRLinear passes) and with every rank trainable (what a plain concatenation makes of it);
+    contenders interleaved call by call, medians."""
+    from salr import ops
+
+    gen = torch.Generator().manual_seed(0)
+    m = args.batch_size * args.seq_len
+    print(f"one linear, fp32, M = {m}, {torch.get_num_threads()} threads, LoRA r = {args.rank}, SVD r = "
+          f"{args.svd_rank}, 25 interleaved repeats, medians (ms, forward + backward)")
+    print("| N×K | dense + LoRA | salr, SVD frozen | salr, every rank trainable | dense + LoRA / salr frozen |")
+    print("|---|---|---|---|---|")
+    for n, k in [(576, 576), (192, 576), (1536, 576), (576, 1536)]:
+        w = torch.randn(n, k, generator=gen)
+        w[torch.rand(n, k, generator=gen) < 0.5] = 0
+        bitmap, values, offsets = ops.bitmap_encode(w)
+        x0, grad = torch.randn(m, k, generator=gen), torch.randn(m, n, generator=gen)
+        a_svd = torch.randn(args.svd_rank, k, generator=gen) / 10
+        b_svd = torch.randn(n, args.svd_rank, generator=gen) / 10
+        a = (torch.randn(args.rank, k, generator=gen) / 10).requires_grad_()
+        b = (torch.randn(n, args.rank, generator=gen) / 10).requires_grad_()
+
+        def dense_lora(x):
+            return torch.nn.functional.linear(x, w) + (x @ a.T) @ b.T
+
+        def salr_frozen(x):
+            return ops.sparse_lowrank_gemm(x, bitmap, values, offsets, n, k, a, b, frozen_adapter=(a_svd, b_svd))
+
+        def salr_trainable(x):
+            return ops.sparse_lowrank_gemm(x, bitmap, values, offsets, n, k, torch.cat((a_svd, a)),
+                                           torch.cat((b_svd, b), 1))
+
+        contenders = [dense_lora, salr_frozen, salr_trainable]
+        times = {f: [] for f in contenders}
+        for repeat in range(26):
+            for f in contenders:
+                x = x0.clone().requires_grad_()
+                start = time.perf_counter()
+                f(x).backward(grad)
+                if repeat:  # the first round warms the allocator and the decode scratch
+                    times[f].append(1e3 * (time.perf_counter() - start))
+        dense_ms, frozen_ms, trainable_ms = (statistics.median(times[f]) for f in contenders)
+        print(f"| {n}×{k} | {dense_ms:.1f} | {frozen_ms:.1f} | {trainable_ms:.1f} | {dense_ms / frozen_ms:.2f}× |")
+
+
 def trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -53,9 +101,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--per-linear", action="store_true", help="time one linear per SmolLM2 shape instead")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.per_linear:
+        return per_linear(args)
     base, tokenizer = assets.load_model("smollm2")
     splits = assets.text_splits(tokenizer)
     models = {"dense + PEFT LoRA": dense_with_peft_lora(copy.deepcopy(base), args.rank),
