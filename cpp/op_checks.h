@@ -87,6 +87,22 @@ inline CheckedAdapter check_adapter(const char* op, const std::optional<at::Tens
   return adapter;
 }
 
+// The weight (with its scales) and the GEMM input `t` [..., width] (`what`: the weight side it
+// meets) on the weight's device; returns the activations' dtype.
+inline at::ScalarType check_weight_and_input(const char* op, const char* arg, const at::Tensor& t,
+                                             const at::Tensor& bitmap, const at::Tensor& values,
+                                             const at::Tensor& offsets, int64_t rows, int64_t cols,
+                                             const std::optional<at::Tensor>& scales, int64_t width,
+                                             const char* what) {
+  check_bitmap_weight(op, bitmap, values, offsets, rows, cols);
+  check_scales(op, scales, values, rows, cols);
+  check_same_device(op, arg, t, values);
+  const at::ScalarType act = check_activation_dtype(op, arg, t, values);
+  SALR_CHECK(t.dim() >= 1 && t.size(-1) == width, op, arg, " must have shape [..., ", width, "] (", what,
+             "), got ", t.sizes());
+  return act;
+}
+
 // salr.sparse_lowrank_gemm: x [..., cols], adapter_a [R, cols] with adapter_b [rows, R], bias [rows].
 inline CheckedAdapter check_sparse_lowrank_gemm_args(const char* op, const at::Tensor& x, const at::Tensor& bitmap,
                                                      const at::Tensor& values, const at::Tensor& offsets,
@@ -95,12 +111,8 @@ inline CheckedAdapter check_sparse_lowrank_gemm_args(const char* op, const at::T
                                                      const std::optional<at::Tensor>& adapter_b,
                                                      const std::optional<at::Tensor>& bias,
                                                      const std::optional<at::Tensor>& scales) {
-  check_bitmap_weight(op, bitmap, values, offsets, rows, cols);
-  check_scales(op, scales, values, rows, cols);
-  check_same_device(op, "x", x, values);
-  const at::ScalarType act = check_activation_dtype(op, "x", x, values);
-  SALR_CHECK(x.dim() >= 1 && x.size(-1) == cols, op, "x must have shape [..., ", cols, "] (in_features), got ",
-             x.sizes());
+  const at::ScalarType act = check_weight_and_input(op, "x", x, bitmap, values, offsets, rows, cols, scales, cols,
+                                                    "in_features");
   const CheckedAdapter adapter = check_adapter(op, adapter_a, adapter_b, values, act, rows, cols);
   if (bias.has_value()) {
     check_same_device(op, "bias", *bias, values);
@@ -119,12 +131,8 @@ inline CheckedAdapter check_sparse_gemm_transposed_args(const char* op, const at
                                                         const std::optional<at::Tensor>& scales,
                                                         const std::optional<at::Tensor>& adapter_a,
                                                         const std::optional<at::Tensor>& adapter_b) {
-  check_bitmap_weight(op, bitmap, values, offsets, rows, cols);
-  check_scales(op, scales, values, rows, cols);
-  check_same_device(op, "grad_out", grad_out, values);
-  const at::ScalarType act = check_activation_dtype(op, "grad_out", grad_out, values);
-  SALR_CHECK(grad_out.dim() >= 1 && grad_out.size(-1) == rows, op, "grad_out must have shape [..., ", rows,
-             "] (out_features), got ", grad_out.sizes());
+  const at::ScalarType act = check_weight_and_input(op, "grad_out", grad_out, bitmap, values, offsets, rows, cols,
+                                                    scales, rows, "out_features");
   return check_adapter(op, adapter_a, adapter_b, values, act, rows, cols);
 }
 
