@@ -172,9 +172,11 @@ def test_frozen_adapter_backward_skips_exactly_the_frozen_products():
     assert backward_flops(False) - backward_flops(True) == 4 * m * frozen_rank * (k + n)
 
 
-def test_frozen_adapter_that_requires_grad_is_refused():
+def test_frozen_adapter_misuse_is_refused():
     dense, x, (a_f, b_f), a, b, _, _ = _frozen_case(torch.float32, 2, make_generator("refuse"))
     bitmap, values, offsets = ops.bitmap_encode(dense)
+    with pytest.raises(ValueError, match="sparse_lowrank_gemm: adapter_a and adapter_b must be given together"):
+        ops.sparse_lowrank_gemm(x, bitmap, values, offsets, *dense.shape, a, None, frozen_adapter=(a_f, b_f))
     with pytest.raises(ValueError, match="sparse_lowrank_gemm: frozen_adapter"):
         ops.sparse_lowrank_gemm(x, bitmap, values, offsets, *dense.shape, a, b,
                                 frozen_adapter=(a_f.requires_grad_(), b_f))

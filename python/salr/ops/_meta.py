@@ -143,5 +143,6 @@ class FrozenPrefixGemm(torch.autograd.Function):
             frozen_rank=ctx.frozen_rank)
         return grad_x, None, grad_values, None, None, None, None, None, grad_a, grad_b, grad_bias, None
 
+
 if native_available():
     _register()

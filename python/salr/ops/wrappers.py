@@ -78,7 +78,9 @@ def sparse_lowrank_gemm(x: Tensor, bitmap: Tensor, values: Tensor, offsets: Tens
         if frozen_a.requires_grad or frozen_b.requires_grad:
             raise ValueError("salr.ops.sparse_lowrank_gemm: frozen_adapter tensors must not require a gradient "
                              "(pass a trainable adapter as adapter_a / adapter_b)")
-        if adapter_a is None or adapter_b is None:
+        if (adapter_a is None) != (adapter_b is None):
+            raise ValueError("salr.ops.sparse_lowrank_gemm: adapter_a and adapter_b must be given together")
+        if adapter_a is None:
             adapter_a, adapter_b = frozen_a, frozen_b
         elif (native_available() and not torch.compiler.is_compiling()
               and _needs_autograd(x, values, adapter_a, adapter_b, bias)):
