@@ -62,6 +62,10 @@ def quick_budget() -> steps.Budget:
                         train_batch=2, train_seq_len=32, lr=3e-3, warmup=1, svd_rank=4, lora_rank=4)
 
 
+# Budget fields a command line may change; one --out holds rows of one value of each.
+BUDGET_FLAGS = (("--train-steps", "train_steps"), ("--lora-rank", "lora_rank"))
+
+
 def lora_alpha(budget: steps.Budget) -> dict:
     """alpha = 2r at every --lora-rank (the budget's r = 16 -> 32, SALRConfig's default): the LoRA scale stays 2."""
     return {"lora_alpha": 2.0 * budget.lora_rank}
@@ -319,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     default = quick_budget() if args.quick else steps.Budget()
     budget = default
-    for flag, field in (("--train-steps", "train_steps"), ("--lora-rank", "lora_rank")):
+    for flag, field in BUDGET_FLAGS:
         value = getattr(args, field)
         if value is not None:
             if value < 1:
@@ -328,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for done in args.out.glob("*.json"):  # one table, one budget: a finished row of another budget is an error
         row = json.loads(done.read_text())
-        for flag, field in (("--train-steps", "train_steps"), ("--lora-rank", "lora_rank")):
+        for flag, field in BUDGET_FLAGS:
             done_value = row.get(field, getattr(default, field))
             if done_value != getattr(budget, field):
                 parser.error(f"--out {args.out}: {done.name} was run with {field} {done_value}, this run with "

@@ -32,15 +32,12 @@ at::Tensor sparse_gemm_transposed_cuda(const at::Tensor& grad_out, const at::Ten
   out_shape.back() = cols;
   const int64_t leading = c10::multiply_integers(grad_out.sizes().begin(), grad_out.sizes().end() - 1);
   const at::Tensor dy = grad_out.reshape({leading, rows});
-  if (leading == 0 || rows == 0 || cols == 0) {
-    at::Tensor dx = at::zeros({leading, cols}, grad_out.options());
-    // N = 0 still reads A: (dy·B)·A is 0·A, NaN where A is (as in the reference).
-    if (adapter.rank > 0 && leading > 0 && cols > 0) dx = at::addmm(dx, at::mm(dy, adapter.b), adapter.a);
-    return dx.view(out_shape);
-  }
-  const at::Tensor weight = dense_weight(bitmap, values, offsets, rows, cols, scales, grad_out.scalar_type());
-  if (adapter.rank == 0) return at::mm(dy, weight).view(out_shape);
-  return at::addmm(at::mm(dy, weight), at::mm(dy, adapter.b), adapter.a).view(out_shape);
+  const bool empty = leading == 0 || rows == 0 || cols == 0;
+  at::Tensor dx = empty ? at::zeros({leading, cols}, grad_out.options())
+                        : at::mm(dy, dense_weight(bitmap, values, offsets, rows, cols, scales, grad_out.scalar_type()));
+  // Also with N = 0: (dy·B)·A is then 0·A, NaN where A is (as in the reference).
+  if (adapter.rank > 0 && leading > 0 && cols > 0) dx = at::addmm(dx, at::mm(dy, adapter.b), adapter.a);
+  return dx.view(out_shape);
 }
 
 }  // namespace
