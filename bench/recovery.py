@@ -10,6 +10,8 @@ A recipe is a '+'-joined name:
                                  on the same budget (the dense + lora recipe's model, trained first:
                                  the plain dense teacher is itself above the goal)
                                  owl: OWL layer-wise ratios around the target
+                                 types: sparsity per projection type around each block's ratio
+                                 (salr.prune.type_allocation: q/k/o pruned harder, v and the MLP less)
   <criterion>+svd+salor        SALR with sparse LoRA factors (50 %, cubic ramp over the first half)
   <criterion>+svd+int8         SALR on an int8 base (per-row scales): Wanda rounds to nearest after
                                  pruning, SparseGPT folds the rounding into its column loop (issue 21);
@@ -48,12 +50,14 @@ from salr.io.saved_model import save
 from salr.methods.salr.layer import SALRLinear
 from salr.methods.salor.config import FactorSparsityConfig
 from salr.prune.masks import resolve_sparsity
+from salr.prune.owl import owl_block_sparsity
 from salr.prune.quantize import int8_scales
+from salr.prune.type_allocation import typed_layer_sparsity
 from salr.train import distill
 from salr.train.config import TrainConfig
 
 CRITERIA = ("wanda", "sparsegpt")
-SALR_EXTRAS = ("distill", "distill-lora", "owl", "salor", "int8")
+SALR_EXTRAS = ("distill", "distill-lora", "owl", "types", "salor", "int8")
 DENSE_LORA = {"sparsity": 0.0, "criterion": "magnitude", "svd_rank": 0}  # the baseline: LoRA on the dense weight
 
 
@@ -94,11 +98,13 @@ def parse_recipe(name: str) -> dict:
             and (target is None or target["pattern"] is None)):
         return {"kind": "losa", "layerwise": parts[1], "target": target}
     if (parts[0] in CRITERIA and parts[1:2] == ["svd"] and all(e in SALR_EXTRAS for e in extras)
-            and len(set(extras)) == len(extras) and not {"distill", "distill-lora"} <= set(extras)):
+            and len(set(extras)) == len(extras) and not {"distill", "distill-lora"} <= set(extras)
+            and not ("types" in extras and target is not None and target["pattern"] is not None)):
         return {"kind": "salr", "criterion": parts[0], "target": target,
                 **{e.replace("-", "_"): e in extras for e in SALR_EXTRAS}}
     raise ValueError(f"recipe {name!r}: expected dense+lora, losa+rmi[@S], losa+owl[@S] or "
-                     f"<{'|'.join(CRITERIA)}>+svd[+distill|+distill-lora][+owl][+salor][+int8][@S|@N:M]")
+                     f"<{'|'.join(CRITERIA)}>+svd[+distill|+distill-lora][+owl][+types][+salor][+int8][@S|@N:M] "
+                     f"(+types: unstructured targets only)")
 
 
 def target_label(row: dict) -> str:
@@ -128,6 +134,16 @@ def with_int8_adapters(model: torch.nn.Module) -> torch.nn.Module:
                 step = int8_scales(factor.float())[:, None]
                 factor.copy_((torch.round(factor.float() / step).clamp(-127, 127) * step).to(factor.dtype))
     return model
+
+
+def per_type_sparsity(model: torch.nn.Module, splits, budget: steps.Budget, target: float, owl: bool) -> dict:
+    """{linear: sparsity}: the per-type offsets around each block's ratio (OWL's, measured on the dense
+    model with the budget's calibration windows, or the target everywhere)."""
+    blocks = target
+    if owl:
+        calibration = splits.calibration_windows(budget.calib_windows, budget.calib_seq_len)
+        blocks = owl_block_sparsity(model, calibration, target, progress=False)
+    return typed_layer_sparsity(model, blocks)
 
 
 def trainable_params(model: torch.nn.Module) -> int:
@@ -167,6 +183,9 @@ def run_recipe(name: str, args: argparse.Namespace, budget: steps.Budget) -> dic
         else:
             options = {**target, "criterion": recipe["criterion"], "layerwise": "owl" if recipe["owl"] else "uniform",
                        "quantize": "int8" if recipe["int8"] else None}
+            if recipe["types"]:
+                options.update(sparsity=per_type_sparsity(model, splits, budget, target["sparsity"], recipe["owl"]),
+                               layerwise="uniform")
             if recipe["salor"]:
                 options["factor_config"] = FactorSparsityConfig(0.5, end_step=budget.train_steps // 2)
             if recipe["distill"]:

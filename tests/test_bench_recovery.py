@@ -20,7 +20,7 @@ pytest.importorskip("transformers", reason="transformers is not installed")
 pytest.importorskip("tokenizers", reason="tokenizers is not installed")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-RECIPES = ["dense+lora", "wanda+svd+distill+owl", "sparsegpt+svd+salor", "losa+rmi", "wanda+svd+distill-lora",
+RECIPES = ["dense+lora", "wanda+svd+distill+owl+types", "sparsegpt+svd+salor", "losa+rmi", "wanda+svd+distill-lora",
            "wanda+svd@2:4", "sparsegpt+svd+int8"]
 
 
@@ -37,14 +37,14 @@ def test_recipe_names(recovery):
     assert recovery.parse_recipe("dense+lora") == {"kind": "dense", "target": None}
     assert recovery.parse_recipe("losa+owl") == {"kind": "losa", "layerwise": "owl", "target": None}
     assert recovery.parse_recipe("sparsegpt+svd+owl+distill") == {
-        "kind": "salr", "criterion": "sparsegpt", "distill": True, "distill_lora": False, "owl": True, "salor": False,
-        "int8": False, "target": None}
+        "kind": "salr", "criterion": "sparsegpt", "distill": True, "distill_lora": False, "owl": True, "types": False,
+        "salor": False, "int8": False, "target": None}
     assert recovery.parse_recipe("wanda+svd+distill-lora")["distill_lora"]
     assert recovery.parse_recipe("wanda+svd@2:4")["target"] == {"sparsity": 0.5, "pattern": "2:4"}
     assert recovery.parse_recipe("losa+rmi@0.7")["target"] == {"sparsity": 0.7, "pattern": None}
     for bad in ("wanda", "wanda+svd+owl+owl", "magnitude+svd", "losa+uniform", "wanda+svd+lora",
                 "wanda+svd+distill+distill-lora", "dense+lora@0.5", "losa+rmi@2:4", "wanda+svd@1.5",
-                "wanda+svd@3:2", "wanda+svd@"):
+                "wanda+svd@3:2", "wanda+svd@", "wanda+svd+types@2:4"):
         with pytest.raises(ValueError, match="recipe"):
             recovery.parse_recipe(bad)
 
@@ -61,9 +61,22 @@ def test_quick_run_table_plot_and_resume(recovery, tmp_path, monkeypatch, capsys
         teachers.append(teacher)
         return finetune(model, splits, budget, teacher=teacher, **options)
 
+    pruned_with = {}
+    prune = recovery.steps.prune
+
+    def prune_spy(model, splits, budget, **options):
+        pruned_with[len(pruned_with)] = options
+        return prune(model, splits, budget, **options)
+
     monkeypatch.setattr(recovery.steps, "finetune", finetune_spy)
+    monkeypatch.setattr(recovery.steps, "prune", prune_spy)
     assert recovery.main(argv) == 0
     monkeypatch.setattr(recovery.steps, "finetune", finetune)
+    monkeypatch.setattr(recovery.steps, "prune", prune)
+    # +types: a per-linear mapping around OWL's block ratios (q pruned harder than v), global mean kept.
+    typed = pruned_with[1]["sparsity"]
+    assert pruned_with[1]["layerwise"] == "uniform" and len(typed) == 3 * 7
+    assert typed["model.layers.0.self_attn.q_proj"] > typed["model.layers.0.self_attn.v_proj"]
     rows = {r: json.loads((out / f"{r.replace('+', '_').replace(':', '-')}.json").read_text()) for r in RECIPES}
     budget = recovery.quick_budget()
     for name, row in rows.items():
@@ -76,7 +89,11 @@ def test_quick_run_table_plot_and_resume(recovery, tmp_path, monkeypatch, capsys
     # LoRA r=4 on every linear of 3 blocks (q, k, v, o: 48x48 / 48x24; gate, up: 80x48; down: 48x80).
     shapes = [(48, 48), (24, 48), (24, 48), (48, 48), (80, 48), (80, 48), (48, 80)]
     assert rows["dense+lora"]["trainable"] == 3 * sum(4 * (n + k) for n, k in shapes)
-    assert rows["wanda+svd+distill+owl"]["trainable"] == rows["dense+lora"]["trainable"]
+    types = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    size = {t: n * k for t, (n, k) in zip(types, shapes)}
+    assert sum(r * size[n.rsplit(".", 1)[-1]] for n, r in typed.items()) / (3 * sum(size.values())) == \
+        pytest.approx(0.5, abs=1e-9)
+    assert rows["wanda+svd+distill+owl+types"]["trainable"] == rows["dense+lora"]["trainable"]
     assert rows["losa+rmi"]["final_sparsity"] == pytest.approx(0.5, abs=0.02)
     # The merged LoSA model is plain 50 % BM8x8 layers: smaller than the dense model with LoRA folded in.
     assert rows["losa+rmi"]["bytes"] < rows["dense+lora"]["bytes"]

@@ -95,13 +95,17 @@ def owl_ratios(lods: Sequence[float], sizes: Sequence[int], target: float,
         return tuple(target for _ in lods)
     u = 2.0 * (lod - lod.min()) / spread - 1.0
     raw = target - lam * (u - (w * u).sum())
-    lo, hi = max(0.0, target - lam), target + lam
+    return clipped_at_mean(raw, w, target, max(0.0, target - lam), target + lam)
 
+
+def clipped_at_mean(raw: torch.Tensor, weights: torch.Tensor, target: float, lo: float, hi: float) -> tuple[float, ...]:
+    """``clamp(raw + c, lo, hi)`` with the common shift c that makes its `weights`-weighted mean `target`
+    (weights summing to 1, lo <= target <= hi): ratios moved apart, the global sparsity kept."""
     def mean_at(shift: float) -> float:
-        return float((w * (raw + shift).clamp(lo, hi)).sum())
+        return float((weights * (raw + shift).clamp(lo, hi)).sum())
 
     # The weighted mean of the clipped ratios rises monotonically with the shift: bisect for the target.
-    a, b = -2.0 * lam, 2.0 * lam
+    a, b = lo - float(raw.max()), hi - float(raw.min())
     for _ in range(200):
         mid = 0.5 * (a + b)
         if mean_at(mid) < target:
