@@ -20,11 +20,23 @@ inline void check_same_device(const char* op, const char* arg, const at::Tensor&
 }
 
 // The adapter of sparse_lowrank_gemm as the kernels want it (b contiguous); rank 0 without one.
+// An int8 adapter (issue 21): a and b hold int8 q_a, q_b with B·A = diag(b_scales)·q_b·q_a (the
+// scale of A's rows folded into B before B was quantized), so one fp32 scale per output row.
 struct CheckedAdapter {
   at::Tensor a;  // [rank, in_features]
   at::Tensor b;  // [out_features, rank], contiguous
   int64_t rank = 0;
+  at::Tensor b_scales;  // [out_features] fp32, contiguous; undefined unless int8
+  bool is_int8() const { return b_scales.defined(); }
 };
+
+// An int8 adapter dequantized into `dtype` (a float one as it is): for the paths that multiply with
+// ATen (the large-M chunks, CUDA) rather than an int8-aware kernel.
+inline CheckedAdapter dequantized_adapter(const CheckedAdapter& adapter, at::ScalarType dtype) {
+  if (!adapter.is_int8()) return adapter;
+  return {adapter.a.to(dtype), adapter.b.to(at::kFloat).mul_(adapter.b_scales.unsqueeze(1)).to(dtype), adapter.rank,
+          {}};
+}
 
 // The dtype of the activations (x or grad_out, and adapters, bias, output): the weight's with float
 // values; any float dtype with int8 values, which are dequantized into it (issue 21).
@@ -62,27 +74,42 @@ inline void check_scales(const char* op, const std::optional<at::Tensor>& scales
   SALR_CHECK(s.is_contiguous(), op, "scales must be contiguous");
 }
 
-// adapter_a [R, cols] with adapter_b [rows, R], both or neither, in the activations' dtype `act`.
+// adapter_a [R, cols] with adapter_b [rows, R], both or neither, in the activations' dtype `act`; or
+// both int8 with adapter_scales [rows] fp32 (CheckedAdapter says how they combine). The scales'
+// values (finite, > 0) are checked where it is cheap (CPU: check_scales_values_cpu).
 inline CheckedAdapter check_adapter(const char* op, const std::optional<at::Tensor>& adapter_a,
                                     const std::optional<at::Tensor>& adapter_b, const at::Tensor& values,
-                                    at::ScalarType act, int64_t rows, int64_t cols) {
+                                    at::ScalarType act, int64_t rows, int64_t cols,
+                                    const std::optional<at::Tensor>& adapter_scales = std::nullopt) {
   SALR_CHECK(adapter_a.has_value() == adapter_b.has_value(), op,
              "adapter_a and adapter_b must be given together (got only ",
              adapter_a.has_value() ? "adapter_a" : "adapter_b", ")");
+  const bool int8 = adapter_scales.has_value();
+  SALR_CHECK(!int8 || adapter_a.has_value(), op, "adapter_scales must be None without adapter_a and adapter_b");
   CheckedAdapter adapter;
   if (adapter_a.has_value()) {
     const at::Tensor& a = *adapter_a;
     const at::Tensor& b = *adapter_b;
     check_same_device(op, "adapter_a", a, values);
     check_same_device(op, "adapter_b", b, values);
-    check_dtype(op, "adapter_a", a, act);
-    check_dtype(op, "adapter_b", b, act);
+    SALR_CHECK(int8 || a.scalar_type() != at::kChar, op,
+               "adapter_scales is required with an int8 adapter_a (float32 [", rows, "], B's row scales)");
+    check_dtype(op, "adapter_a", a, int8 ? at::kChar : act);
+    check_dtype(op, "adapter_b", b, int8 ? at::kChar : act);
     check_dim(op, "adapter_a", a, 2);
     check_dim(op, "adapter_b", b, 2);
     SALR_CHECK(a.size(1) == cols, op, "adapter_a must have shape [rank, ", cols, "], got ", a.sizes());
     SALR_CHECK(b.size(0) == rows && b.size(1) == a.size(0), op, "adapter_b must have shape [", rows, ", ",
                a.size(0), "] to match adapter_a, got ", b.sizes());
-    adapter = {a, b.contiguous(), a.size(0)};
+    adapter = {a, b.contiguous(), a.size(0), {}};
+    if (int8) {
+      const at::Tensor& s = *adapter_scales;
+      check_same_device(op, "adapter_scales", s, values);
+      check_dtype(op, "adapter_scales", s, at::kFloat);
+      SALR_CHECK(s.dim() == 1 && s.size(0) == rows, op, "adapter_scales must have shape [", rows, "], got ",
+                 s.sizes());
+      adapter.b_scales = s.contiguous();
+    }
   }
   return adapter;
 }
@@ -110,10 +137,11 @@ inline CheckedAdapter check_sparse_lowrank_gemm_args(const char* op, const at::T
                                                      const std::optional<at::Tensor>& adapter_a,
                                                      const std::optional<at::Tensor>& adapter_b,
                                                      const std::optional<at::Tensor>& bias,
-                                                     const std::optional<at::Tensor>& scales) {
+                                                     const std::optional<at::Tensor>& scales,
+                                                     const std::optional<at::Tensor>& adapter_scales) {
   const at::ScalarType act = check_weight_and_input(op, "x", x, bitmap, values, offsets, rows, cols, scales, cols,
                                                     "in_features");
-  const CheckedAdapter adapter = check_adapter(op, adapter_a, adapter_b, values, act, rows, cols);
+  const CheckedAdapter adapter = check_adapter(op, adapter_a, adapter_b, values, act, rows, cols, adapter_scales);
   if (bias.has_value()) {
     check_same_device(op, "bias", *bias, values);
     check_dtype(op, "bias", *bias, act);
@@ -178,7 +206,8 @@ inline const float* project_adapter(const char* op, const at::Tensor& x2d, const
   if (static_cast<int64_t>(t_scratch.size()) < m * adapter.rank) t_scratch.resize(m * adapter.rank);
   const at::Tensor a_c = adapter.a.contiguous();
   selected_kernels(op).adapter_project({x2d.const_data_ptr(), m, x2d.stride(0), a_c.const_data_ptr(), adapter.rank,
-                                        x2d.size(1), kernel_dtype(x2d.scalar_type()), t_scratch.data()});
+                                        x2d.size(1), kernel_dtype(x2d.scalar_type()), t_scratch.data(),
+                                        adapter.is_int8()});
   return t_scratch.data();
 }
 

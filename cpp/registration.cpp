@@ -11,10 +11,12 @@ TORCH_LIBRARY(salr, m) {
   // y = x·W_sᵀ + (x·adapter_aᵀ)·adapter_bᵀ + bias; x [..., in_features] -> y [..., out_features].
   // int8 values (issue 21) need fp32 `scales`, [out_features] or [out_features, ceil(in_features/64)]:
   // W[n, k] = scales[n] · q[n, k] (resp. scales[n, k // 64] · q[n, k]); refused with float values.
+  // An int8 adapter: adapter_a, adapter_b int8 with fp32 adapter_scales [out_features], so that
+  // adapter_b·adapter_a reads diag(adapter_scales)·q_b·q_a (any base, float or int8).
   m.def(
       "sparse_lowrank_gemm(Tensor x, Tensor bitmap, Tensor values, Tensor offsets, "
       "SymInt out_features, SymInt in_features, Tensor? adapter_a=None, Tensor? adapter_b=None, "
-      "Tensor? bias=None, Tensor? scales=None) -> Tensor");
+      "Tensor? bias=None, Tensor? scales=None, Tensor? adapter_scales=None) -> Tensor");
   // dx = dy·(W_s + adapter_b·adapter_a): dy [..., out_features] -> dx [..., in_features], the x-gradient
   // of sparse_lowrank_gemm with the same adapters (optional, shapes as there); scales as above
   m.def(

@@ -143,11 +143,15 @@ at::Tensor sparse_lowrank_gemm_cuda(const at::Tensor& x, const at::Tensor& bitma
                                     const std::optional<at::Tensor>& adapter_a,
                                     const std::optional<at::Tensor>& adapter_b,
                                     const std::optional<at::Tensor>& bias,
-                                    const std::optional<at::Tensor>& scales) {
+                                    const std::optional<at::Tensor>& scales,
+                                    const std::optional<at::Tensor>& adapter_scales) {
   const int64_t rows = out_features, cols = in_features;
   check_cuda(kOp, "values", values);
-  const Adapter adapter =
-      check_sparse_lowrank_gemm_args(kOp, x, bitmap, values, offsets, rows, cols, adapter_a, adapter_b, bias, scales);
+  // An int8 adapter is dequantized into x's dtype: the epilogues read B as they read a float one.
+  const Adapter adapter = dequantized_adapter(
+      check_sparse_lowrank_gemm_args(kOp, x, bitmap, values, offsets, rows, cols, adapter_a, adapter_b, bias, scales,
+                                     adapter_scales),
+      x.scalar_type());
   const std::optional<at::Tensor> bias_c =
       bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
   const c10::cuda::CUDAGuard guard(values.device());

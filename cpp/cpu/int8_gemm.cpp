@@ -49,12 +49,13 @@ void for_each_dequantized_chunk(const char* op, const kernels::Int8WeightView& v
 
 }  // namespace
 
-void check_scales_values_cpu(const char* op, const std::optional<at::Tensor>& scales) {
+void check_scales_values_cpu(const char* op, const std::optional<at::Tensor>& scales, const char* arg) {
   if (!scales.has_value()) return;
-  const float* s = scales->const_data_ptr<float>();
-  const int64_t count = scales->numel();
+  const at::Tensor s_c = scales->contiguous();
+  const float* s = s_c.const_data_ptr<float>();
+  const int64_t count = s_c.numel();
   for (int64_t i = 0; i < count; ++i) {
-    SALR_CHECK(std::isfinite(s[i]) && s[i] > 0.0f, op, "scales must be finite and > 0, got ", s[i],
+    SALR_CHECK(std::isfinite(s[i]) && s[i] > 0.0f, op, arg, " must be finite and > 0, got ", s[i],
                " at flat index ", i);
   }
 }
@@ -69,8 +70,8 @@ void int8_lowrank_gemm_cpu(const char* op, const at::Tensor& x2d, const at::Tens
       dense_crossover_rows(dtype == at::kFloat ? kDenseCrossoverRowsFp32Forward : kDenseCrossoverRows);
   if (m >= crossover) {
     const at::ScalarType gemm_dtype = dense_gemm_dtype(op, dtype);
-    chunked_lowrank_gemm([&](auto&& fn) { for_each_dequantized_chunk(op, view, gemm_dtype, fn); }, x2d, adapter, bias,
-                         y);
+    chunked_lowrank_gemm([&](auto&& fn) { for_each_dequantized_chunk(op, view, gemm_dtype, fn); }, x2d,
+                         dequantized_adapter(adapter, at::kFloat), bias, y);
     return;
   }
   // T = x·Aᵀ by the float table's GEMV (as for float weights).
@@ -85,7 +86,8 @@ void int8_lowrank_gemm_cpu(const char* op, const at::Tensor& x2d, const at::Tens
                                    t,
                                    adapter.rank > 0 ? adapter.b.const_data_ptr() : nullptr,
                                    adapter.rank,
-                                   bias.has_value() ? bias->const_data_ptr() : nullptr};
+                                   bias.has_value() ? bias->const_data_ptr() : nullptr,
+                                   adapter.is_int8() ? adapter.b_scales.const_data_ptr<float>() : nullptr};
   const kernels::Int8KernelTable& table = selected_int8_kernels(op);
   // Half the bytes of a bf16 weight per value: twice the weights per task for the same traffic.
   const int64_t grain = std::max<int64_t>(1, 2 * kMinWeightsPerTask / std::max<int64_t>(1, 8 * cols * m));

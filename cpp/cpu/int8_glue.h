@@ -11,8 +11,9 @@
 
 namespace salr {
 
-// Scales must be finite and > 0 (N or N·K/64 floats: cheap next to the product). No-op without scales.
-void check_scales_values_cpu(const char* op, const std::optional<at::Tensor>& scales);
+// Scales (`arg`: a weight's or an int8 adapter's) must be finite and > 0 (N or N·K/64 floats: cheap
+// next to the product). No-op without scales.
+void check_scales_values_cpu(const char* op, const std::optional<at::Tensor>& scales, const char* arg = "scales");
 
 // y [m, rows] (allocated, x's dtype) = x2d · Wᵀ + adapter + bias; m >= 1 and rows >= 1.
 void int8_lowrank_gemm_cpu(const char* op, const at::Tensor& x2d, const at::Tensor& bitmap, const at::Tensor& values,

@@ -34,14 +34,16 @@ at::Tensor sparse_lowrank_gemm_cpu(const at::Tensor& x, const at::Tensor& bitmap
                                    const std::optional<at::Tensor>& adapter_a,
                                    const std::optional<at::Tensor>& adapter_b,
                                    const std::optional<at::Tensor>& bias,
-                                   const std::optional<at::Tensor>& scales) {
+                                   const std::optional<at::Tensor>& scales,
+                                   const std::optional<at::Tensor>& adapter_scales) {
   const int64_t rows = out_features, cols = in_features;
   check_cpu(kOp, "values", values);
   const CheckedAdapter adapter =
       check_sparse_lowrank_gemm_args(kOp, x, bitmap, values, offsets, rows, cols, adapter_a, adapter_b, bias,
-                                     scales);
+                                     scales, adapter_scales);
   check_offsets_ends(kOp, values, offsets);
   check_scales_values_cpu(kOp, scales);
+  check_scales_values_cpu(kOp, adapter_scales, "adapter_scales");
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = rows;
@@ -65,8 +67,8 @@ at::Tensor sparse_lowrank_gemm_cpu(const at::Tensor& x, const at::Tensor& bitmap
       values.scalar_type() == at::kFloat ? kDenseCrossoverRowsFp32Forward : kDenseCrossoverRows);
   if (m >= crossover) {
     const at::ScalarType gemm_dtype = dense_gemm_dtype(kOp, values.scalar_type());
-    chunked_lowrank_gemm([&](auto&& fn) { for_each_decoded_chunk(kOp, view, values, gemm_dtype, fn); }, x2d, adapter,
-                         bias_c, y);
+    chunked_lowrank_gemm([&](auto&& fn) { for_each_decoded_chunk(kOp, view, values, gemm_dtype, fn); }, x2d,
+                         dequantized_adapter(adapter, at::kFloat), bias_c, y);
     return y.view(out_shape);
   }
   // Kernel path: T by the ISA's GEMV (project_adapter), the bands in parallel tasks.
@@ -80,7 +82,8 @@ at::Tensor sparse_lowrank_gemm_cpu(const at::Tensor& x, const at::Tensor& bitmap
                                t,
                                adapter.rank > 0 ? adapter.b.const_data_ptr() : nullptr,
                                adapter.rank,
-                               bias_c.has_value() ? bias_c->const_data_ptr() : nullptr};
+                               bias_c.has_value() ? bias_c->const_data_ptr() : nullptr,
+                               adapter.is_int8() ? adapter.b_scales.const_data_ptr<float>() : nullptr};
   const int64_t grain = std::max<int64_t>(1, kMinWeightsPerTask / std::max<int64_t>(1, 8 * cols * m));
   parallel_checked(kOp, format::num_bands(rows), grain, cols,
                    [&](int64_t b0, int64_t b1) { return table.gemm(args, b0, b1); });

@@ -37,54 +37,64 @@ inline __m256 reduce8(const __m256* acc) {
 
 // Per-band epilogue: the band's adapter rows (read in their own dtype, widened on the fly: staging
 // them as fp32 per band cost more than the FMAs) and its bias. t rows are read rank8 wide: callers
-// stage t zero padded (rows_to_f32<F32>(t, rank, m, rank, ts, rank8)).
+// stage t zero padded (rows_to_f32<F32>(t, rank, m, rank, ts, rank8)). An int8 adapter (b_scales
+// set) has int8 rows whose sums are scaled per row after the reduction.
 template <class D>
 struct BandExtras {
   using T = typename D::T;
-  const T* adapter_b;  // [rows, rank] or nullptr
-  const T* bias_row;   // [rows] or nullptr
+  const void* adapter_b;   // [rows, rank] of T (int8 with b_scales) or nullptr
+  const float* b_scales;   // [rows] or nullptr
+  const T* bias_row;       // [rows] or nullptr
   int64_t rank = 0;
   int64_t rank8 = 0;
   bool adapter = false;
-  const T* band_b = nullptr;  // the current band's first adapter row
+  const void* band_b = nullptr;  // the current band's first adapter row
   int64_t band_rows = 0;
   __m256 bias = _mm256_setzero_ps();
+  __m256 band_scales = _mm256_setzero_ps();
 
-  BandExtras(int64_t rank_, const void* t, const void* adapter_b_, const void* bias_)
-      : adapter_b(static_cast<const T*>(adapter_b_)), bias_row(static_cast<const T*>(bias_)), rank(rank_),
+  BandExtras(int64_t rank_, const void* t, const void* adapter_b_, const void* bias_, const float* b_scales_)
+      : adapter_b(adapter_b_), b_scales(b_scales_), bias_row(static_cast<const T*>(bias_)), rank(rank_),
         adapter(rank_ > 0 && t != nullptr && adapter_b_ != nullptr) {
     rank8 = adapter ? (rank + 7) / 8 * 8 : 0;
   }
   void load(int64_t band, int64_t nrows) {
-    band_b = adapter ? adapter_b + 8 * band * rank : nullptr;
+    if (adapter && b_scales != nullptr) {
+      band_b = static_cast<const int8_t*>(adapter_b) + 8 * band * rank;
+      band_scales = load_partial<F32>(b_scales + 8 * band, nrows);
+    } else if (adapter) {
+      band_b = static_cast<const T*>(adapter_b) + 8 * band * rank;
+    }
     band_rows = nrows;
     bias = bias_row ? load_partial<D>(bias_row + 8 * band, nrows) : _mm256_setzero_ps();
   }
-  // acc[r] += t_row · adapter row r (before the reduction: one reduce8 for both sums).
-  void add_adapter(__m256* acc, const float* t_row) const {
-    if (!adapter) return;
+  // acc[r] += t_row · adapter row r, the rows of L::T.
+  template <class L>
+  void add_rows(__m256* acc, const float* t_row) const {
+    const auto* rows = static_cast<const typename L::T*>(band_b);
     const int64_t full = rank / 8 * 8;
     if (band_rows == 8) {
       for (int64_t s = 0; s < full; s += 8) {
         const __m256 tv = _mm256_loadu_ps(t_row + s);
-        for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(D::load8(band_b + r * rank + s), tv, acc[r]);
+        for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(L::load8(rows + r * rank + s), tv, acc[r]);
       }
     } else {
       for (int64_t s = 0; s < full; s += 8) {
         const __m256 tv = _mm256_loadu_ps(t_row + s);
-        for (int64_t r = 0; r < band_rows; ++r) acc[r] = _mm256_fmadd_ps(D::load8(band_b + r * rank + s), tv, acc[r]);
+        for (int64_t r = 0; r < band_rows; ++r) acc[r] = _mm256_fmadd_ps(L::load8(rows + r * rank + s), tv, acc[r]);
       }
     }
     if (full < rank) {  // the last rank % 8 columns: partial loads, never past a row's end
       const __m256 tv = _mm256_loadu_ps(t_row + full);
       for (int64_t r = 0; r < band_rows; ++r) {
-        acc[r] = _mm256_fmadd_ps(load_partial<D>(band_b + r * rank + full, rank - full), tv, acc[r]);
+        acc[r] = _mm256_fmadd_ps(load_partial<L>(rows + r * rank + full, rank - full), tv, acc[r]);
       }
     }
   }
   // Adds t_row · adapter rows, reduces, adds the bias and stores the band's outputs of one x row.
   void finish(__m256* acc, const float* t_row, T* y, int64_t nrows) const {
-    add_adapter(acc, t_row);
+    if (adapter && b_scales != nullptr) return finish_sums(reduce8(acc), t_row, y, nrows);
+    if (adapter) add_rows<D>(acc, t_row);  // before the reduction: one reduce8 for both sums
     store_partial<D>(y, _mm256_add_ps(reduce8(acc), bias), nrows);
   }
   // The same from the band's 8 row sums already reduced (and scaled, for int8 weights).
@@ -92,8 +102,13 @@ struct BandExtras {
     if (adapter) {
       __m256 acc[8];
       for (auto& v : acc) v = _mm256_setzero_ps();
-      add_adapter(acc, t_row);
-      sums = _mm256_add_ps(sums, reduce8(acc));
+      if (b_scales != nullptr) {
+        add_rows<I8>(acc, t_row);
+        sums = _mm256_fmadd_ps(reduce8(acc), band_scales, sums);
+      } else {
+        add_rows<D>(acc, t_row);
+        sums = _mm256_add_ps(sums, reduce8(acc));
+      }
     }
     store_partial<D>(y, _mm256_add_ps(sums, bias), nrows);
   }

@@ -106,6 +106,14 @@ struct F32 {
   static void store8(T* p, __m256 v) { _mm256_storeu_ps(p, v); }
 };
 
+// int8 rows of an int8 adapter (only load8: the adapter epilogue and projection read whole rows).
+struct I8 {
+  using T = int8_t;
+  static __m256 load8(const T* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+};
+
 // Offset of tile row r's first value inside the tile: popcount of the bits of rows < r.
 inline int64_t row_offset(uint64_t word, int r) {
   return r == 0 ? 0 : static_cast<int64_t>(_mm_popcnt_u64(_bzhi_u64(word, 8 * r)));

@@ -58,16 +58,22 @@ inline void store8(void* p, __m256 v, DType dt, int n) {
 }
 
 // Why: the band's 8 adapter outputs Σ_r t[r]·B[n, r] at once. The band's B rows are one
-// contiguous [8, rank] block; one transposing reduction replaces eight horizontal sums.
+// contiguous [8, rank] block (of `dt`, or int8 when kInt8); one transposing reduction replaces eight
+// horizontal sums.
+template <bool kInt8>
 inline __m256 adapter_band(const float* t, const char* b_rows, int64_t rank, DType dt, int n_valid) {
-  const int es = element_size(dt);
+  const int es = kInt8 ? 1 : element_size(dt);
   __m512 acc[8];
   for (int n = 0; n < 8; ++n) acc[n] = _mm512_setzero_ps();
   for (int64_t r = 0; r < rank; r += 16) {
     const int cnt = static_cast<int>(std::min<int64_t>(16, rank - r));
-    const __m512 tv = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << cnt) - 1u), t + r);
+    const __mmask16 m = static_cast<__mmask16>((1u << cnt) - 1u);
+    const __m512 tv = _mm512_maskz_loadu_ps(m, t + r);
     for (int n = 0; n < n_valid; ++n) {
-      acc[n] = _mm512_fmadd_ps(tv, load16(b_rows + (n * rank + r) * es, dt, cnt), acc[n]);
+      const char* p = b_rows + (n * rank + r) * es;
+      const __m512 b = kInt8 ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)))
+                             : load16(p, dt, cnt);
+      acc[n] = _mm512_fmadd_ps(tv, b, acc[n]);
     }
   }
   __m256 half[8];
@@ -78,6 +84,16 @@ inline __m256 adapter_band(const float* t, const char* b_rows, int64_t rank, DTy
   const __m256 q1 = _mm256_hadd_ps(_mm256_hadd_ps(half[4], half[5]), _mm256_hadd_ps(half[6], half[7]));
   // q0 lanes: rows 0-3 of the low 128 bits | rows 0-3 of the high 128 bits; likewise q1 for 4-7.
   return _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31));
+}
+
+// Why: the epilogue's adapter term of band `band` for one x row (t_row), for the float and the int8
+// kernels alike: B [rows, rank] of `dt`, or int8 with one scale per row when b_scales is set.
+inline __m256 band_adapter_term(const float* t_row, const void* adapter_b, const float* b_scales, int64_t band,
+                                int64_t rank, DType dt, int n_valid) {
+  const char* b = static_cast<const char*>(adapter_b);
+  if (b_scales == nullptr) return adapter_band<false>(t_row, b + 8 * band * rank * element_size(dt), rank, dt, n_valid);
+  return _mm256_mul_ps(adapter_band<true>(t_row, b + 8 * band * rank, rank, dt, n_valid),
+                       _mm256_maskz_loadu_ps(static_cast<__mmask8>((1u << n_valid) - 1u), b_scales + 8 * band));
 }
 
 // ---- row sums of a band's accumulators (the float and the int8 kernels) -------------------

@@ -168,7 +168,7 @@ int64_t gemm_int8_avx2_t(const Int8GemmArgs& a, int64_t band_begin, int64_t band
   const Int8WeightView& w = a.weight;
   const GroupGeometry geo = geometry_of(w.index);
   const int64_t k8 = geo.groups * format::kGroupColumns;
-  BandExtras<D> ex(a.rank, a.t, a.adapter_b, a.bias);
+  BandExtras<D> ex(a.rank, a.t, a.adapter_b, a.bias, a.adapter_b_scales);
   // x as fp32, zero padded to whole groups; the decoded group buffer (8 rows x 64 columns); the
   // accumulators; t zero padded to rank8 columns (what BandExtras reads).
   float* xs = float_scratch(static_cast<size_t>(a.m * k8 + 8 * format::kGroupColumns + 64 * a.m + a.m * ex.rank8));

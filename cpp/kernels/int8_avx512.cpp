@@ -182,9 +182,8 @@ int64_t gemm_int8_avx512(const Int8GemmArgs& a, int64_t band_begin, int64_t band
         const int64_t i = i0 + r;
         __m256 out = _mm256_mul_ps(reduce_fma(acc + 4 * r), row_scales);
         if (a.rank > 0 && a.t != nullptr && a.adapter_b != nullptr) {
-          out = _mm256_add_ps(out, adapter_band(a.t + i * a.rank,
-                                                static_cast<const char*>(a.adapter_b) + 8 * band * a.rank * es,
-                                                a.rank, a.dtype, n_valid));
+          out = _mm256_add_ps(out, band_adapter_term(a.t + i * a.rank, a.adapter_b, a.adapter_b_scales, band, a.rank,
+                                                     a.dtype, n_valid));
         }
         if (a.bias != nullptr) {
           out = _mm256_add_ps(out, load8(static_cast<const char*>(a.bias) + 8 * band * es, a.dtype, n_valid));

@@ -38,6 +38,7 @@ struct Int8GemmArgs {
   const void* adapter_b;   // [rows, rank] contiguous or nullptr
   int64_t rank;
   const void* bias;        // [rows] or nullptr
+  const float* adapter_b_scales = nullptr;  // [rows]: adapter_b is int8 (GemmArgs has the rule)
 };
 // Writes y[:, 8*band_begin : min(8*band_end, rows)]; returns -1 or the first bad group (kernels.h).
 using Int8GemmBandsFn = int64_t (*)(const Int8GemmArgs& args, int64_t band_begin, int64_t band_end);

@@ -36,9 +36,7 @@ int64_t gemm_bands_int8_scalar(const Int8GemmArgs& a, int64_t band_begin, int64_
       }
       for (int64_t n = 8 * band; n < row_end; ++n) {
         float out = w.scale_groups == 1 ? int8_scale(w, n, 0) * acc[n - 8 * band] : acc[n - 8 * band];
-        for (int64_t r = 0; r < a.rank; ++r) {
-          out += a.t[i * a.rank + r] * load_as_float(a.adapter_b, n * a.rank + r, a.dtype);
-        }
+        if (a.rank > 0) out += adapter_row_sum(a.t + i * a.rank, a.adapter_b, a.adapter_b_scales, n, a.rank, a.dtype);
         if (a.bias != nullptr) out += load_as_float(a.bias, n, a.dtype);
         store_from_float(a.y, i * a.y_row_stride + n, out, a.dtype);
       }

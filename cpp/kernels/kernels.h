@@ -26,6 +26,7 @@ struct SparseWeightView {
 
 // y[i, n] = sum_k x[i, k] * W[n, k] + sum_r t[i, r] * adapter_b[n, r] + bias[n]
 // x, y, adapter_b and bias share the weight's dtype; t is fp32 (x·Aᵀ, computed once by the glue).
+// An int8 adapter (issue 21): adapter_b holds int8 q with B[n, r] = adapter_b_scales[n] · q[n, r].
 struct GemmArgs {
   SparseWeightView weight;
   const void* x;           // [m, cols], element (i, k) at x[i * x_row_stride + k]
@@ -37,6 +38,7 @@ struct GemmArgs {
   const void* adapter_b;   // [rows, rank] contiguous, or nullptr
   int64_t rank;
   const void* bias;        // [rows], or nullptr
+  const float* adapter_b_scales = nullptr;  // [rows]: adapter_b is int8; nullptr: of the weight's dtype
 };
 
 // Kernels never trust the index: before reading a (band, group) they check that its bitmap words
@@ -72,11 +74,12 @@ struct AdapterProjectArgs {
   const void* x;  // [m, cols], row stride x_row_stride, of `dtype`
   int64_t m;
   int64_t x_row_stride;
-  const void* a;  // [rank, cols] contiguous, of `dtype`
+  const void* a;  // [rank, cols] contiguous, of `dtype` (int8 when a_int8: an int8 adapter's unscaled A)
   int64_t rank;
   int64_t cols;
   DType dtype;
   float* t;  // [m, rank] contiguous; overwritten
+  bool a_int8 = false;
 };
 using AdapterProjectFn = void (*)(const AdapterProjectArgs& args);
 

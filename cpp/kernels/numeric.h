@@ -72,6 +72,20 @@ inline float load_as_float(const void* data, int64_t i, DType dtype) {
   return 0.0f;
 }
 
+// sum_r t_row[r] · B[n, r] in fp32: B [rows, rank] of `dtype`, or int8 q with B[n, r] = b_scales[n] · q[n, r]
+// when b_scales is set (an int8 adapter: the scale applied once to the row's sum).
+inline float adapter_row_sum(const float* t_row, const void* b, const float* b_scales, int64_t n, int64_t rank,
+                             DType dtype) {
+  float sum = 0.0f;
+  if (b_scales != nullptr) {
+    const int8_t* q = static_cast<const int8_t*>(b) + n * rank;
+    for (int64_t r = 0; r < rank; ++r) sum += t_row[r] * static_cast<float>(q[r]);
+    return b_scales[n] * sum;
+  }
+  for (int64_t r = 0; r < rank; ++r) sum += t_row[r] * load_as_float(b, n * rank + r, dtype);
+  return sum;
+}
+
 // Stores fp32 `v` as element `i` of a buffer of `dtype` (round to nearest even).
 inline void store_from_float(void* data, int64_t i, float v, DType dtype) {
   switch (dtype) {

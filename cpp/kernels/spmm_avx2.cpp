@@ -174,7 +174,7 @@ int64_t gemm_direct(const GemmArgs& a, const GroupGeometry& geo, const float* xs
   using T = typename D::T;
   const SparseWeightView& w = a.weight;
   const int64_t width = geo.tiles * 8;
-  BandExtras<D> ex(a.rank, a.t, a.adapter_b, a.bias);
+  BandExtras<D> ex(a.rank, a.t, a.adapter_b, a.bias, a.adapter_b_scales);
   alignas(32) T buf[kGroupBuffer];
   const char* values = static_cast<const char*>(w.values);
   std::vector<uint16_t> x16;  // bf16: x's bits, rows zero padded to whole tiles
@@ -224,7 +224,7 @@ int64_t gemm_blocked(const GemmArgs& a, const GroupGeometry& geo, const float* x
   using T = typename D::T;
   const SparseWeightView& w = a.weight;
   const int64_t width = geo.tiles * 8;
-  BandExtras<D> ex(a.rank, a.t, a.adapter_b, a.bias);
+  BandExtras<D> ex(a.rank, a.t, a.adapter_b, a.bias, a.adapter_b_scales);
   alignas(32) T buf[kGroupBuffer];
   alignas(32) float dense[8 * 64];
   std::vector<float> accs(static_cast<size_t>(mc * 64));
@@ -352,7 +352,8 @@ int64_t gemm_transposed_avx2(const GemmTransposedArgs& a, int64_t group_begin, i
 
 // t[i, :] = x[i, :] · Aᵀ in fp32 (8-wide FMAs, 4 chains): the adapter's rank-R intermediate for the
 // kernel path, once per call on the calling thread; the x row is converted once.
-template <class D>
+// A's rows are of A::T: the activations' type, or int8 (I8) for an int8 adapter.
+template <class D, class A = D>
 void adapter_project_t(const AdapterProjectArgs& a) {
   using T = typename D::T;
   const int64_t k8 = (a.cols + 7) / 8 * 8;
@@ -361,16 +362,16 @@ void adapter_project_t(const AdapterProjectArgs& a) {
   for (int64_t i = 0; i < a.m; ++i) {
     rows_to_f32<D>(static_cast<const T*>(a.x) + i * a.x_row_stride, a.x_row_stride, 1, a.cols, xs.data(), k8);
     for (int64_t r = 0; r < a.rank; ++r) {
-      const T* row = static_cast<const T*>(a.a) + r * a.cols;
+      const auto* row = static_cast<const typename A::T*>(a.a) + r * a.cols;
       __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
       int64_t k = 0;
       for (; k + 32 <= a.cols; k += 32) {
         for (int c = 0; c < 4; ++c) {
-          acc[c] = _mm256_fmadd_ps(D::load8(row + k + 8 * c), _mm256_loadu_ps(xs.data() + k + 8 * c), acc[c]);
+          acc[c] = _mm256_fmadd_ps(A::load8(row + k + 8 * c), _mm256_loadu_ps(xs.data() + k + 8 * c), acc[c]);
         }
       }
       for (; k < a.cols; k += 8) {
-        const __m256 w = load_partial<D>(row + k, std::min<int64_t>(8, a.cols - k));
+        const __m256 w = load_partial<A>(row + k, std::min<int64_t>(8, a.cols - k));
         acc[0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xs.data() + k), acc[0]);
       }
       const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
@@ -383,9 +384,9 @@ void adapter_project_t(const AdapterProjectArgs& a) {
 
 void adapter_project_avx2(const AdapterProjectArgs& a) {
   switch (a.dtype) {
-    case DType::kFloat32: return adapter_project_t<F32>(a);
-    case DType::kBFloat16: return adapter_project_t<Bf16>(a);
-    case DType::kFloat16: return adapter_project_t<Fp16>(a);
+    case DType::kFloat32: return a.a_int8 ? adapter_project_t<F32, I8>(a) : adapter_project_t<F32>(a);
+    case DType::kBFloat16: return a.a_int8 ? adapter_project_t<Bf16, I8>(a) : adapter_project_t<Bf16>(a);
+    case DType::kFloat16: return a.a_int8 ? adapter_project_t<Fp16, I8>(a) : adapter_project_t<Fp16>(a);
   }
 }
 

@@ -263,6 +263,7 @@ inline int64_t fma_dispatch(DType dt, int R, Walk& k, int64_t band, const float*
 // pays a DRAM miss on them (measured: +15% time at rank 32), as the value stream evicts them.
 inline void prefetch_adapter_rows(const GemmArgs& a, int64_t band, int64_t band_end, int es) {
   if (a.adapter_b == nullptr || band >= band_end) return;
+  if (a.adapter_b_scales != nullptr) es = 1;  // an int8 adapter
   const char* rows = static_cast<const char*>(a.adapter_b) + 8 * band * a.rank * es;
   const int64_t last_row = std::min<int64_t>(8 * band + 8, a.weight.rows) - 8 * band;
   for (int64_t offset = 0; offset < last_row * a.rank * es; offset += 64) {
@@ -311,9 +312,8 @@ int64_t gemm_bands(const GemmArgs& a, int64_t band_begin, int64_t band_end) {
         const int64_t i = i0 + r;
         __m256 out = kDot ? reduce_dot(acc[r * kAcc], acc[r * kAcc + 1]) : reduce_fma(acc + r * kAcc);
         if (a.rank > 0 && a.t != nullptr && a.adapter_b != nullptr) {
-          out = _mm256_add_ps(out, adapter_band(a.t + i * a.rank,
-                                                static_cast<const char*>(a.adapter_b) + 8 * band * a.rank * es,
-                                                a.rank, dt, n_valid));
+          out = _mm256_add_ps(out, band_adapter_term(a.t + i * a.rank, a.adapter_b, a.adapter_b_scales, band, a.rank,
+                                                     dt, n_valid));
         }
         if (a.bias != nullptr) {
           out = _mm256_add_ps(out, load8(static_cast<const char*>(a.bias) + 8 * band * es, dt, n_valid));

@@ -29,9 +29,7 @@ int64_t gemm_bands_scalar(const GemmArgs& a, int64_t band_begin, int64_t band_en
       const int64_t row_end = std::min<int64_t>(8 * band + 8, w.rows);
       for (int64_t n = 8 * band; n < row_end; ++n) {
         float out = acc[n - 8 * band];
-        for (int64_t r = 0; r < a.rank; ++r) {
-          out += a.t[i * a.rank + r] * load_as_float(a.adapter_b, n * a.rank + r, dt);
-        }
+        if (a.rank > 0) out += adapter_row_sum(a.t + i * a.rank, a.adapter_b, a.adapter_b_scales, n, a.rank, dt);
         if (a.bias != nullptr) out += load_as_float(a.bias, n, dt);
         store_from_float(a.y, i * a.y_row_stride + n, out, dt);
       }
@@ -73,7 +71,9 @@ void adapter_project_scalar(const AdapterProjectArgs& a) {
     for (int64_t r = 0; r < a.rank; ++r) {
       float acc = 0.0f;
       for (int64_t k = 0; k < a.cols; ++k) {
-        acc += load_as_float(a.x, i * a.x_row_stride + k, a.dtype) * load_as_float(a.a, r * a.cols + k, a.dtype);
+        const float a_rk = a.a_int8 ? static_cast<float>(static_cast<const int8_t*>(a.a)[r * a.cols + k])
+                                    : load_as_float(a.a, r * a.cols + k, a.dtype);
+        acc += load_as_float(a.x, i * a.x_row_stride + k, a.dtype) * a_rk;
       }
       a.t[i * a.rank + r] = acc;
     }

@@ -66,22 +66,29 @@ class BitmapLinear(nn.Module):
         self.bitmap, self.values, self.offsets = bitmap, values, offsets
         self._set_scales(pruned_weight, scales)
 
+    # fp32 buffers that hold scales (the int8 base's; an int8 adapter's, SALRLinear): a cast must not
+    # touch their bits.
+    _SCALE_BUFFERS = ("scales", "adapter_scales")
+
     def _apply(self, fn, recurse=True):
-        # Module.to(dtype) would cast the fp32 scales (a float buffer) and lose their bits; keep them,
+        # Module.to(dtype) would cast the fp32 scales (float buffers) and lose their bits; keep them,
         # move them only, and let the cast set the compute dtype instead.
-        scales = self._buffers.get("scales")
-        if scales is None:
-            out = super()._apply(fn, recurse)
-            self.compute_dtype = self.values.dtype
-            return out
-        self._buffers["scales"] = None
+        kept = {name: self._buffers[name] for name in self._SCALE_BUFFERS if self._buffers.get(name) is not None}
+        for name in kept:
+            self._buffers[name] = None
         try:
             out = super()._apply(fn, recurse)
         finally:
-            self._buffers["scales"] = scales
-        probe = fn(torch.zeros(1, dtype=self.compute_dtype, device=scales.device))
-        self._buffers["scales"] = scales.to(probe.device)
-        self.compute_dtype = probe.dtype
+            self._buffers.update(kept)
+        if kept:
+            any_kept = next(iter(kept.values()))
+            probe = fn(torch.zeros(1, dtype=self.compute_dtype, device=any_kept.device))
+            for name, t in kept.items():
+                self._buffers[name] = t.to(probe.device)
+        if self._buffers.get("scales") is None:
+            self.compute_dtype = self.values.dtype
+        else:
+            self.compute_dtype = probe.dtype
         return out
 
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from salr._native import native_available
+from salr.ops import reference
 
 
 def _check_one_device(op: str, **tensors) -> None:
@@ -43,9 +44,13 @@ def _register() -> None:
 
     @torch.library.register_fake("salr::sparse_lowrank_gemm")
     def _gemm_fake(x, bitmap, values, offsets, out_features, in_features, adapter_a=None,
-                   adapter_b=None, bias=None, scales=None):
+                   adapter_b=None, bias=None, scales=None, adapter_scales=None):
         _check_one_device("sparse_lowrank_gemm", x=x, bitmap=bitmap, values=values, offsets=offsets,
-                          adapter_a=adapter_a, adapter_b=adapter_b, bias=bias, scales=scales)
+                          adapter_a=adapter_a, adapter_b=adapter_b, bias=bias, scales=scales,
+                          adapter_scales=adapter_scales)
+        if (adapter_a is not None and adapter_a.dtype == torch.int8) != (adapter_scales is not None):
+            raise RuntimeError("salr.sparse_lowrank_gemm: adapter_scales must be given exactly when the adapter "
+                               "is int8")
         _check_scales_given("sparse_lowrank_gemm", values, scales)
         torch._check(x.shape[-1] == in_features, lambda: "salr.sparse_lowrank_gemm: x must end in in_features")
         return x.new_empty((*x.shape[:-1], out_features))
@@ -68,11 +73,13 @@ def _register() -> None:
 
 
 def _gemm_setup_context(ctx, inputs, output):
-    x, bitmap, values, offsets, out_features, in_features, adapter_a, adapter_b, bias, scales = (
-        tuple(inputs) + (None,) * (10 - len(inputs)))
+    x, bitmap, values, offsets, out_features, in_features, adapter_a, adapter_b, bias, scales, adapter_scales = (
+        tuple(inputs) + (None,) * (11 - len(inputs)))
     ctx.shape = (out_features, in_features)
     ctx.has_adapter = adapter_a is not None
     ctx.has_bias = bias is not None
+    if adapter_scales is not None:  # an int8 adapter is frozen: the backward needs B·A only, in x's dtype
+        adapter_a, adapter_b = reference.scaled_adapter(adapter_a, adapter_b, adapter_scales, x.dtype)
     ctx.save_for_backward(x, bitmap, values, offsets, adapter_a, adapter_b, scales)
 
 
@@ -81,7 +88,8 @@ def _gemm_backward(ctx, grad):
     grads = gemm_backward_products(torch.ops.salr, grad, x, bitmap, values, offsets, *ctx.shape,
                                    adapter_a, adapter_b, ctx.has_bias, ctx.needs_input_grad, scales)
     grad_x, grad_values, grad_a, grad_b, grad_bias = grads
-    return (grad_x, None, grad_values, None, None, None, grad_a, grad_b, grad_bias, None)[:len(ctx.needs_input_grad)]
+    return (grad_x, None, grad_values, None, None, None, grad_a, grad_b, grad_bias, None,
+            None)[:len(ctx.needs_input_grad)]
 
 
 def gemm_backward_products(impl, grad, x, bitmap, values, offsets, out_features, in_features,
@@ -96,8 +104,8 @@ def gemm_backward_products(impl, grad, x, bitmap, values, offsets, out_features,
     ranks after them only, and their products are never formed (SALR's frozen SVD adapter).
     """
     # Autograd drops trailing defaulted arguments (None adapters/bias/scales) from needs_input_grad.
-    needs = tuple(needs_input_grad) + (False,) * (10 - len(needs_input_grad))
-    need_x, _, need_values, _, _, _, need_a, need_b, need_bias, _ = needs
+    needs = tuple(needs_input_grad) + (False,) * (11 - len(needs_input_grad))
+    need_x, _, need_values, _, _, _, need_a, need_b, need_bias = needs[:9]
     grad_2d = grad.reshape(-1, out_features)
     x_2d = x.reshape(-1, in_features)
     grad_x = grad_values = grad_a = grad_b = grad_bias = None

@@ -151,18 +151,51 @@ def weight_in(compute: torch.dtype, bitmap, values, offsets, rows, cols, scales,
     return dequantize(weight, scales, compute) if values.dtype == torch.int8 else weight.to(compute)
 
 
+def dequantized_adapter(adapter_a: torch.Tensor, adapter_b: torch.Tensor, adapter_scales: torch.Tensor | None,
+                        dtype: torch.dtype, op: str = "sparse_lowrank_gemm") -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) in `dtype`; an int8 adapter (adapter_scales [N] fp32, finite, > 0) read as A = q_a,
+    B = diag(adapter_scales)·q_b."""
+    if adapter_scales is None:
+        if adapter_a.dtype == torch.int8:
+            raise ValueError(f"salr.{op}: adapter_scales is required with an int8 adapter_a")
+        return adapter_a.to(dtype), adapter_b.to(dtype)
+    if adapter_a.dtype != torch.int8 or adapter_b.dtype != torch.int8:
+        raise ValueError(f"salr.{op}: adapter_scales needs int8 adapter_a and adapter_b, got {adapter_a.dtype} "
+                         f"and {adapter_b.dtype}")
+    if adapter_scales.dtype != torch.float32 or tuple(adapter_scales.shape) != (adapter_b.shape[0],):
+        raise ValueError(f"salr.{op}: adapter_scales must be float32 [{adapter_b.shape[0]}], got "
+                         f"{adapter_scales.dtype} {list(adapter_scales.shape)}")
+    if not (torch.isfinite(adapter_scales).all() and (adapter_scales > 0).all()):
+        raise ValueError(f"salr.{op}: adapter_scales must be finite and > 0")
+    return scaled_adapter(adapter_a, adapter_b, adapter_scales, dtype)
+
+
+def scaled_adapter(q_a: torch.Tensor, q_b: torch.Tensor, adapter_scales: torch.Tensor,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_a, diag(adapter_scales)·q_b) in `dtype`, B scaled in fp32 (or wider) and rounded once; unchecked
+    (traceable: no data-dependent branch). No .to() that would return its input: the autograd setup
+    calls this below the dispatcher's autograd key, where an op must not alias its input."""
+    b = q_b * adapter_scales.unsqueeze(1)  # fp32 (int8 · fp32)
+    return q_a.to(dtype), b if b.dtype == dtype else b.to(dtype)
+
+
 def sparse_lowrank_gemm(x: torch.Tensor, bitmap: torch.Tensor, values: torch.Tensor,
                         offsets: torch.Tensor, out_features: int, in_features: int,
                         adapter_a: torch.Tensor | None = None, adapter_b: torch.Tensor | None = None,
-                        bias: torch.Tensor | None = None, scales: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x·W_sᵀ + (x·adapter_aᵀ)·adapter_bᵀ + bias, computed in at least fp32, returned in x's dtype."""
+                        bias: torch.Tensor | None = None, scales: torch.Tensor | None = None,
+                        adapter_scales: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x·W_sᵀ + (x·adapter_aᵀ)·adapter_bᵀ + bias, computed in at least fp32, returned in x's dtype
+    (an int8 adapter dequantized first: :func:`dequantized_adapter`)."""
     if (adapter_a is None) != (adapter_b is None):
         raise ValueError("salr.sparse_lowrank_gemm: adapter_a and adapter_b must be given together")
+    if adapter_scales is not None and adapter_a is None:
+        raise ValueError("salr.sparse_lowrank_gemm: adapter_scales must be None without adapter_a and adapter_b")
     compute = torch.promote_types(x.dtype, torch.float32)
     weight = weight_in(compute, bitmap, values, offsets, out_features, in_features, scales, "sparse_lowrank_gemm")
     y = x.to(compute) @ weight.T
     if adapter_a is not None:
-        y = y + (x.to(compute) @ adapter_a.to(compute).T) @ adapter_b.to(compute).T
+        a, b = dequantized_adapter(adapter_a, adapter_b, adapter_scales, compute)
+        y = y + (x.to(compute) @ a.T) @ b.T
     if bias is not None:
         y = y + bias.to(compute)
     return y.to(x.dtype)

@@ -61,8 +61,8 @@ def bitmap_decode(bitmap: Tensor, values: Tensor, offsets: Tensor, rows: int, co
 def sparse_lowrank_gemm(x: Tensor, bitmap: Tensor, values: Tensor, offsets: Tensor,
                         out_features: int, in_features: int, adapter_a: Tensor | None = None,
                         adapter_b: Tensor | None = None, bias: Tensor | None = None, *,
-                        scales: Tensor | None = None,
-                        frozen_adapter: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                        scales: Tensor | None = None, frozen_adapter: tuple[Tensor, Tensor] | None = None,
+                        adapter_scales: Tensor | None = None) -> Tensor:
     """``y = x·W_sᵀ + (x·adapter_aᵀ)·adapter_bᵀ + bias``.
 
     x: [..., K]; adapter_a: [R, K] (stacked adapters [A1; A2; ...]); adapter_b: [N, R]
@@ -70,9 +70,15 @@ def sparse_lowrank_gemm(x: Tensor, bitmap: Tensor, values: Tensor, offsets: Tens
     frozen_adapter: (A_f [R_f, K], B_f [N, R_f]) that never train (SALR's SVD residual under a
     LoRA): stacked before adapter_a / adapter_b into the same single GEMM, and the backward forms no
     gradient products for them; refused if either requires a gradient.
+    adapter_scales: float32 [N], finite, > 0, for an int8 adapter (adapter_a = q_a, adapter_b = q_b,
+    both int8): B·A = diag(adapter_scales)·q_b·q_a (:func:`salr.prune.quantize.quantize_adapter_int8`),
+    with a float or an int8 base; an inference form (frozen, no frozen_adapter beside it).
     Returns [..., N] in x's dtype. Differentiable in x, values (float values), adapter_a, adapter_b
-    and bias.
+    (float adapters) and bias.
     """
+    if adapter_scales is not None and (frozen_adapter is not None or adapter_scales.requires_grad):
+        raise ValueError("salr.ops.sparse_lowrank_gemm: adapter_scales: an int8 adapter is frozen and whole "
+                         "(no frozen_adapter beside it, no gradient for its scales)")
     if frozen_adapter is not None:
         frozen_a, frozen_b = frozen_adapter
         if frozen_a.requires_grad or frozen_b.requires_grad:
@@ -91,15 +97,17 @@ def sparse_lowrank_gemm(x: Tensor, bitmap: Tensor, values: Tensor, offsets: Tens
     if native_available():
         op = torch.ops.salr.sparse_lowrank_gemm.default
         if _needs_autograd(x, values, adapter_a, adapter_b, bias):
-            return op(x, bitmap, values, offsets, out_features, in_features, adapter_a, adapter_b, bias, scales)
+            return op(x, bitmap, values, offsets, out_features, in_features, adapter_a, adapter_b, bias, scales,
+                      adapter_scales)
         # Nothing to differentiate: go straight to the backend kernel. The autograd kernel that
         # torch.library.register_autograd installs is Python and runs on every call, even under
         # no_grad (~3 µs, as much as a small layer's whole GEMV); skipping it is what torch.library's
         # own no-grad branch does, without the round trip through Python.
         with _below_autograd():
-            return op(x, bitmap, values, offsets, out_features, in_features, adapter_a, adapter_b, bias, scales)
+            return op(x, bitmap, values, offsets, out_features, in_features, adapter_a, adapter_b, bias, scales,
+                      adapter_scales)
     return reference.sparse_lowrank_gemm(x, bitmap, values, offsets, out_features, in_features,
-                                         adapter_a, adapter_b, bias, scales)
+                                         adapter_a, adapter_b, bias, scales, adapter_scales)
 
 
 def sparse_gemm_transposed(grad_out: Tensor, bitmap: Tensor, values: Tensor, offsets: Tensor,

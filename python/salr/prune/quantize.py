@@ -90,6 +90,29 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return reference.dequantize(q, scales.to(q.device), torch.float32)
 
 
+def quantize_adapter_int8(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A low-rank adapter B·A (a [R, K], b [N, R]) as int8 for sparse_lowrank_gemm's adapter_scales:
+    ``(q_a int8 [R, K], q_b int8 [N, R], b_scales fp32 [N])`` with B·A ≈ diag(b_scales)·q_b·q_a. A's
+    rows get their own grid (scale s_r); s_r is folded into B's column r before B is put on a grid per
+    row, so the product needs one scale per output row only. Plain round to nearest: the factors are
+    dense (no mask to keep)."""
+    check_tensor(a, "a", dim=2)
+    check_tensor(b, "b", dim=2)
+    if a.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64) or b.dtype != a.dtype:
+        raise ValueError(f"quantize_adapter_int8: a and b must share a float dtype, got {a.dtype} and {b.dtype}")
+    if b.shape[1] != a.shape[0]:
+        raise ValueError(f"quantize_adapter_int8: b must have shape [N, {a.shape[0]}] to match a, got {tuple(b.shape)}")
+    a32, b32 = a.detach().float(), b.detach().float()
+    if not (torch.isfinite(a32).all() and torch.isfinite(b32).all()):
+        raise ValueError("quantize_adapter_int8: a and b must be finite")
+    a_scales = int8_scales(a32)
+    q_a = torch.round(a32 / a_scales[:, None]).clamp(-QMAX, QMAX).to(torch.int8)
+    folded = b32 * a_scales[None, :]
+    b_scales = int8_scales(folded)
+    q_b = torch.round(folded / b_scales[:, None]).clamp(-QMAX, QMAX).to(torch.int8)
+    return q_a.contiguous(), q_b.contiguous(), b_scales
+
+
 def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest int8 of a pruned [N, K] weight: ``(q int8 [N, K], scales fp32)``; the
     nonzeros of q are exactly the nonzeros of `weight`."""
