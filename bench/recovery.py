@@ -15,8 +15,8 @@ A recipe is a '+'-joined name:
   <criterion>+svd+salor        SALR with sparse LoRA factors (50 %, cubic ramp over the first half)
   <criterion>+svd+int8         SALR on an int8 base (per-row scales): Wanda rounds to nearest after
                                  pruning, SparseGPT folds the rounding into its column loop (issue 21);
-                                 also evaluated with the merged adapters rounded to int8 (per row of A
-                                 and of B): the quality an int8-adapter format would have
+                                 also evaluated with the merged adapters stored as int8
+                                 (salr.quantize_adapters_, one scale per output row)
   losa+rmi | losa+owl          LoSA from the dense model (mean rank r, r_max 4r), merged: no adapters
 A sparse recipe may name its own target after '@' (otherwise --sparsity, unstructured): wanda+svd@0.7,
 wanda+svd@2:4 (N:M, SALR recipes only), so one table holds several targets against one baseline.
@@ -47,11 +47,10 @@ from salr.cli import steps
 from salr.interop.hf import to_transformers
 from salr.io.files import atomic_write_text
 from salr.io.saved_model import save
-from salr.methods.salr.layer import SALRLinear
+from salr.methods.salr.model import quantize_adapters_
 from salr.methods.salor.config import FactorSparsityConfig
 from salr.prune.masks import resolve_sparsity
 from salr.prune.owl import owl_block_sparsity
-from salr.prune.quantize import int8_scales
 from salr.prune.type_allocation import typed_layer_sparsity
 from salr.train import distill
 from salr.train.config import TrainConfig
@@ -121,18 +120,11 @@ def lora_teacher(model: torch.nn.Module, splits, budget: steps.Budget, seed: int
     return distill.frozen_teacher(to_transformers(teacher))
 
 
-@torch.no_grad()
 def with_int8_adapters(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of a merged SALR model whose adapters A [R, K] and B [N, R] are rounded to the int8 grid
-    (round to nearest, one scale per row) and kept in their float dtype: what int8 adapters would score."""
+    """A copy of a merged SALR model with its adapters stored as int8 (salr.quantize_adapters_: the
+    format the op reads, one scale per output row)."""
     model = copy.deepcopy(model)
-    for layer in model.modules():
-        if isinstance(layer, SALRLinear) and layer.svd_a is not None:
-            for factor in (layer.svd_a, layer.svd_b):
-                # Plain RTN: dense factors have no bitmap to keep, so values may round to 0 (quantize_int8
-                # keeps a pruned weight's survivors at ±1).
-                step = int8_scales(factor.float())[:, None]
-                factor.copy_((torch.round(factor.float() / step).clamp(-127, 127) * step).to(factor.dtype))
+    quantize_adapters_(model)
     return model
 
 

@@ -139,8 +139,8 @@ def test_quick_run_table_plot_and_resume(recovery, tmp_path, monkeypatch, capsys
     assert "--lora-rank" in capsys.readouterr().err
 
 
-def test_int8_adapters_are_on_the_grid(recovery):
-    """with_int8_adapters rounds a copy's merged A and B to 255 levels per row; the model is untouched."""
+def test_int8_adapters_copy(recovery):
+    """with_int8_adapters stores a copy's merged adapters as int8; the model itself is untouched."""
     model = tiny_model("llama")
     salr.sparsify_(model, salr.SALRConfig(sparsity=0.5, criterion="magnitude", svd_rank=4, lora_rank=2))
     salr.merge_(model)
@@ -148,9 +148,6 @@ def test_int8_adapters_are_on_the_grid(recovery):
     pairs = [(a, b) for a, b in zip(model.modules(), rounded.modules()) if isinstance(a, SALRLinear)]
     assert pairs
     for before, after in pairs:
-        for old, new in ((before.svd_a, after.svd_a), (before.svd_b, after.svd_b)):
-            step = old.float().abs().amax(1, keepdim=True) / 127
-            levels = new.float() / step
-            assert torch.allclose(levels, levels.round(), atol=1e-3)  # on the grid
-            assert (new.float() - old.float()).abs().le(step * (0.5 + 1e-4)).all()  # the nearest point
-            assert not torch.equal(old, new)
+        assert before.svd_a.dtype == torch.float32 and before.adapter_scales is None
+        assert after.svd_a.dtype == after.svd_b.dtype == torch.int8 and after.adapter_scales is not None
+        assert torch.allclose(after.to_dense(), before.to_dense(), atol=0.02 * before.to_dense().abs().max().item())

@@ -3,7 +3,8 @@
 The base weight is stored in the BM8x8 bitmap format (:class:`BitmapSparseWeight`) and served by
 ``torch.ops.salr.sparse_lowrank_gemm``, which fuses the sparse GEMM with concatenated low-rank
 adapters. One call applies a method: ``salr.sparsify_(model, SALRConfig(...) | SALORConfig(...),
-calibration)``; ``salr.merge_(model)`` folds the trained adapters; LoSA, which trains while it
+calibration)``; ``salr.merge_(model)`` folds the trained adapters (``salr.quantize_adapters_(model)``
+then stores them as int8); LoSA, which trains while it
 prunes, is ``salr.losa.run``. ``salr.save`` / ``salr.load`` write and read a model directory.
 
 The package, bottom to top (docs/design.md §3): ``ops`` (the ops, their pure-PyTorch reference,
@@ -19,7 +20,7 @@ from salr.ops import reference
 from salr.ops.format import FORMAT_NAME, FORMAT_VERSION, BitmapSparseWeight
 from salr.methods import (FactorSparsityConfig, SALORConfig, SALORLinear, SALRConfig, SALRLinear, merge_,
                           sparsify_)
-from salr.methods.salr.model import prune_model
+from salr.methods.salr.model import prune_model, quantize_adapters_
 from salr.io.saved_model import load, save
 from salr.eval.perplexity import perplexity
 from salr import losa
@@ -39,6 +40,7 @@ __all__ = [
     "merge_",
     "perplexity",
     "prune_model",
+    "quantize_adapters_",
     "save",
     "sparsify_",
     "FORMAT_NAME",

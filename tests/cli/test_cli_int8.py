@@ -65,6 +65,24 @@ def test_finetune_quantize_int8(tiny_assets, tmp_path):
     assert ppl == pytest.approx(metrics["stages"]["fine-tuned"]["perplexity"], rel=1e-5)
 
 
+def test_finetune_quantize_adapters_int8(tiny_assets, tmp_path):
+    out = tmp_path / "run"
+    assert run(tiny_assets, "finetune", out, *TRAIN, "--quantize", "int8", "--quantize-adapters", "int8") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["stages"]) == ["pruned", "fine-tuned", "int8 adapters"]
+    model, ppl = _reloaded_perplexity(tiny_assets, out / "model")
+    layers = salr_layers(model).values()
+    assert all(m.svd_a.dtype == m.svd_b.dtype == torch.int8 and m.adapter_scales.shape == (m.out_features,)
+               for m in layers)
+    record = json.loads((out / "model" / "config.json").read_text())["salr"]
+    assert record["adapter_quantize"] == "int8"
+    assert all(r["adapter_quantize"] == "int8" for r in record["layers"].values())
+    # The saved model is the one evaluated after the adapters were rounded, and rounding moved it a little.
+    assert ppl == pytest.approx(metrics["stages"]["int8 adapters"]["perplexity"], rel=1e-5)
+    assert ppl != metrics["stages"]["fine-tuned"]["perplexity"]
+    assert ppl == pytest.approx(metrics["stages"]["fine-tuned"]["perplexity"], rel=0.05)
+
+
 def test_losa_quantizes_after_its_last_merge(tiny_assets, tmp_path):
     out = tmp_path / "run"
     assert run(tiny_assets, "finetune", out, "--method", "losa", "--rounds", "2", "--steps", "2",
@@ -83,6 +101,9 @@ def test_losa_quantizes_after_its_last_merge(tiny_assets, tmp_path):
     ("finetune", ["--method", "losa", "--quantize", "int3"], "--quantize: expected None or one of int8"),
     ("prune", ["--quantize", "int8", "--quantize-group-size", "32"], "--quantize-group-size: expected None"),
     ("prune", ["--quantize-group-size", "64"], "--quantize-group-size: only with --quantize int8"),
+    ("finetune", ["--quantize-adapters", "int4"], "salr finetune: error: --quantize-adapters: expected None or one"),
+    ("finetune", ["--method", "losa", "--quantize-adapters", "int8"],
+     "--quantize-adapters: a merged LoSA model has no adapters"),
 ])
 def test_bad_quantize_is_one_line(tiny_assets, tmp_path, command, extra, message, capsys):
     out = tmp_path / "run"

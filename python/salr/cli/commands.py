@@ -166,6 +166,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     deterministic and every rank reads the same calibration windows), takes its slice of every global
     batch, and rank 0 alone evaluates and writes the run directory, checkpoints and the saved model."""
     world = _launched_ranks()
+    if steps.adapter_quantize_option(args) and args.method == "losa":
+        raise ValueError("--quantize-adapters: a merged LoSA model has no adapters")
     if args.method == "losa":
         if world > 1:
             raise ValueError("--method losa: runs on one process (its rounds prune and merge between training "
@@ -212,6 +214,8 @@ def _finetune(args: argparse.Namespace, budget, factor_options: dict, distill_op
         return 0
     stages["fine-tuned"] = {"perplexity": steps.evaluate(model, splits, budget, "fine-tuned")}
     steps.merge_all(model)
+    if steps.adapter_quantize_option(args):
+        steps.quantize_merged_adapters(model, splits, budget, stages)
     save(model, run.file("model"), tokenizer=tokenizer, overwrite=True)
     run.update_metrics(method=args.method, stages=stages, perplexity_over=steps.perplexity_scope(splits),
                        history=history, layers=steps.layer_table(model))

@@ -38,6 +38,7 @@ RELOAD_TOLERANCE = 0.0  # the reloaded model must give bit-identical logits
 
 def run_demo(args: argparse.Namespace) -> int:
     quantize = steps.quantize_options(args)  # before the run directory is touched
+    adapter_quantize = steps.adapter_quantize_option(args)
     budget = steps.Budget.quick() if args.quick else steps.Budget()
     if args.steps is not None:
         budget.train_steps = args.steps
@@ -50,6 +51,8 @@ def run_demo(args: argparse.Namespace) -> int:
         if quantize["quantize"] is not None:
             raise ValueError("--quantize: the demo's LoSA run keeps float bases; quantize a LoSA model with "
                              "`salr finetune --method losa --quantize int8`")
+        if adapter_quantize is not None:
+            raise ValueError("--quantize-adapters: a merged LoSA model has no adapters")
         recipe = {}
     else:  # the defaults resolved, so config.json says what ran
         recipe = {"criterion": args.criterion or DEFAULT_CRITERION,
@@ -90,6 +93,8 @@ def run_demo(args: argparse.Namespace) -> int:
     run.update_metrics(stages=stages, history=history)
 
     merged = steps.merge_all(model)
+    if adapter_quantize:
+        steps.quantize_merged_adapters(model, splits, budget, stages)
     saved = save(model, run.file("model"), tokenizer=tokenizer, overwrite=True)
     reloaded, reload_diff = steps.reload_matches(model, saved, splits)
     sparse_for_speed = steps.dense_copy(reloaded).to(speed_dtype or torch.float32)  # the model timed
@@ -165,7 +170,8 @@ def _write_report(run, stages, metrics, layers, history, method: str) -> None:
 
 def _print_summary(run, stages, metrics) -> None:
     d, p, f = (stages[k]["perplexity"] for k in ("dense", "pruned", "fine-tuned"))
-    print(f"perplexity: dense {d:.2f}, pruned {p:.2f}, fine-tuned {f:.2f}")
+    int8 = f", with int8 adapters {stages['int8 adapters']['perplexity']:.2f}" if "int8 adapters" in stages else ""
+    print(f"perplexity: dense {d:.2f}, pruned {p:.2f}, fine-tuned {f:.2f}{int8}")
     print(f"decode: dense {stages['dense']['tokens_per_s']:.1f} tok/s, salr {stages['fine-tuned']['tokens_per_s']:.1f} "
           f"tok/s ({metrics['decode_speedup']:.2f}x, byte limit {metrics['decode']['byte_limit']:.2f}x) on "
           f"{speed_context_line(metrics['decode'])}; block weights {metrics['block_weight_mb_dense']:.0f} MB -> "

@@ -89,6 +89,12 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     _add_quantize_args(p)
 
 
+def _add_adapter_quantize_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize-adapters", default=None, metavar="int8",
+                   help="after the merge, store the inference adapters as int8 with one fp32 scale per output row "
+                        "(half their decode bytes in bf16; the perplexity is evaluated again); default: keep them")
+
+
 def _add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default=None, metavar="int8",
                    help="store the pruned bases as int8 values with fp32 scales (SparseGPT folds the rounding into "
@@ -164,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune_args(p)
     _add_train_args(p)
     _add_losa_args(p)
+    _add_adapter_quantize_arg(p)
     _add_run_args(p, "runs/finetune")
 
     p = sub.add_parser("eval", help="perplexity of a model (and lm-eval tasks)",
@@ -204,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed-dtype", choices=["bf16", "fp32"], default="bf16",
                    help="dtype of the dense and salr copies timed for decode tokens/s (default bf16)")
     _add_quantize_args(p)
+    _add_adapter_quantize_arg(p)
     _add_run_args(p, "runs/demo")
 
     p = sub.add_parser("generate", help="greedy text from a saved (or dense) model, streamed; tokens/s",

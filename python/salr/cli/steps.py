@@ -24,7 +24,7 @@ from salr.methods.registry import merge_, sparsify_
 from salr.methods.salor.config import FactorSparsityConfig, SALORConfig
 from salr.methods.salor.factors import has_factor_masks, update_all_masks
 from salr.methods.salr.config import SALRConfig
-from salr.methods.salr.model import salr_layers
+from salr.methods.salr.model import quantize_adapters_, salr_layers
 from salr.prune.quantize import check_group_size, check_quantize
 from salr.train.config import TrainConfig
 from salr.train.loop import train
@@ -158,6 +158,18 @@ def run_losa(model: nn.Module, splits: assets.TextSplits, budget: Budget, config
 def merge_all(model: nn.Module) -> int:
     """Fold every trained LoRA into its layer's inference adapter; returns how many layers merged."""
     return merge_(model)
+
+
+def adapter_quantize_option(args: argparse.Namespace) -> str | None:
+    """--quantize-adapters, checked before the model loads: None or "int8"."""
+    return check_quantize(args.quantize_adapters, "--quantize-adapters")
+
+
+def quantize_merged_adapters(model: nn.Module, splits: assets.TextSplits, budget: Budget, stages: dict) -> None:
+    """The merged adapters stored as int8 (salr.quantize_adapters_), and the model evaluated again as
+    stage "int8 adapters"."""
+    quantize_adapters_(model)
+    stages["int8 adapters"] = {"perplexity": evaluate(model, splits, budget, "int8 adapters")}
 
 
 @torch.no_grad()

@@ -63,6 +63,8 @@ def _layer_record(module: SALRLinear) -> dict[str, Any]:
     # An int8 base adds "quantize" / "quantize_group_size" ("dtype" is then the compute dtype); float
     # layers keep the record format 2 always had, byte for byte.
     quantized = {"quantize": module.quantize, "quantize_group_size": module.quantize_group_size} if module.quantize else {}
+    if module.adapter_quantize:  # int8 inference adapter: svd_a / svd_b int8 + adapter_scales
+        quantized["adapter_quantize"] = module.adapter_quantize
     return {"in_features": module.in_features, "out_features": module.out_features,
             "bias": module.bias is not None, "svd_rank": module.svd_rank, "lora_rank": module.lora_rank,
             "alpha": module.alpha, "dropout": module.dropout, "trainable_svd": module.trainable_svd,
@@ -81,7 +83,8 @@ def _summary(model: nn.Module, layers: dict[str, SALRLinear]) -> dict[str, Any]:
             "criterion": config.criterion if isinstance(config, SALRConfig) else None,
             "svd_ranks": sorted({m.svd_rank for m in layers.values()}),
             "lora_ranks": sorted({m.lora_rank for m in layers.values()}),
-            **({"quantize": "int8"} if any(m.quantize for m in layers.values()) else {})}
+            **({"quantize": "int8"} if any(m.quantize for m in layers.values()) else {}),
+            **({"adapter_quantize": "int8"} if any(m.adapter_quantize for m in layers.values()) else {})}
 
 
 def _config_record(config: SALRConfig) -> dict[str, Any]:
@@ -246,6 +249,11 @@ def load(directory: str | os.PathLike, device: torch.device | str = "cpu") -> nn
                                  f"{'missing' if module.scales is None else 'present'}")
             if module.scales is not None:
                 module.sparse_weight  # noqa: B018 - checks the scales (dtype, shape, finite, > 0)
+            if module.adapter_scales is not None or (module.svd_a is not None and module.svd_a.dtype == torch.int8):
+                if module.svd_a is None:
+                    raise ValueError("adapter_scales without an adapter")
+                reference.dequantized_adapter(module.svd_a, module.svd_b, module.adapter_scales, torch.float32,
+                                              "load")  # int8 factors with finite, positive scales
         except ValueError as exc:
             raise ValueError(f"{path}: layer {name}: {exc}") from exc
     model.to(device)

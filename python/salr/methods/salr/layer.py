@@ -24,6 +24,11 @@ one call of ``salr.ops.sparse_lowrank_gemm``; (its settings are :class:`~salr.me
 * :meth:`merge` folds the LoRA into the concatenated inference adapter (the SVD adapter becomes
   [A_svd; A_lora], [B_svd, s·B_lora], computed in fp32 and checked finite); the base is untouched.
   There is no unmerge: the LoRA factors are gone after a merge (save before merging to keep them).
+* :meth:`quantize_adapters` (after the merge) stores that inference adapter as int8 (issue 21):
+  ``svd_a`` / ``svd_b`` become int8 q_a / q_b and the buffer ``adapter_scales`` [N] fp32 holds one
+  scale per output row, B·A = diag(adapter_scales)·q_b·q_a
+  (:func:`salr.prune.quantize.quantize_adapter_int8`); the op reads the int8 rows directly. Frozen,
+  like the merged adapter it replaces.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from salr.nn.models import is_conv1d, linear_dims, weight_view
 from salr.nn.svd import check_rank, residual_adapter
 from salr.ops import reference
 from salr.prune.criteria import prune_weight, prune_weight_int8
-from salr.prune.quantize import check_group_size, check_quantize, dequantize
+from salr.prune.quantize import check_group_size, check_quantize, dequantize, quantize_adapter_int8
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """`t` in `dtype` (None stays None); skips Tensor.to's argument parsing when nothing changes."""
@@ -84,6 +89,7 @@ class SALRLinear(BitmapLinear):
             self._register_base(torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
                                 torch.ones(shape, dtype=torch.float32, device=device), dtype)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_buffer("adapter_scales", None)  # an int8 inference adapter's (quantize_adapters)
         for name in ("svd_a", "svd_b", "lora_a", "lora_b"):
             self.register_parameter(name, None)
         if svd_rank:
@@ -195,6 +201,11 @@ class SALRLinear(BitmapLinear):
         return self.svd_rank + self.lora_rank
 
     @property
+    def adapter_quantize(self) -> str | None:
+        """"int8" once :meth:`quantize_adapters` stored the inference adapter as int8, else None."""
+        return None if self.adapter_scales is None else "int8"
+
+    @property
     def scale(self) -> float:
         return self.alpha / self.lora_rank if self.lora_rank else 0.0
 
@@ -205,7 +216,7 @@ class SALRLinear(BitmapLinear):
     def compressed_bytes(self) -> int:
         """Bytes of the stored tensors (base + adapters + bias)."""
         tensors = [self.bitmap, self.values, self.offsets, self.scales, self.bias, self.svd_a, self.svd_b, self.lora_a,
-                   self.lora_b]
+                   self.lora_b, self.adapter_scales]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     # ---- compute -------------------------------------------------------------------------------
@@ -243,6 +254,12 @@ class SALRLinear(BitmapLinear):
         buffers = self._buffers
         dtype = self.compute_dtype
         xc = _cast(x, dtype)
+        if buffers["adapter_scales"] is not None:  # the int8 inference adapter: read as stored
+            params = self._parameters
+            y = ops.sparse_lowrank_gemm(xc, buffers["bitmap"], buffers["values"], buffers["offsets"], self.out_features,
+                                        self.in_features, params["svd_a"], params["svd_b"], _cast(buffers["bias"], dtype),
+                                        scales=buffers["scales"], adapter_scales=buffers["adapter_scales"])
+            return _cast(y, x.dtype)
         separate_lora = self._parameters["lora_a"] is not None and self.training and self.dropout > 0
         frozen, a, b = self._adapters(dtype, with_lora=not separate_lora)
         y = ops.sparse_lowrank_gemm(xc, buffers["bitmap"], buffers["values"], buffers["offsets"], self.out_features,
@@ -258,7 +275,8 @@ class SALRLinear(BitmapLinear):
         """The effective dense weight W_s + B_svd·A_svd + s·B_lora·A_lora in fp32 (for checks)."""
         w = self.sparse_weight.to_dense().float()
         if self.svd_a is not None:
-            w = w + self.svd_b.float() @ self.svd_a.float()
+            svd_a, svd_b = self._svd_factors()
+            w = w + svd_b @ svd_a
         if self.lora_a is not None:
             lora_a, lora_b = self._lora_factors()
             w = w + self.scale * (lora_b.float() @ lora_a.float())
@@ -270,8 +288,9 @@ class SALRLinear(BitmapLinear):
         (B_svd·A_svd + s·B_lora·A_lora, concatenated in that order); None without adapters."""
         parts_a, parts_b = [], []
         if self.svd_a is not None:
-            parts_a.append(self.svd_a.float())
-            parts_b.append(self.svd_b.float())
+            svd_a, svd_b = self._svd_factors()
+            parts_a.append(svd_a)
+            parts_b.append(svd_b)
         if self.lora_a is not None:
             lora_a, lora_b = self._lora_factors()
             parts_a.append(lora_a.float())
@@ -279,6 +298,28 @@ class SALRLinear(BitmapLinear):
         if not parts_a:
             return None
         return torch.cat(parts_a, 0), torch.cat(parts_b, 1)
+
+    def _svd_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_svd, B_svd) in fp32, an int8 adapter dequantized."""
+        if self.adapter_scales is None:
+            return self.svd_a.float(), self.svd_b.float()
+        return reference.dequantized_adapter(self.svd_a, self.svd_b, self.adapter_scales, torch.float32)
+
+    @torch.no_grad()
+    def quantize_adapters(self) -> "SALRLinear":
+        """Store the merged inference adapter as int8 with one fp32 scale per output row (module doc).
+        ValueError before :meth:`merge` (a LoRA still trains) or with a trainable SVD adapter; a no-op
+        without an adapter or when already int8. Returns self."""
+        if self.lora_a is not None or self.trainable_svd:
+            raise ValueError("quantize_adapters: merge the LoRA first (an int8 adapter is an inference form: "
+                             "frozen, no LoRA beside it)")
+        if self.svd_a is None or self.adapter_scales is not None:
+            return self
+        q_a, q_b, b_scales = quantize_adapter_int8(self.svd_a, self.svd_b)
+        self.svd_a = nn.Parameter(q_a, requires_grad=False)
+        self.svd_b = nn.Parameter(q_b, requires_grad=False)
+        self.adapter_scales = b_scales.to(q_a.device)
+        return self
 
     @torch.no_grad()
     def merge(self) -> "SALRLinear":
@@ -303,7 +344,7 @@ class SALRLinear(BitmapLinear):
                               unexpected_keys, error_msgs):
         # The nnz (values) and the adapter ranks are data, not architecture: adopt the incoming
         # shapes and dtypes so that a skeleton module loads any saved SALRLinear bit-exactly.
-        for name in ("bitmap", "values", "offsets", "scales", "bias"):
+        for name in ("bitmap", "values", "offsets", "scales", "bias", "adapter_scales"):
             key = prefix + name
             if key in state_dict and name in self._buffers:
                 src = state_dict[key]
@@ -314,6 +355,7 @@ class SALRLinear(BitmapLinear):
                 src = state_dict[key]
                 old = getattr(self, name)
                 grad = old.requires_grad if old is not None else (name.startswith("lora") or self.trainable_svd)
+                grad = grad and src.dtype.is_floating_point  # an int8 adapter is frozen
                 setattr(self, name, nn.Parameter(torch.empty(src.shape, dtype=src.dtype, device=self._device()),
                                                  requires_grad=grad))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,

@@ -211,6 +211,19 @@ def quantize_bases(model: nn.Module, quantize: str = "int8", quantize_group_size
     return count
 
 
+def quantize_adapters_(model: nn.Module) -> int:
+    """Store every merged SALR adapter of `model` as int8 with one scale per output row, in place
+    (:meth:`SALRLinear.quantize_adapters`: after :func:`salr.merge_`); returns how many layers changed.
+    The base (float or int8) is untouched; decoding then reads ~half the adapter bytes of bf16."""
+    check_module(model)
+    changed = 0
+    for layer in salr_layers(model).values():
+        before = layer.adapter_scales is None and layer.svd_a is not None
+        layer.quantize_adapters()
+        changed += before
+    return changed
+
+
 def freeze_all_but_adapters(model: nn.Module) -> list[str]:
     """requires_grad only on LoRA factors (and SVD factors of trainable_svd layers); returns their names."""
     check_module(model)
