@@ -14,6 +14,7 @@ Everything runs under torch.no_grad(), as decoding does.
   python bench/cpu_small_layers.py
   python bench/cpu_small_layers.py --isa avx2 --dtype bf16 --threads 1 --clock cpu   # shared machine
   python bench/cpu_small_layers.py --dtype int8   # int8 base (per-row scales), x/adapters/dense in bf16
+  python bench/cpu_small_layers.py --dtype int8a  # int8 base and int8 adapters (adapter_scales), x in bf16
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-from salr import BitmapSparseWeight
+from salr import BitmapSparseWeight, ops
 from salr.methods.salr.layer import SALRLinear
 from salr.cli.bench import random_sparse_weight
-from salr.prune.quantize import quantize_int8
+from salr.prune.quantize import quantize_adapter_int8, quantize_int8
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # q/o, k/v, gate/up, down
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.bfloat16}  # int8: int8 base, bf16 rest
+# int8: int8 base, bf16 rest; int8a: int8 base and int8 adapters (quantize_adapter_int8), bf16 x and dense
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.bfloat16, "int8a": torch.bfloat16}
 
 
 def interleaved_medians(fns: dict, calls: int, repeats: int, clock=time.perf_counter, warmup: int = 10) -> dict:
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         dtype = DTYPES[dname]
         for rows, k in SHAPES:
             dense = random_sparse_weight(rows, k, 0.5, dtype, gen)
-            q, scales = quantize_int8(dense) if dname == "int8" else (dense, None)
+            q, scales = quantize_int8(dense) if dname.startswith("int8") else (dense, None)
             sparse = BitmapSparseWeight.from_dense(q, scales)
             a = (torch.randn(args.rank, k, generator=gen) / k**0.5).to(dtype)
             b = (torch.randn(rows, args.rank, generator=gen) / 8).to(dtype)
@@ -88,12 +90,18 @@ def main(argv: list[str] | None = None) -> None:
             linear = torch.nn.Linear(k, rows, bias=False, dtype=dtype)
             linear.weight.data.copy_(dense)
             layer = SALRLinear.from_weights(q, svd_a=a, svd_b=b, scales=scales, dtype=dtype).eval()
+            adapter = {"adapter_a": a, "adapter_b": b}
+            if dname == "int8a":
+                layer.quantize_adapters()
+                q_a, q_b, b_scales = quantize_adapter_int8(a, b)
+                adapter = {"adapter_a": q_a, "adapter_b": q_b, "adapter_scales": b_scales}
             fns = {"dense": lambda: F.linear(x, dense),
                    "dense+lora": lambda: F.linear(x, dense) + F.linear(F.linear(x, a), b),
                    "nn.Linear": lambda: linear(x)}
             for isa in args.isa:
                 fns[f"{isa} salr"] = with_isa(isa, lambda: sparse.linear(x))
-                fns[f"{isa} salr+r"] = with_isa(isa, lambda: sparse.linear(x, a, b))
+                fns[f"{isa} salr+r"] = with_isa(isa, lambda: ops.sparse_lowrank_gemm(
+                    x, sparse.bitmap, sparse.values, sparse.offsets, rows, k, scales=scales, **adapter))
                 fns[f"{isa} layer"] = with_isa(isa, lambda: layer(x))
             with torch.no_grad():
                 t = interleaved_medians(fns, args.calls, args.repeats,
