@@ -30,7 +30,7 @@ from salr.methods.salr.config import SALRConfig, dtype_from_name, rename_legacy
 from salr.methods.salr.layer import SALRLinear
 from salr.nn import svd
 from salr.ops.format import BitmapSparseWeight
-from salr.prune import criteria, masks, owl
+from salr.prune import criteria, masks, owl, type_allocation
 from salr.prune import quantize as pquant
 from salr.train import chat_data, checkpoint, data, distributed
 from salr.train import config as train_config
@@ -44,7 +44,7 @@ PUBLIC_MODULES = ["salr", "salr.ops", "salr.ops.format", "salr.methods", "salr.m
                   "salr.methods.salr.config", "salr.methods.salr.layer", "salr.methods.salr.model",
                   "salr.methods.salor.config", "salr.methods.salor.factors", "salr.methods.salor.layer",
                   "salr.methods.salor.model", "salr.prune.masks", "salr.prune.criteria", "salr.prune.owl",
-                  "salr.prune.quantize", "salr.nn.svd",
+                  "salr.prune.quantize", "salr.prune.type_allocation", "salr.nn.svd",
                   "salr.nn.bitmap_linear", "salr.train.config", "salr.train.loop", "salr.train.data", "salr.train.chat_data",
                   "salr.train.distributed",
                   "salr.train.checkpoint", "salr.train.state", "salr.eval.perplexity", "salr.eval.generation",
@@ -161,6 +161,10 @@ CASES = [
     ("salr.methods.salr.model.resolve_layerwise", lambda: salr_model.resolve_layerwise(model(), {"layerwise": "owl"}, None), E, "resolve_layerwise: config"),
     ("salr.methods.salr.model.resolve_layerwise", lambda: salr_model.resolve_layerwise(model(), SALRConfig(layerwise="owl", svd_rank=4, lora_rank=4), None), E, "calibration: layerwise='owl'"),
     ("salr.methods.salr.model.quantize_bases", lambda: salr_model.quantize_bases(None), E, "model: expected a torch.nn.Module"),
+    ("salr.methods.salr.model.quantize_adapters_", lambda: salr_model.quantize_adapters_(None), E,
+     "model: expected a torch.nn.Module"),
+    ("salr.methods.salr.layer.SALRLinear.quantize_adapters",
+     lambda: SALRLinear(16, 8, svd_rank=2, lora_rank=2).quantize_adapters(), E, "quantize_adapters: merge the LoRA first"),
     ("salr.methods.salr.model.quantize_bases", lambda: salr_model.quantize_bases(model(), "int4"), E, "quantize:"),
     ("salr.methods.salr.config.SALRConfig", lambda: SALRConfig(quantize="int4"), E, "quantize: expected None or one of int8"),
     ("salr.methods.salr.layer.SALRLinear.from_weights", lambda: SALRLinear.from_weights(torch.zeros(4, 4, dtype=torch.int8)), E, "scales"),
@@ -173,6 +177,12 @@ CASES = [
     ("salr.prune.owl.outlier_count", lambda: owl.outlier_count([1.0, 2.0], 5.0), E, "outlier_count: scores"),
     ("salr.prune.owl.block_outlier_ratios", lambda: owl.block_outlier_ratios(model(), torch.ones(2, 4), m=0), E, "owl_m"),
     ("salr.prune.owl.owl_ratios", lambda: owl.owl_ratios([0.1, 0.2], [10], 0.5), E, "owl_ratios: lods and sizes"),
+    ("salr.prune.owl.clipped_at_mean", lambda: owl.clipped_at_mean(torch.ones(2), torch.ones(2) / 2, 0.9, 0.0, 0.5), E,
+     "clipped_at_mean: target must lie in"),
+    ("salr.prune.owl.clipped_at_mean", lambda: owl.clipped_at_mean(torch.ones(2), torch.ones(3), 0.5, 0.0, 1.0), E,
+     "clipped_at_mean: raw and weights"),
+    ("salr.prune.type_allocation.typed_layer_sparsity", lambda: type_allocation.typed_layer_sparsity(model(), 0.99), E,
+     "typed_layer_sparsity: block_ratios"),
     ("salr.prune.owl.owl_block_sparsity", lambda: owl.owl_block_sparsity(model(), torch.ones(2, 4, dtype=torch.long), 1.2), E, "sparsity"),
     ("salr.prune.criteria.check_criterion", lambda: criteria.check_criterion("random"), E, "criterion"),
     ("salr.prune.masks.check_nm_width", lambda: masks.check_nm_width(10, (2, 4)), E, "weight"),
@@ -189,6 +199,10 @@ CASES = [
     ("salr.prune.quantize.check_quantize", lambda: pquant.check_quantize("int4"), E, "quantize: expected None or one of int8"),
     ("salr.prune.quantize.check_group_size", lambda: pquant.check_group_size(32), E, "quantize_group_size: expected None"),
     ("salr.prune.quantize.int8_scales", lambda: pquant.int8_scales(torch.zeros(3)), E, "weight: must be 2-D"),
+    ("salr.prune.quantize.quantize_adapter_int8", lambda: pquant.quantize_adapter_int8(torch.ones(2, 4), torch.ones(3, 3)),
+     E, "quantize_adapter_int8: b must have shape"),
+    ("salr.prune.quantize.quantize_adapter_int8", lambda: pquant.quantize_adapter_int8(torch.ones(4), torch.ones(3, 4)),
+     E, "a: must be 2-D"),
     ("salr.prune.quantize.round_to_grid", lambda: pquant.round_to_grid([1.0], torch.ones(1)), E, "w: expected a tensor"),
     ("salr.prune.quantize.quantize_to_grid", lambda: pquant.quantize_to_grid(torch.ones(4, 100), torch.zeros(4)), E, "scales: every scale"),
     ("salr.prune.quantize.dequantize", lambda: pquant.dequantize(torch.ones(2, 2), torch.ones(2)), E, "q: expected int8"),

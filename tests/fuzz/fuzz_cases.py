@@ -37,6 +37,18 @@ FP32_TINY = torch.finfo(torch.float32).smallest_normal
 SPECIAL_KINDS = ("nan", "+inf", "-inf", "subnormal", "-subnormal", "max", "-max", "half_max")
 
 
+@st.composite
+def int8_adapters(draw, rows: int, cols: int):
+    """An int8 adapter for sparse_lowrank_gemm: (q_a [R, cols], q_b [rows, R], adapter_scales [rows]), q in
+    ±127 (R up to 40), the scales' magnitude 2^-50 to 2^30 (the specials come from x and bias)."""
+    rank = draw(st.integers(0, 40))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    q_a = torch.randint(-127, 128, (rank, cols), generator=gen, dtype=torch.int8)
+    q_b = torch.randint(-127, 128, (rows, rank), generator=gen, dtype=torch.int8)
+    log2 = draw(st.sampled_from([-7, -7, -50, 30]))
+    return q_a, q_b, ((torch.rand(rows, generator=gen, dtype=torch.float64) + 0.5) * 2.0**log2).float()
+
+
 def _put(key: str, value: str | None) -> None:
     if value is None:
         os.environ.pop(key, None)

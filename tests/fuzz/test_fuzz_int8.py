@@ -15,10 +15,10 @@ from hypothesis import given, strategies as st
 
 import salr
 from salr import reference
-from fuzz_cases import (DTYPES, FUZZ_SETTINGS, LAYOUTS, densities, env, extents, fills, finite_abs, lay_out,
-                        lead_dims, materialize, sparse_product)
-from test_fuzz_ops import (DEFAULT_DENSE_CROSSOVER, adapter_and_bias_allowance, assert_admissible, flat, folded_readings,
-                           gemm_readings, overflow_limit, torch_gemm_readings)
+from fuzz_cases import (DTYPES, FUZZ_SETTINGS, LAYOUTS, densities, env, extents, fills, finite_abs, int8_adapters,
+                        lay_out, lead_dims, materialize, sparse_product)
+from test_fuzz_ops import (DEFAULT_DENSE_CROSSOVER, adapter_and_bias_allowance, adapter_operands, assert_admissible,
+                           flat, folded_readings, gemm_readings, overflow_limit, torch_gemm_readings)
 
 pytestmark = pytest.mark.skipif(not salr.native_available(), reason=salr.native_error() or "")
 ISAS = salr.available_cpu_isas()
@@ -56,27 +56,32 @@ def int8_gemm_cases(draw):
     dtype = draw(st.sampled_from(DTYPES))
     rows, cols = q.shape
     x = lay_out(materialize(draw(fills(dtype)), (*draw(lead_dims), cols), dtype), draw(st.sampled_from(LAYOUTS)))
-    a = b = bias = None
-    if draw(st.booleans()):
+    a = b = bias = adapter_scales = None
+    kind = draw(st.sampled_from(["none", "float", "int8"]))
+    if kind == "float":
         rank = draw(st.integers(0, 40))
         a = materialize(draw(fills(dtype)), (rank, cols), dtype)
         b = materialize(draw(fills(dtype)), (rows, rank), dtype)
+    elif kind == "int8":
+        a, b, adapter_scales = draw(int8_adapters(rows, cols))
     if draw(st.booleans()):
         bias = materialize(draw(fills(dtype)), (rows,), dtype)
-    return dtype, q, scales, x, a, b, bias, draw(st.booleans())
+    return dtype, q, scales, x, (a, b, adapter_scales), bias, draw(st.booleans())
 
 
 @pytest.mark.parametrize("isa", ISAS)
 @FUZZ_SETTINGS
 @given(case=int8_gemm_cases())
 def test_sparse_lowrank_gemm_int8(isa, case):
-    dtype, q, scales, x, a, b, bias, dense_path = case
+    dtype, q, scales, x, adapter, bias, dense_path = case
     rows, cols = q.shape
     bitmap, values, offsets = torch.ops.salr.bitmap_encode(q)
     with env(SALR_CPU_ISA=isa, SALR_CPU_DENSE_CROSSOVER="1" if dense_path else None):
-        out = torch.ops.salr.sparse_lowrank_gemm(x, bitmap, values, offsets, rows, cols, a, b, bias, scales)
+        out = torch.ops.salr.sparse_lowrank_gemm(x, bitmap, values, offsets, rows, cols, adapter[0], adapter[1], bias,
+                                                 scales, adapter[2])
     assert out.shape == (*x.shape[:-1], rows) and out.dtype == dtype
     out, x2 = flat(out), flat(x).double()
+    a, b, unscaled_overflow = adapter_operands(adapter)
     w = reference.dequantize(q, scales, torch.float64)
     readings = [gemm_readings(x2, w, a, b, bias, bitmap, offsets)]
     if dense_path or x2.shape[0] >= DEFAULT_DENSE_CROSSOVER[dtype]:
@@ -84,6 +89,7 @@ def test_sparse_lowrank_gemm_int8(isa, case):
     magnitude, absolute, may_overflow = adapter_and_bias_allowance(x2, a, b, bias, finite_abs(x2) @ w.abs().T)
     unscaled = finite_abs(x2) @ q.double().abs().T
     may_overflow |= (magnitude > overflow_limit(dtype)) | (unscaled > overflow_limit(torch.float32))
+    may_overflow |= unscaled_overflow(x2)
     assert_admissible(out, readings, magnitude, may_overflow, dtype, absolute)
 
 

@@ -43,7 +43,7 @@ import salr
 from salr import reference
 from conftest import TOLERANCE
 from fuzz_cases import (DTYPES, FP32_MAX, FP32_TINY, FUZZ_SETTINGS, LAYOUTS, admissible, densities, describe_mismatch, env,
-                        extents, fills, finite_abs, flush_subnormals, lay_out, lead_dims, materialize,
+                        extents, fills, finite_abs, flush_subnormals, int8_adapters, lay_out, lead_dims, materialize,
                         sparse_dense, sparse_product)
 
 pytestmark = pytest.mark.skipif(not salr.native_available(), reason=salr.native_error() or "")
@@ -105,14 +105,27 @@ def gemm_cases(draw):
     dtype, dense = draw(weights())
     rows, cols = dense.shape
     x = lay_out(materialize(draw(fills(dtype)), (*draw(lead_dims), cols), dtype), draw(st.sampled_from(LAYOUTS)))
-    a = b = bias = None
-    if draw(st.booleans()):
+    a = b = bias = adapter_scales = None
+    kind = draw(st.sampled_from(["none", "float", "int8"]))
+    if kind == "float":
         rank = draw(st.one_of(st.integers(0, 8), st.integers(9, 64)))
         a = lay_out(materialize(draw(fills(dtype)), (rank, cols), dtype), draw(st.sampled_from(LAYOUTS[:3])))
         b = lay_out(materialize(draw(fills(dtype)), (rows, rank), dtype), draw(st.sampled_from(LAYOUTS[:3])))
+    elif kind == "int8":
+        a, b, adapter_scales = draw(int8_adapters(rows, cols))
     if draw(st.booleans()):
         bias = materialize(draw(fills(dtype)), (rows,), dtype)
-    return dtype, dense, x, a, b, bias, draw(st.booleans())
+    return dtype, dense, x, (a, b, adapter_scales), bias, draw(st.booleans())
+
+
+def adapter_operands(adapter):
+    """(a, b) as the readings take them (an int8 adapter dequantized to float64) and the extra overflow
+    right of an int8 one: the kernels sum t·q_b unscaled in fp32 before applying its scale."""
+    a, b, adapter_scales = adapter
+    if adapter_scales is None:
+        return a, b, lambda x2: False
+    a64, b64 = reference.dequantized_adapter(a, b, adapter_scales, torch.float64)
+    return a64, b64, lambda x2: (finite_abs(x2) @ a64.abs().T) @ b.double().abs().T > FP32_MAX / 2
 
 
 def gemm_readings(x2, w, a, b, bias, bitmap, offsets):
@@ -170,13 +183,15 @@ def folded_readings(lhs, w, a, b, bias):
 @FUZZ_SETTINGS
 @given(case=gemm_cases())
 def test_sparse_lowrank_gemm(isa, case):
-    dtype, dense, x, a, b, bias, dense_path = case
+    dtype, dense, x, adapter, bias, dense_path = case
     rows, cols = dense.shape
     bitmap, values, offsets = torch.ops.salr.bitmap_encode(dense)
     with env(SALR_CPU_ISA=isa, SALR_CPU_DENSE_CROSSOVER="1" if dense_path else None):
-        out = torch.ops.salr.sparse_lowrank_gemm(x, bitmap, values, offsets, rows, cols, a, b, bias)
+        out = torch.ops.salr.sparse_lowrank_gemm(x, bitmap, values, offsets, rows, cols, adapter[0], adapter[1], bias,
+                                                 None, adapter[2])
     assert out.shape == (*x.shape[:-1], rows) and out.dtype == dtype
     out, x2, w = flat(out), flat(x).double(), dense.double()
+    a, b, unscaled_overflow = adapter_operands(adapter)
     readings = [gemm_readings(x2, w, a, b, bias, bitmap, offsets)]
     if dtype == torch.bfloat16:
         readings.append(gemm_readings(flush_subnormals(x2.to(dtype)).double(), flush_subnormals(dense).double(),
@@ -184,7 +199,7 @@ def test_sparse_lowrank_gemm(isa, case):
     if dense_path or x2.shape[0] >= DEFAULT_DENSE_CROSSOVER[dtype]:
         readings += torch_gemm_readings(flat(x), dense, a, b, bias) + folded_readings(flat(x), dense, a, b, bias)
     magnitude, absolute, may_overflow = adapter_and_bias_allowance(x2, a, b, bias, finite_abs(x2) @ finite_abs(w).T)
-    may_overflow |= magnitude > overflow_limit(dtype)
+    may_overflow |= (magnitude > overflow_limit(dtype)) | unscaled_overflow(x2)
     assert_admissible(out, readings, magnitude, may_overflow, dtype, absolute)
 
 

@@ -101,6 +101,12 @@ def owl_ratios(lods: Sequence[float], sizes: Sequence[int], target: float,
 def clipped_at_mean(raw: torch.Tensor, weights: torch.Tensor, target: float, lo: float, hi: float) -> tuple[float, ...]:
     """``clamp(raw + c, lo, hi)`` with the common shift c that makes its `weights`-weighted mean `target`
     (weights summing to 1, lo <= target <= hi): ratios moved apart, the global sparsity kept."""
+    if not (isinstance(raw, torch.Tensor) and isinstance(weights, torch.Tensor) and raw.dim() == 1
+            and weights.shape == raw.shape and raw.numel() > 0):
+        raise ValueError("clipped_at_mean: raw and weights must be 1-D tensors of one non-zero length")
+    if not lo <= target <= hi:
+        raise ValueError(f"clipped_at_mean: target must lie in [lo, hi] = [{lo}, {hi}], got {target}")
+
     def mean_at(shift: float) -> float:
         return float((weights * (raw + shift).clamp(lo, hi)).sum())
 
