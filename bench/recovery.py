@@ -128,14 +128,15 @@ def with_int8_adapters(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def per_type_sparsity(model: torch.nn.Module, splits, budget: steps.Budget, target: float, owl: bool) -> dict:
-    """{linear: sparsity}: the per-type offsets around each block's ratio (OWL's, measured on the dense
-    model with the budget's calibration windows, or the target everywhere)."""
+def per_type_sparsity(model: torch.nn.Module, splits, budget: steps.Budget, target: float, owl: bool,
+                      strength: float) -> dict:
+    """{linear: sparsity}: the per-type offsets (× strength) around each block's ratio (OWL's, measured on
+    the dense model with the budget's calibration windows, or the target everywhere)."""
     blocks = target
     if owl:
         calibration = splits.calibration_windows(budget.calib_windows, budget.calib_seq_len)
         blocks = owl_block_sparsity(model, calibration, target, progress=False)
-    return typed_layer_sparsity(model, blocks)
+    return typed_layer_sparsity(model, blocks, strength=strength)
 
 
 def trainable_params(model: torch.nn.Module) -> int:
@@ -176,8 +177,9 @@ def run_recipe(name: str, args: argparse.Namespace, budget: steps.Budget) -> dic
             options = {**target, "criterion": recipe["criterion"], "layerwise": "owl" if recipe["owl"] else "uniform",
                        "quantize": "int8" if recipe["int8"] else None}
             if recipe["types"]:
-                options.update(sparsity=per_type_sparsity(model, splits, budget, target["sparsity"], recipe["owl"]),
-                               layerwise="uniform")
+                options.update(sparsity=per_type_sparsity(model, splits, budget, target["sparsity"], recipe["owl"],
+                                                          args.type_strength), layerwise="uniform")
+                row["type_strength"] = args.type_strength
             if recipe["salor"]:
                 options["factor_config"] = FactorSparsityConfig(0.5, end_step=budget.train_steps // 2)
             if recipe["distill"]:
@@ -320,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-rank", type=int, default=None,
                         help="LoRA rank of every recipe, alpha 2r (default: the budget's 16; LoSA: its mean rank)")
     parser.add_argument("--rounds", type=int, default=5, help="LoSA rounds")
+    parser.add_argument("--type-strength", type=float, default=1.0,
+                        help="+types: the per-type offsets times this (default 1; a row records it)")
     parser.add_argument("--distill-weight", type=float, default=0.5)
     parser.add_argument("--distill-temperature", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)

@@ -58,6 +58,15 @@ def test_the_mapping_prunes_to_the_global_target():
     assert kept["q_proj"] > 0.55 and kept["v_proj"] < 0.4
 
 
+def test_strength_scales_the_offsets():
+    model = tiny_model("llama", layers=1)
+    one, two = typed_layer_sparsity(model, 0.5), typed_layer_sparsity(model, 0.5, strength=2.0)
+    q, v = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"
+    assert two[q] - two[v] == pytest.approx(2 * (one[q] - one[v]))
+    assert block_mean(model, two, 0) == pytest.approx(0.5, abs=1e-12)
+    assert typed_layer_sparsity(model, 0.5, strength=0.0) == {n: pytest.approx(0.5) for n in one}
+
+
 def test_custom_offsets_and_unknown_types():
     model = tiny_model("llama", layers=1)
     ratios = typed_layer_sparsity(model, 0.5, offsets={"down_proj": 0.2})
@@ -72,6 +81,7 @@ def test_custom_offsets_and_unknown_types():
     ((0.97,), "block_ratios must lie in"),
     ((0.5, {"q_proj": 1.5}), r"offsets\['q_proj'\]"),
     ((0.5, {"q_proj": True}), r"offsets\['q_proj'\]"),
+    ((0.5, SENSITIVITY_OFFSETS, None, -1.0), "strength must be"),
 ])
 def test_bad_arguments_name_the_function_and_argument(args, message):
     model = tiny_model("llama", layers=1)

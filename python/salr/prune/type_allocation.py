@@ -29,10 +29,13 @@ MAX_SPARSITY = 0.95
 
 def typed_layer_sparsity(model: nn.Module, block_ratios: float | Sequence[float],
                          offsets: Mapping[str, float] = SENSITIVITY_OFFSETS,
-                         targets: Sequence[str] | None = None) -> dict[str, float]:
+                         targets: Sequence[str] | None = None, strength: float = 1.0) -> dict[str, float]:
     """{qualified linear name: sparsity} for every target linear of `model` (SALRConfig's per-layer
     mapping): each block's `block_ratios` entry (one number: every block) moved apart by type
-    `offsets`, the block's weight-weighted mean unchanged, every ratio within [0, MAX_SPARSITY]."""
+    `offsets` × `strength`, the block's weight-weighted mean unchanged, every ratio within
+    [0, MAX_SPARSITY]."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 4:
+        raise ValueError(f"typed_layer_sparsity: strength must be a number in [0, 4], got {strength!r}")
     per_block = block_linears(model, targets)
     if isinstance(block_ratios, (int, float)) and not isinstance(block_ratios, bool):
         block_ratios = [float(block_ratios)] * len(per_block)
@@ -49,6 +52,7 @@ def typed_layer_sparsity(model: nn.Module, block_ratios: float | Sequence[float]
         names = list(linears)
         sizes = torch.tensor([float(torch.tensor(linear_dims(linears[n])).prod()) for n in names],
                              dtype=torch.float64)
-        raw = torch.tensor([ratio + offsets.get(n.rsplit(".", 1)[-1], 0.0) for n in names], dtype=torch.float64)
+        raw = torch.tensor([ratio + strength * offsets.get(n.rsplit(".", 1)[-1], 0.0) for n in names],
+                           dtype=torch.float64)
         out.update(zip(names, clipped_at_mean(raw, sizes / sizes.sum(), ratio, 0.0, MAX_SPARSITY)))
     return out
