@@ -175,7 +175,9 @@ def scaled_adapter(q_a: torch.Tensor, q_b: torch.Tensor, adapter_scales: torch.T
     """(q_a, diag(adapter_scales)·q_b) in `dtype`, B scaled in fp32 (or wider) and rounded once; unchecked
     (traceable: no data-dependent branch). No .to() that would return its input: the autograd setup
     calls this below the dispatcher's autograd key, where an op must not alias its input."""
-    b = q_b * adapter_scales.unsqueeze(1)  # fp32 (int8 · fp32)
+    wide = torch.promote_types(dtype, torch.float32)
+    scales = adapter_scales if adapter_scales.dtype == wide else adapter_scales.to(wide)
+    b = q_b.to(wide) * scales.unsqueeze(1)
     return q_a.to(dtype), b if b.dtype == dtype else b.to(dtype)
 
 
