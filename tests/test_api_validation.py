@@ -60,7 +60,7 @@ NO_ARGUMENTS_TO_CHECK = {
     "salr.methods.salr.config.SALRConfig.to_dict", "salr.methods.salr.layer.SALRLinear.compressed_bytes",
     "salr.methods.salr.layer.SALRLinear.to_dense", "salr.nn.bitmap_linear.BitmapLinear.base_dense",
     "salr.methods.salr.layer.SALRLinear.merge", "salr.methods.salr.layer.SALRLinear.extra_repr",
-    "salr.methods.salr.layer.SALRLinear.combined_adapter", "salr.methods.salor.layer.SALORLinear.combined_adapter",
+    "salr.methods.salr.layer.SALRLinear.combined_adapter", "salr.methods.salr.layer.SALRLinear.svd_factors", "salr.methods.salor.layer.SALORLinear.combined_adapter",
     "salr.train.config.TrainConfig.to_dict", "salr.train.data.IterableBatches.state_dict",
     "salr.train.data.TokenWindows.state_dict", "salr.train.chat_data.ChatExamples.state_dict",
     "salr.train.data.IterableBatches.take",  # rows: the iterable decides

@@ -44,6 +44,9 @@ def test_forward_matches_the_dequantized_weight_and_moves_little(quantize):
         error = (layer.to_dense() - dense_before[name]).abs().max()
         assert 0 < error <= 0.02 * dense_before[name].abs().max()
     after = model(input_ids=ids).logits
+    layer = next(iter(salr_layers(model).values()))
+    svd_a, svd_b = layer.svd_factors()  # what reconstruction_errors and to_dense read: dequantized
+    assert svd_a.dtype == torch.float32 and torch.equal(svd_b, layer.svd_b.float() * layer.adapter_scales[:, None])
     assert 0 < (after - before).abs().max() < 0.05 * before.abs().max()
     assert salr.quantize_adapters_(model) == 0  # already int8: nothing to do
 

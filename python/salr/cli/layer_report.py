@@ -51,7 +51,11 @@ def reconstruction_errors(dense: nn.Module, converted: nn.Module) -> list[dict[s
             raise ValueError(f"reconstruction_errors: dense.{name} has shape {tuple(w.shape)}, the converted layer "
                              f"{(layer.out_features, layer.in_features)}")
         base = layer.base_dense().double()
-        adapted = base if layer.svd_a is None else base + layer.svd_b.double() @ layer.svd_a.double()
+        if layer.svd_a is None:
+            adapted = base
+        else:
+            svd_a, svd_b = layer.svd_factors()  # an int8 adapter dequantized
+            adapted = base + svd_b.double() @ svd_a.double()
         block = name[len(path) + 1:].split(".", 1)[0] if name.startswith(path + ".") else ""
         rows.append({"layer": name, "block": int(block) if block.isdigit() else None,
                      "kind": name.rsplit(".", 1)[-1], "pruned_error": _relative_error(w, base),

@@ -275,7 +275,7 @@ class SALRLinear(BitmapLinear):
         """The effective dense weight W_s + B_svd·A_svd + s·B_lora·A_lora in fp32 (for checks)."""
         w = self.sparse_weight.to_dense().float()
         if self.svd_a is not None:
-            svd_a, svd_b = self._svd_factors()
+            svd_a, svd_b = self.svd_factors()
             w = w + svd_b @ svd_a
         if self.lora_a is not None:
             lora_a, lora_b = self._lora_factors()
@@ -288,7 +288,7 @@ class SALRLinear(BitmapLinear):
         (B_svd·A_svd + s·B_lora·A_lora, concatenated in that order); None without adapters."""
         parts_a, parts_b = [], []
         if self.svd_a is not None:
-            svd_a, svd_b = self._svd_factors()
+            svd_a, svd_b = self.svd_factors()
             parts_a.append(svd_a)
             parts_b.append(svd_b)
         if self.lora_a is not None:
@@ -299,7 +299,7 @@ class SALRLinear(BitmapLinear):
             return None
         return torch.cat(parts_a, 0), torch.cat(parts_b, 1)
 
-    def _svd_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def svd_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_svd, B_svd) in fp32, an int8 adapter dequantized."""
         if self.adapter_scales is None:
             return self.svd_a.float(), self.svd_b.float()
