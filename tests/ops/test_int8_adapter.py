@@ -77,6 +77,15 @@ def test_strided_x(isa):
     check(x, weight, int8_adapter(100, 130, 19, gen), None, torch.bfloat16)
 
 
+def test_strided_adapter_tensors(isa):
+    gen = make_generator("int8-adapter-strided-adapter")
+    weight = base(100, 130, 0.5, torch.float32, True, gen)
+    q_a, q_b, b_scales = int8_adapter(100, 130, 19, gen)
+    strided = (q_a.T.contiguous().T, q_b.T.contiguous().T, torch.stack((b_scales, b_scales), 1)[:, 0])
+    assert not any(t.is_contiguous() for t in strided)
+    check(torch.randn(3, 130, generator=gen), weight, strided, None, torch.float32)
+
+
 def test_quantizer_grid_and_product():
     gen = make_generator("quantize-adapter")
     a, b = torch.randn(16, 70, generator=gen), torch.randn(40, 16, generator=gen)
