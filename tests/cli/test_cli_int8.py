@@ -113,10 +113,15 @@ def test_bad_quantize_is_one_line(tiny_assets, tmp_path, command, extra, message
     assert not out.exists()  # refused before the run directory was made
 
 
-def test_demo_bad_quantize_is_one_line(tmp_path, capsys):
-    assert cli.main(["demo", "--quantize", "int4", "--out", str(tmp_path / "run")]) == 2
+@pytest.mark.parametrize("extra, message", [
+    (["--quantize", "int4"], "salr demo: error: --quantize: expected None or one of int8"),
+    (["--quantize-adapters", "int4"], "salr demo: error: --quantize-adapters: expected None or one of int8"),
+    (["--method", "losa", "--quantize-adapters", "int8"], "--quantize-adapters: a merged LoSA model has no adapters"),
+])
+def test_demo_bad_quantize_is_one_line(tmp_path, capsys, extra, message):
+    assert cli.main(["demo", *extra, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
-    assert "salr demo: error: --quantize: expected None or one of int8" in err and len(err.strip().splitlines()) == 1
+    assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
 
 
