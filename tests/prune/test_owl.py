@@ -152,6 +152,23 @@ def test_cli_prune_layerwise_owl(tiny_assets, tmp_path):
     assert {round(r["sparsity"], 1) for r in layers} == {round(r, 1) for r in ratios}
 
 
+def test_cli_prune_type_allocation(tiny_assets, tmp_path):
+    model_dir, text = tiny_assets
+    out = tmp_path / "run"
+    assert cli.main(["prune", "--model", str(model_dir), "--text", str(text), "--out", str(out), *SEQ,
+                     "--sparsity", "0.5", "--type-allocation", "1"]) == 0
+    model = salr.load(out / "model")
+    config = model.salr_config
+    assert config.layerwise == "owl" and config.type_allocation == 1.0 and len(config.sparsity) == 21
+    q = [r for n, r in config.sparsity.items() if n.endswith("q_proj")]
+    v = [r for n, r in config.sparsity.items() if n.endswith("v_proj")]
+    assert min(q) > max(v)  # around OWL's block ratios: q pruned harder than v in every block
+    sparse = salr_layers(model)
+    total = sum(m.in_features * m.out_features for m in sparse.values())
+    kept = sum(int(m.values.numel()) for m in sparse.values())
+    assert abs((total - kept) - 0.5 * total) <= 0.5 * sum(m.out_features for m in sparse.values())
+
+
 @pytest.mark.parametrize("method", ["salr", "salor"])
 def test_cli_finetune_layerwise_owl(tiny_assets, tmp_path, method):
     model_dir, text = tiny_assets
@@ -213,10 +230,22 @@ def test_cli_prune_default_is_sparsegpt_with_owl(tiny_assets, tmp_path):
     (["prune", "--layerwise", "owl", "--owl-m", "0"], "owl_m"),
     (["prune", "--layerwise", "owl", "--pattern", "2:4"], "does not combine with --pattern 2:4"),
     (["finetune", "--method", "losa", "--layerwise", "owl", "--owl-lambda", "0.6"], "owl_lambda"),
+    (["prune", "--type-allocation", "1", "--pattern", "2:4"], "--type-allocation: moves unstructured ratios"),
+    (["finetune", "--method", "losa", "--type-allocation", "1"], "--type-allocation: not available with --method losa"),
 ])
 def test_cli_bad_layerwise_flags(tiny_assets, tmp_path, args, message, capsys):
     model_dir, text = tiny_assets
     assert cli.main([*args, "--model", str(model_dir), "--text", str(text), "--out", str(tmp_path / "run"),
                      *SEQ]) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_type_allocation_out_of_range_is_a_usage_error(tiny_assets, tmp_path, capsys):
+    model_dir, text = tiny_assets
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["prune", "--model", str(model_dir), "--text", str(text), "--out", str(tmp_path / "run"),
+                  "--type-allocation", "9"])
+    assert exit_info.value.code == 2
+    assert "argument --type-allocation: must be a strength in [0, 4]" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

@@ -92,3 +92,47 @@ def test_bad_arguments_name_the_function_and_argument(args, message):
         return
     with pytest.raises(ValueError, match=f"typed_layer_sparsity: {message}"):
         typed_layer_sparsity(model, *args)
+
+
+@pytest.mark.parametrize("layerwise", ["uniform", "owl"])
+def test_config_field_resolves_records_and_reapplies(tmp_path, layerwise):
+    calibration = token_ids(4, 16)
+    model = tiny_model("llama", layers=3)
+    config = SALRConfig(sparsity=0.5, layerwise=layerwise, type_allocation=1.0, svd_rank=0, lora_rank=0)
+    assert config.types_pending
+    salr.sparsify_(model, config, calibration, progress=False)
+    chosen = model.salr_config.sparsity
+    assert isinstance(chosen, dict) and not model.salr_config.types_pending
+    if layerwise == "uniform":
+        assert chosen == pytest.approx(typed_layer_sparsity(tiny_model("llama", layers=3), 0.5))
+    layers = salr_layers(model)
+    total = sum(m.in_features * m.out_features for m in layers.values())
+    pruned = total - sum(int(m.values.numel()) for m in layers.values())
+    assert abs(pruned - 0.5 * total) <= 0.5 * sum(m.out_features for m in layers.values())
+    salr.save(model, tmp_path / "m")
+    loaded = salr.load(tmp_path / "m")
+    assert loaded.salr_config == model.salr_config
+    again = tiny_model("llama", layers=3)
+    salr.sparsify_(again, loaded.salr_config, calibration, progress=False)
+    assert all(torch.equal(salr_layers(again)[n].to_dense(), m.to_dense()) for n, m in layers.items())
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"type_allocation": -1.0}, "type_allocation: expected a strength"),
+    ({"type_allocation": 5}, "type_allocation: expected a strength"),
+    ({"type_allocation": True}, "type_allocation: expected a strength"),
+    ({"type_allocation": 1.0, "pattern": "2:4", "sparsity": None}, "type_allocation: .* pattern must be None"),
+])
+def test_bad_config_field(fields, message):
+    with pytest.raises(ValueError, match=message):
+        SALRConfig(**fields)
+
+
+def test_a_saved_record_without_the_field_stays_as_it_was(tmp_path):
+    import json
+
+    model = tiny_model("llama", layers=1)
+    salr.sparsify_(model, SALRConfig(sparsity=0.5, criterion="magnitude", svd_rank=0, lora_rank=0), progress=False)
+    salr.save(model, tmp_path / "m")
+    record = json.loads((tmp_path / "m" / "config.json").read_text())["salr"]["salr_config"]
+    assert "type_allocation" not in record

@@ -65,7 +65,11 @@ def _layerwise_options(args: argparse.Namespace) -> dict:
         if args.pattern is not None:
             raise ValueError(f"--layerwise owl: varies the unstructured sparsity per block; it does not combine "
                              f"with --pattern {args.pattern}")
-    return {"layerwise": layerwise, "owl_m": args.owl_m, "owl_lambda": args.owl_lambda}
+    if args.type_allocation and args.pattern is not None:
+        raise ValueError(f"--type-allocation: moves unstructured ratios apart by projection type; it does not "
+                         f"combine with --pattern {args.pattern}")
+    return {"layerwise": layerwise, "owl_m": args.owl_m, "owl_lambda": args.owl_lambda,
+            "type_allocation": args.type_allocation}
 
 
 def _budget(args: argparse.Namespace) -> steps.Budget:
@@ -229,7 +233,8 @@ def _finetune(args: argparse.Namespace, budget, factor_options: dict, distill_op
 
 def _losa_config(args: argparse.Namespace, budget: steps.Budget) -> losa.LoSAConfig:
     for flag, bad in (("--criterion", args.criterion not in (None, "wanda")), ("--pattern", args.pattern is not None),
-                      ("--resume", args.resume), ("--distill", args.distill > 0 or args.distill_hidden > 0)):
+                      ("--resume", args.resume), ("--distill", args.distill > 0 or args.distill_hidden > 0),
+                      ("--type-allocation", args.type_allocation != 0)):
         if bad:
             raise ValueError(f"{flag}: not available with --method losa (it prunes with Wanda, unstructured, "
                              f"in rounds that do not checkpoint)")

@@ -44,7 +44,8 @@ def run_demo(args: argparse.Namespace) -> int:
         budget.train_steps = args.steps
     if args.method == "losa":  # bad flags fail before the run directory is made
         for flag, value, why in (("--criterion", args.criterion, "prunes with Wanda on the merged weights"),
-                                 ("--layerwise", args.layerwise, "takes its block sparsities from RMI")):
+                                 ("--layerwise", args.layerwise, "takes its block sparsities from RMI"),
+                                 ("--type-allocation", args.type_allocation or None, "allocates by RMI")):
             if value is not None:
                 raise ValueError(f"{flag} {value}: LoSA {why}; leave {flag} out with --method losa")
         steps.losa_config(budget, args.sparsity)  # e.g. too few --steps for its rounds
@@ -56,7 +57,8 @@ def run_demo(args: argparse.Namespace) -> int:
         recipe = {}
     else:  # the defaults resolved, so config.json says what ran
         recipe = {"criterion": args.criterion or DEFAULT_CRITERION,
-                  "layerwise": salr_layerwise(args.layerwise, args.sparsity, None, owl.DEFAULT_LAMBDA)}
+                  "layerwise": salr_layerwise(args.layerwise, args.sparsity, None, owl.DEFAULT_LAMBDA),
+                  "type_allocation": args.type_allocation}
     run: RunDirectory = open_run(args)
     run.write_config({**vars(args), **recipe, "budget": vars(budget)})
 

@@ -36,6 +36,13 @@ class UserError(Exception):
     """A mistake in the command's arguments or inputs: reported as one line, no traceback."""
 
 
+def _strength(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 4.0:
+        raise argparse.ArgumentTypeError(f"must be a strength in [0, 4] (0 = off), got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -83,10 +90,18 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="OWL: outlier threshold as a multiple of a layer's mean Wanda score (default 5)")
     p.add_argument("--owl-lambda", type=float, default=0.08,
                    help="OWL: block sparsities stay within --sparsity +- this (default 0.08)")
+    _add_type_allocation_arg(p)
     p.add_argument("--svd-rank", type=int, default=64,
                    help="rank of the SVD residual adapter (0 = none; default 64)")
     p.add_argument("--calib-windows", type=_positive_int, default=32, help="calibration windows (default 32)")
     _add_quantize_args(p)
+
+
+def _add_type_allocation_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--type-allocation", type=_strength, default=0.0, metavar="S",
+                   help="move each block's sparsity apart by projection type (q/k/o pruned harder, v and the MLP "
+                        "less; the measured SmolLM2 sensitivities x S), the block's sparsity kept; unstructured "
+                        "salr / salor / lora only; default 0 (off)")
 
 
 def _add_adapter_quantize_arg(p: argparse.ArgumentParser) -> None:
@@ -207,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layerwise", choices=["uniform", "owl"], default=None,
                    help="SALR's per-block sparsity: uniform or owl (outlier-weighted); default owl "
                         "(uniform where sparsity + 0.08 >= 1); LoSA sets its own from RMI")
+    _add_type_allocation_arg(p)
     p.add_argument("--steps", type=_positive_int, default=None, help="fine-tuning steps (default 60; --quick 8)")
     p.add_argument("--speed-dtype", choices=["bf16", "fp32"], default="bf16",
                    help="dtype of the dense and salr copies timed for decode tokens/s (default bf16)")

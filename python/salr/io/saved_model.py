@@ -94,6 +94,8 @@ def _config_record(config: SALRConfig) -> dict[str, Any]:
     if data["layerwise"] == "uniform":  # OWL's fields say nothing then; format 2 files stay as they were
         for key in ("layerwise", "owl_m", "owl_lambda"):
             del data[key]
+    if not data["type_allocation"]:  # likewise without a per-type allocation
+        del data["type_allocation"]
     if data["quantize"] is None:  # likewise for float bases
         for key in ("quantize", "quantize_group_size"):
             del data[key]

@@ -78,6 +78,11 @@ class SALRConfig:
         only) within ``[target − owl_lambda, target + owl_lambda]``; owl_m is the outlier threshold
         (a multiple of the layer's mean Wanda score). After the conversion the recorded config holds
         the per-block ratios OWL chose, so re-applying it gives the same model.
+    type_allocation: 0 (every linear at its block's ratio) or a strength s in (0, 4]: each block's
+        ratio (uniform or OWL's) is moved apart by projection type, ``s ×``
+        :data:`salr.prune.type_allocation.SENSITIVITY_OFFSETS` (q / k / o pruned harder, v and the MLP
+        less, as measured on SmolLM2), the block's weight-weighted mean kept; unstructured only. The
+        recorded config then holds the per-layer mapping it chose.
     quantize: None (the base keeps `dtype`) or "int8": the pruned base is stored as int8 values with
         fp32 scales (:mod:`salr.prune.quantize`); SparseGPT folds the rounding into its update, the
         other criteria round to nearest after pruning. Adapters and bias stay in `dtype`.
@@ -102,6 +107,7 @@ class SALRConfig:
     layerwise: str = "uniform"
     owl_m: float = DEFAULT_M
     owl_lambda: float = DEFAULT_LAMBDA
+    type_allocation: float = 0.0
     quantize: str | None = None
     quantize_group_size: int | None = None
 
@@ -149,6 +155,12 @@ class SALRConfig:
                              f"quantize_group_size={self.quantize_group_size!r}")
 
     def _check_layerwise(self) -> None:
+        if (isinstance(self.type_allocation, bool) or not isinstance(self.type_allocation, (int, float))
+                or not 0 <= self.type_allocation <= 4):
+            raise ValueError(f"type_allocation: expected a strength in [0, 4] (0 = off), got {self.type_allocation!r}")
+        if self.type_allocation and self.pattern is not None:
+            raise ValueError(f"type_allocation: moves unstructured ratios apart by projection type; pattern must be "
+                             f"None, got {self.pattern!r}")
         if self.layerwise not in LAYERWISE:
             raise ValueError(f"layerwise: expected one of {', '.join(LAYERWISE)}, got {self.layerwise!r}")
         if self.layerwise != "owl":
@@ -156,17 +168,22 @@ class SALRConfig:
         if self.pattern is not None:
             raise ValueError(f"layerwise: 'owl' varies the unstructured sparsity per block; pattern must be None, "
                              f"got {self.pattern!r}")
-        if isinstance(self.sparsity, Mapping) or self.sparsity is None:
+        if (isinstance(self.sparsity, Mapping) and not self.type_allocation) or self.sparsity is None:
             raise ValueError(f"sparsity: layerwise='owl' needs one global target (or the per-block ratios OWL "
                              f"chose), got {self.sparsity!r}")
         # A sequence is the ratios OWL already chose (a saved model's config): only M and λ to check.
-        target = 0.0 if isinstance(self.sparsity, Sequence) else self.sparsity
+        target = self.sparsity if isinstance(self.sparsity, float) else 0.0
         check_owl_params(target, self.owl_m, self.owl_lambda, "SALRConfig")
 
     @property
     def owl_pending(self) -> bool:
         """OWL is asked for and its per-block ratios are not chosen yet."""
         return self.layerwise == "owl" and isinstance(self.sparsity, float)
+
+    @property
+    def types_pending(self) -> bool:
+        """A per-type allocation is asked for and its per-layer ratios are not chosen yet."""
+        return bool(self.type_allocation) and not isinstance(self.sparsity, Mapping)
 
     @property
     def needs_calibration(self) -> bool:

@@ -28,6 +28,7 @@ from salr.prune.calibration import LinearStats, check_calibration, run_sequentia
 from salr.prune.criteria import prune_weight
 from salr.prune.masks import check_nm_width, parse_pattern
 from salr.prune.owl import owl_block_sparsity
+from salr.prune.type_allocation import typed_layer_sparsity
 from salr.prune.quantize import check_group_size, check_quantize, quantize_int8
 
 
@@ -79,19 +80,25 @@ def make_config(config: SALRConfig | None, overrides: dict[str, Any]) -> SALRCon
 
 
 def resolve_layerwise(model: nn.Module, config: SALRConfig, calibration: Any, progress: bool = True) -> SALRConfig:
-    """`config` with its per-block ratios chosen: for layerwise='owl' with a global target, OWL's
-    ratios measured on `model` as it is now (dense, before any pruning); otherwise `config` itself."""
+    """`config` with its ratios chosen: for layerwise='owl' with a global target, OWL's per-block ratios
+    measured on `model` as it is now (dense, before any pruning); then, with a type_allocation, the
+    per-layer mapping around the block ratios; otherwise `config` itself."""
     if not isinstance(config, SALRConfig):
         raise ValueError(f"resolve_layerwise: config must be a salr.SALRConfig, got {type(config).__name__}")
-    if not config.owl_pending:
+    if not (config.owl_pending or config.types_pending):
         return config
     _plan(model, config)  # the cheap checks before a calibration pass
-    if calibration is None:
-        raise ValueError("calibration: layerwise='owl' needs calibration token ids (an integer tensor "
-                         "[n_windows, seq_len]) to measure the activation outliers")
-    ratios = owl_block_sparsity(model, calibration, config.sparsity, m=config.owl_m, lam=config.owl_lambda,
-                                targets=config.target_modules, progress=progress)
-    return dataclasses.replace(config, sparsity=ratios)
+    if config.owl_pending:
+        if calibration is None:
+            raise ValueError("calibration: layerwise='owl' needs calibration token ids (an integer tensor "
+                             "[n_windows, seq_len]) to measure the activation outliers")
+        ratios = owl_block_sparsity(model, calibration, config.sparsity, m=config.owl_m, lam=config.owl_lambda,
+                                    targets=config.target_modules, progress=progress)
+        config = dataclasses.replace(config, sparsity=ratios)
+    if config.types_pending:
+        config = dataclasses.replace(config, sparsity=typed_layer_sparsity(
+            model, config.sparsity, targets=config.target_modules, strength=config.type_allocation))
+    return config
 
 
 def _plan(model: nn.Module, config: SALRConfig) -> list[tuple[int, dict[str, nn.Module]]]:
