@@ -137,7 +137,7 @@ def test_cli_prune_layerwise_owl(tiny_assets, tmp_path):
     model_dir, text = tiny_assets
     out = tmp_path / "run"
     assert cli.main(["prune", "--model", str(model_dir), "--text", str(text), "--out", str(out), *SEQ,
-                     "--sparsity", "0.5", "--layerwise", "owl", "--owl-lambda", "0.1"]) == 0
+                     "--sparsity", "0.5", "--layerwise", "owl", "--owl-lambda", "0.1", "--type-allocation", "0"]) == 0
     layers = json.loads((out / "metrics.json").read_text())["layers"]
     model = salr.load(out / "model")
     ratios = model.salr_config.sparsity
@@ -175,7 +175,7 @@ def test_cli_finetune_layerwise_owl(tiny_assets, tmp_path, method):
     out = tmp_path / "run"
     assert cli.main(["finetune", "--method", method, "--model", str(model_dir), "--text", str(text), "--out",
                      str(out), *SEQ, "--steps", "2", "--batch-size", "2", "--train-seq-len", "32", "--warmup", "1",
-                     "--lora-rank", "4", "--sparsity", "0.6", "--layerwise", "owl"]) == 0
+                     "--lora-rank", "4", "--sparsity", "0.6", "--layerwise", "owl", "--type-allocation", "0"]) == 0
     model = salr.load(out / "model")
     ratios = model.salr_config.sparsity
     assert model.salr_method == method and model.salr_config.layerwise == "owl" and len(set(ratios)) > 1
@@ -221,8 +221,10 @@ def test_cli_prune_default_is_sparsegpt_with_owl(tiny_assets, tmp_path):
                          "--sparsity", "0.5", *extra]) == 0
         runs[name] = salr.load(out / "model").salr_config
     assert runs["default"].criterion == "sparsegpt" and runs["default"].layerwise == "owl"
-    assert len(set(runs["default"].sparsity)) > 1  # OWL's block ratios, not one number
+    # OWL's block ratios moved apart by projection type: one ratio per linear
+    assert runs["default"].type_allocation == 1.0 and len(set(runs["default"].sparsity.values())) > 3
     assert runs["2:4"].criterion == "sparsegpt" and runs["2:4"].layerwise == "uniform"
+    assert runs["2:4"].type_allocation == 0.0
 
 
 @pytest.mark.parametrize("args, message", [

@@ -17,7 +17,7 @@ from salr import losa
 from salr._native import native_available, native_error
 from salr.cli import assets, bench, bench_e2e, steps
 from salr.cli.demo import run_demo
-from salr.cli.parser import DEFAULT_CRITERION, salr_layerwise
+from salr.cli.parser import DEFAULT_CRITERION, salr_layerwise, salr_type_allocation
 from salr.cli.generate import cmd_generate  # noqa: F401 (main dispatches to cmd_<command>)
 from salr.cli.runs import RunDirectory, markdown_table, open_run, plot_bars, plot_loss, plot_per_layer
 from salr.eval import lm_eval
@@ -69,7 +69,7 @@ def _layerwise_options(args: argparse.Namespace) -> dict:
         raise ValueError(f"--type-allocation: moves unstructured ratios apart by projection type; it does not "
                          f"combine with --pattern {args.pattern}")
     return {"layerwise": layerwise, "owl_m": args.owl_m, "owl_lambda": args.owl_lambda,
-            "type_allocation": args.type_allocation}
+            "type_allocation": salr_type_allocation(args.type_allocation, args.sparsity, args.pattern)}
 
 
 def _budget(args: argparse.Namespace) -> steps.Budget:
@@ -234,7 +234,7 @@ def _finetune(args: argparse.Namespace, budget, factor_options: dict, distill_op
 def _losa_config(args: argparse.Namespace, budget: steps.Budget) -> losa.LoSAConfig:
     for flag, bad in (("--criterion", args.criterion not in (None, "wanda")), ("--pattern", args.pattern is not None),
                       ("--resume", args.resume), ("--distill", args.distill > 0 or args.distill_hidden > 0),
-                      ("--type-allocation", args.type_allocation != 0)):
+                      ("--type-allocation", args.type_allocation not in (None, 0.0))):
         if bad:
             raise ValueError(f"{flag}: not available with --method losa (it prunes with Wanda, unstructured, "
                              f"in rounds that do not checkpoint)")

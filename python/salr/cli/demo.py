@@ -27,7 +27,7 @@ import torch
 
 from salr.cli import steps
 from salr.cli.layer_report import byte_limit, decode_markdown, decode_summary, plot_layer_errors, reconstruction_errors
-from salr.cli.parser import DEFAULT_CRITERION, salr_layerwise
+from salr.cli.parser import DEFAULT_CRITERION, salr_layerwise, salr_type_allocation
 from salr.cli.machine import speed_context, speed_context_line
 from salr.cli.runs import RunDirectory, markdown_table, open_run, plot_bars, plot_loss
 from salr.io.saved_model import save
@@ -45,7 +45,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.method == "losa":  # bad flags fail before the run directory is made
         for flag, value, why in (("--criterion", args.criterion, "prunes with Wanda on the merged weights"),
                                  ("--layerwise", args.layerwise, "takes its block sparsities from RMI"),
-                                 ("--type-allocation", args.type_allocation or None, "allocates by RMI")):
+                                 ("--type-allocation", args.type_allocation, "allocates by RMI")):
             if value is not None:
                 raise ValueError(f"{flag} {value}: LoSA {why}; leave {flag} out with --method losa")
         steps.losa_config(budget, args.sparsity)  # e.g. too few --steps for its rounds
@@ -58,7 +58,7 @@ def run_demo(args: argparse.Namespace) -> int:
     else:  # the defaults resolved, so config.json says what ran
         recipe = {"criterion": args.criterion or DEFAULT_CRITERION,
                   "layerwise": salr_layerwise(args.layerwise, args.sparsity, None, owl.DEFAULT_LAMBDA),
-                  "type_allocation": args.type_allocation}
+                  "type_allocation": salr_type_allocation(args.type_allocation, args.sparsity, None)}
     run: RunDirectory = open_run(args)
     run.write_config({**vars(args), **recipe, "budget": vars(budget)})
 

@@ -20,8 +20,10 @@ import argparse
 METHODS = ("salr", "losa", "salor", "lora")
 CRITERIA = ("magnitude", "wanda", "sparsegpt")
 # The default SALR recipe is the best of bench/recovery.py at 50 % on the demo's budget: SparseGPT + SVD
-# + OWL (21.62 against Wanda + SVD's 22.56, bench/RESULTS.md "Recovery"), ~2-3 min more pruning on 2 cores.
+# + OWL (21.62 against Wanda + SVD's 22.56, bench/RESULTS.md "Recovery"), ~2-3 min more pruning on 2 cores,
+# + sparsity per projection type (21.34 against OWL alone's 21.51 in one session, "Sparsity per projection type").
 DEFAULT_CRITERION = "sparsegpt"
+DEFAULT_TYPE_ALLOCATION = 1.0
 
 
 def salr_layerwise(layerwise: str | None, sparsity: float, pattern: str | None, owl_lambda: float) -> str:
@@ -30,6 +32,14 @@ def salr_layerwise(layerwise: str | None, sparsity: float, pattern: str | None, 
     if layerwise is not None:
         return layerwise
     return "owl" if pattern is None and 0.0 < sparsity and sparsity + owl_lambda < 1.0 else "uniform"
+
+
+def salr_type_allocation(value: float | None, sparsity: float, pattern: str | None) -> float:
+    """--type-allocation as given, else the default: DEFAULT_TYPE_ALLOCATION for unstructured sparsity
+    above 0, 0 (off) where it does not apply."""
+    if value is not None:
+        return value
+    return DEFAULT_TYPE_ALLOCATION if pattern is None and sparsity > 0.0 else 0.0
 
 
 class UserError(Exception):
@@ -98,10 +108,10 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_type_allocation_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--type-allocation", type=_strength, default=0.0, metavar="S",
+    p.add_argument("--type-allocation", type=_strength, default=None, metavar="S",
                    help="move each block's sparsity apart by projection type (q/k/o pruned harder, v and the MLP "
                         "less; the measured SmolLM2 sensitivities x S), the block's sparsity kept; unstructured "
-                        "salr / salor / lora only; default 0 (off)")
+                        f"salr / salor / lora only; default {DEFAULT_TYPE_ALLOCATION:g} where it applies, 0 = off")
 
 
 def _add_adapter_quantize_arg(p: argparse.ArgumentParser) -> None:
