@@ -50,8 +50,6 @@ from salr.io.saved_model import save
 from salr.methods.salr.model import quantize_adapters_
 from salr.methods.salor.config import FactorSparsityConfig
 from salr.prune.masks import resolve_sparsity
-from salr.prune.owl import owl_block_sparsity
-from salr.prune.type_allocation import typed_layer_sparsity
 from salr.train import distill
 from salr.train.config import TrainConfig
 
@@ -128,17 +126,6 @@ def with_int8_adapters(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def per_type_sparsity(model: torch.nn.Module, splits, budget: steps.Budget, target: float, owl: bool,
-                      strength: float) -> dict:
-    """{linear: sparsity}: the per-type offsets (× strength) around each block's ratio (OWL's, measured on
-    the dense model with the budget's calibration windows, or the target everywhere)."""
-    blocks = target
-    if owl:
-        calibration = splits.calibration_windows(budget.calib_windows, budget.calib_seq_len)
-        blocks = owl_block_sparsity(model, calibration, target, progress=False)
-    return typed_layer_sparsity(model, blocks, strength=strength)
-
-
 def trainable_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -177,9 +164,7 @@ def run_recipe(name: str, args: argparse.Namespace, budget: steps.Budget) -> dic
             options = {**target, "criterion": recipe["criterion"], "layerwise": "owl" if recipe["owl"] else "uniform",
                        "quantize": "int8" if recipe["int8"] else None}
             if recipe["types"]:
-                options.update(sparsity=per_type_sparsity(model, splits, budget, target["sparsity"], recipe["owl"],
-                                                          args.type_strength), layerwise="uniform")
-                row["type_strength"] = args.type_strength
+                options["type_allocation"] = row["type_strength"] = args.type_strength  # SALRConfig resolves it
             if recipe["salor"]:
                 options["factor_config"] = FactorSparsityConfig(0.5, end_step=budget.train_steps // 2)
             if recipe["distill"]:

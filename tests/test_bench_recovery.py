@@ -65,8 +65,9 @@ def test_quick_run_table_plot_and_resume(recovery, tmp_path, monkeypatch, capsys
     prune = recovery.steps.prune
 
     def prune_spy(model, splits, budget, **options):
-        pruned_with[len(pruned_with)] = options
-        return prune(model, splits, budget, **options)
+        pruned = prune(model, splits, budget, **options)
+        pruned_with[len(pruned_with)] = {**options, "resolved": pruned.salr_config}
+        return pruned
 
     monkeypatch.setattr(recovery.steps, "finetune", finetune_spy)
     monkeypatch.setattr(recovery.steps, "prune", prune_spy)
@@ -74,8 +75,8 @@ def test_quick_run_table_plot_and_resume(recovery, tmp_path, monkeypatch, capsys
     monkeypatch.setattr(recovery.steps, "finetune", finetune)
     monkeypatch.setattr(recovery.steps, "prune", prune)
     # +types: a per-linear mapping around OWL's block ratios (q pruned harder than v), global mean kept.
-    typed = pruned_with[1]["sparsity"]
-    assert pruned_with[1]["layerwise"] == "uniform" and len(typed) == 3 * 7
+    typed = pruned_with[1]["resolved"].sparsity
+    assert pruned_with[1]["type_allocation"] == 1.0 and pruned_with[1]["layerwise"] == "owl" and len(typed) == 3 * 7
     assert typed["model.layers.0.self_attn.q_proj"] > typed["model.layers.0.self_attn.v_proj"]
     rows = {r: json.loads((out / f"{r.replace('+', '_').replace(':', '-')}.json").read_text()) for r in RECIPES}
     budget = recovery.quick_budget()

@@ -12,6 +12,7 @@ any per-block ratios (uniform, or OWL's).
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import torch
@@ -50,8 +51,7 @@ def typed_layer_sparsity(model: nn.Module, block_ratios: float | Sequence[float]
         if not 0.0 <= ratio <= MAX_SPARSITY:
             raise ValueError(f"typed_layer_sparsity: block_ratios must lie in [0, {MAX_SPARSITY}], got {ratio!r}")
         names = list(linears)
-        sizes = torch.tensor([float(torch.tensor(linear_dims(linears[n])).prod()) for n in names],
-                             dtype=torch.float64)
+        sizes = torch.tensor([math.prod(linear_dims(linears[n])) for n in names], dtype=torch.float64)
         raw = torch.tensor([ratio + strength * offsets.get(n.rsplit(".", 1)[-1], 0.0) for n in names],
                            dtype=torch.float64)
         out.update(zip(names, clipped_at_mean(raw, sizes / sizes.sum(), ratio, 0.0, MAX_SPARSITY)))
