@@ -1,5 +1,7 @@
-"""SmolLM2-135M layer shapes at M = 1 with the weights cache-resident (one layer, called repeatedly),
-on every CPU ISA path in one run (issue 20: small layers without overhead).
+"""SmolLM2-135M layer shapes at M = 1, on every CPU ISA path in one run (issue 20: small layers
+without overhead): by default the weights cache-resident (one layer, called repeatedly); with
+--working-set-mb, as decoding sees them: copies of each layer past the caches, called in rotation,
+so every call streams its weights (and adapters) from DRAM.
 
 Per (shape, dtype) the median µs per call, all variants interleaved repeat by repeat:
   dense          F.linear(x, W)
@@ -13,6 +15,7 @@ Everything runs under torch.no_grad(), as decoding does.
 
   python bench/cpu_small_layers.py
   python bench/cpu_small_layers.py --isa avx2 --dtype bf16 --threads 1 --clock cpu   # shared machine
+  python bench/cpu_small_layers.py --working-set-mb 128   # streamed: the decode case
   python bench/cpu_small_layers.py --dtype int8   # int8 base (per-row scales), x/adapters/dense in bf16
   python bench/cpu_small_layers.py --dtype int8a  # int8 base and int8 adapters (adapter_scales), x in bf16
 """
@@ -20,6 +23,8 @@ Everything runs under torch.no_grad(), as decoding does.
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 import os
 import statistics
 import time
@@ -58,6 +63,40 @@ def with_isa(isa, fn):
     return run
 
 
+def layer_variants(rows: int, k: int, dname: str, rank: int, isas: list[str], gen: torch.Generator) -> dict:
+    """One copy of the layer in every form the table times, as calls with no arguments."""
+    dtype = DTYPES[dname]
+    dense = random_sparse_weight(rows, k, 0.5, dtype, gen)
+    q, scales = quantize_int8(dense) if dname.startswith("int8") else (dense, None)
+    sparse = BitmapSparseWeight.from_dense(q, scales)
+    a = (torch.randn(rank, k, generator=gen) / k**0.5).to(dtype)
+    b = (torch.randn(rows, rank, generator=gen) / 8).to(dtype)
+    x = torch.randn(1, k, generator=gen).to(dtype)
+    linear = torch.nn.Linear(k, rows, bias=False, dtype=dtype)
+    linear.weight.data.copy_(dense)
+    layer = SALRLinear.from_weights(q, svd_a=a, svd_b=b, scales=scales, dtype=dtype).eval()
+    adapter = {"adapter_a": a, "adapter_b": b}
+    if dname == "int8a":
+        layer.quantize_adapters()
+        q_a, q_b, b_scales = quantize_adapter_int8(a, b)
+        adapter = {"adapter_a": q_a, "adapter_b": q_b, "adapter_scales": b_scales}
+    fns = {"dense": lambda: F.linear(x, dense),
+           "dense+lora": lambda: F.linear(x, dense) + F.linear(F.linear(x, a), b),
+           "nn.Linear": lambda: linear(x)}
+    for isa in isas:
+        fns[f"{isa} salr"] = with_isa(isa, lambda: sparse.linear(x))
+        fns[f"{isa} salr+r"] = with_isa(isa, lambda: ops.sparse_lowrank_gemm(
+            x, sparse.bitmap, sparse.values, sparse.offsets, rows, k, scales=scales, **adapter))
+        fns[f"{isa} layer"] = with_isa(isa, lambda: layer(x))
+    return fns
+
+
+def rotating(copies: list[dict], name: str):
+    """Calls `name` of each copy in turn: with copies past the caches, every call reads DRAM."""
+    calls = itertools.cycle([fns[name] for fns in copies])
+    return lambda: next(calls)()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--isa", nargs="+", default=["avx2", "avx512"])
@@ -68,10 +107,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: process CPU time (use with --threads 1 on a machine shared with other jobs)")
+    parser.add_argument("--working-set-mb", type=float, default=0,
+                        help="copies of each layer with this many MB of dense weights, called in rotation "
+                             "(0: one copy, cache-resident)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, M = 1, 50% BM8x8, r = {args.rank}, µs/call ({args.clock} clock)")
+    where = (f"streamed ({args.working_set_mb:g} MB of dense weights per shape)" if args.working_set_mb
+             else "cache-resident")
+    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, M = 1, 50% BM8x8, r = {args.rank}, "
+          f"weights {where}, µs/call ({args.clock} clock)")
     cols = ["shape", "dtype", "dense", "dense+lora", "nn.Linear"]
     for isa in args.isa:
         cols += [f"{isa} salr", f"{isa} salr+r{args.rank}", f"{isa} salr+r{args.rank} vs dense",
@@ -79,32 +124,13 @@ def main(argv: list[str] | None = None) -> None:
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     gen = torch.Generator().manual_seed(0)
     for dname in args.dtype:
-        dtype = DTYPES[dname]
         for rows, k in SHAPES:
-            dense = random_sparse_weight(rows, k, 0.5, dtype, gen)
-            q, scales = quantize_int8(dense) if dname.startswith("int8") else (dense, None)
-            sparse = BitmapSparseWeight.from_dense(q, scales)
-            a = (torch.randn(args.rank, k, generator=gen) / k**0.5).to(dtype)
-            b = (torch.randn(rows, args.rank, generator=gen) / 8).to(dtype)
-            x = torch.randn(1, k, generator=gen).to(dtype)
-            linear = torch.nn.Linear(k, rows, bias=False, dtype=dtype)
-            linear.weight.data.copy_(dense)
-            layer = SALRLinear.from_weights(q, svd_a=a, svd_b=b, scales=scales, dtype=dtype).eval()
-            adapter = {"adapter_a": a, "adapter_b": b}
-            if dname == "int8a":
-                layer.quantize_adapters()
-                q_a, q_b, b_scales = quantize_adapter_int8(a, b)
-                adapter = {"adapter_a": q_a, "adapter_b": q_b, "adapter_scales": b_scales}
-            fns = {"dense": lambda: F.linear(x, dense),
-                   "dense+lora": lambda: F.linear(x, dense) + F.linear(F.linear(x, a), b),
-                   "nn.Linear": lambda: linear(x)}
-            for isa in args.isa:
-                fns[f"{isa} salr"] = with_isa(isa, lambda: sparse.linear(x))
-                fns[f"{isa} salr+r"] = with_isa(isa, lambda: ops.sparse_lowrank_gemm(
-                    x, sparse.bitmap, sparse.values, sparse.offsets, rows, k, scales=scales, **adapter))
-                fns[f"{isa} layer"] = with_isa(isa, lambda: layer(x))
+            dense_bytes = rows * k * DTYPES[dname].itemsize
+            n_copies = max(1, math.ceil(args.working_set_mb * 1e6 / dense_bytes))
+            copies = [layer_variants(rows, k, dname, args.rank, args.isa, gen) for _ in range(n_copies)]
+            fns = {name: rotating(copies, name) for name in copies[0]}
             with torch.no_grad():
-                t = interleaved_medians(fns, args.calls, args.repeats,
+                t = interleaved_medians(fns, max(args.calls, n_copies), args.repeats,
                                         time.process_time if args.clock == "cpu" else time.perf_counter)
             os.environ.pop("SALR_CPU_ISA", None)
             cells = [f"{rows}x{k}", dname, f"{t['dense'] * 1e6:.1f}", f"{t['dense+lora'] * 1e6:.1f}",

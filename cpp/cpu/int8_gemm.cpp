@@ -20,9 +20,6 @@
 namespace salr {
 namespace {
 
-// Minimum weights (x rows counted) per parallel task, as for float weights (sparse_lowrank_gemm.cpp).
-constexpr int64_t kMinWeightsPerTask = int64_t{1} << 17;
-
 kernels::Int8WeightView int8_weight_view(const at::Tensor& bitmap, const at::Tensor& values, const at::Tensor& offsets,
                                          int64_t rows, int64_t cols, const at::Tensor& scales) {
   return {weight_view(bitmap, values, offsets, rows, cols), scales.const_data_ptr<float>(),

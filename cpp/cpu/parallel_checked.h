@@ -7,6 +7,12 @@
 
 namespace salr {
 
+// Minimum weights (x rows counted) per parallel task of the band kernels: 128K weights are ~256 KB
+// of bf16, ~15 µs of L2-resident work, against a few µs to fork and join a parallel region. A layer
+// below one task (SmolLM2's 192x576 k/v projections at M = 1) runs on the calling thread with no
+// parallel region; 64K (two tasks there) made the demo's decode no faster on a Zen 3.
+constexpr int64_t kMinWeightsPerTask = int64_t{1} << 17;
+
 // kernel(begin, end) over [0, count) in tasks of at least `grain` items; each returns -1, or the
 // first inconsistent group it met, and the op then fails naming the first one any task found.
 template <class Kernel>

@@ -23,11 +23,6 @@ namespace {
 
 constexpr const char* kOp = "sparse_lowrank_gemm";
 
-// Minimum weights (x rows counted) per parallel task: 128K weights are ~256 KB of bf16, ~15 µs of
-// L2-resident work, against a few µs to fork and join a parallel region. A layer below one task
-// (SmolLM2's 192x576 k/v projections at M = 1) runs on the calling thread with no parallel region.
-constexpr int64_t kMinWeightsPerTask = int64_t{1} << 17;
-
 at::Tensor sparse_lowrank_gemm_cpu(const at::Tensor& x, const at::Tensor& bitmap,
                                    const at::Tensor& values, const at::Tensor& offsets,
                                    int64_t out_features, int64_t in_features,

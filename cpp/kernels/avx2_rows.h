@@ -114,6 +114,11 @@ struct I8 {
   }
 };
 
+// Prefetch `bytes` past p, in integer arithmetic: the address may lie past the array (no fault).
+inline void prefetch_ahead(const void* p, int64_t bytes) {
+  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + bytes), _MM_HINT_T0);
+}
+
 // Offset of tile row r's first value inside the tile: popcount of the bits of rows < r.
 inline int64_t row_offset(uint64_t word, int r) {
   return r == 0 ? 0 : static_cast<int64_t>(_mm_popcnt_u64(_bzhi_u64(word, 8 * r)));

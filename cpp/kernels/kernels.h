@@ -78,8 +78,12 @@ struct AdapterProjectArgs {
   int64_t rank;
   int64_t cols;
   DType dtype;
-  float* t;  // [m, rank] contiguous; overwritten
+  float* t;  // [m, rank] contiguous; columns [rank_begin, rank_end) overwritten
   bool a_int8 = false;
+  // The rows of A this call projects (a parallel task's share); the whole adapter when rank_end <= 0.
+  int64_t rank_begin = 0;
+  int64_t rank_end = 0;
+  int64_t row_end() const { return rank_end > 0 ? rank_end : rank; }
 };
 using AdapterProjectFn = void (*)(const AdapterProjectArgs& args);
 

@@ -36,11 +36,6 @@ inline const T* group_values(const SparseWeightView& w, int64_t start, int64_t n
   return buf + kPad;
 }
 
-// Prefetch `bytes` past p, in integer arithmetic: the address may lie past the array (no fault).
-inline void prefetch_ahead(const void* p, int64_t bytes) {
-  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + bytes), _MM_HINT_T0);
-}
-
 // Expands the tiles of one group into dense fp32 rows dense[r * 64 + 8 * t]: decoded once,
 // reused by every x row of the blocked path and every dy row of the transposed one.
 template <class D>
@@ -350,22 +345,27 @@ int64_t gemm_transposed_avx2(const GemmTransposedArgs& a, int64_t group_begin, i
 
 }  // namespace
 
-// t[i, :] = x[i, :] · Aᵀ in fp32 (8-wide FMAs, 4 chains): the adapter's rank-R intermediate for the
-// kernel path, once per call on the calling thread; the x row is converted once.
+// t[i, r] = x[i, :] · A[r, :] in fp32 (8-wide FMAs, 4 chains) for A's rows [rank_begin, row_end()):
+// the adapter's rank-R intermediate for the kernel path; the x row is converted once. A streams
+// from DRAM in decoding (one layer's adapter is not reused before the next token), so it is
+// prefetched kPrefetchBytes ahead: rows are contiguous, the stream runs on into the next row.
 // A's rows are of A::T: the activations' type, or int8 (I8) for an int8 adapter.
 template <class D, class A = D>
 void adapter_project_t(const AdapterProjectArgs& a) {
   using T = typename D::T;
+  using AT = typename A::T;
+  constexpr int64_t kStepBytes = 32 * sizeof(AT);  // A bytes per step of the k loop
   const int64_t k8 = (a.cols + 7) / 8 * 8;
   thread_local std::vector<float> xs;
   if (static_cast<int64_t>(xs.size()) < k8) xs.resize(static_cast<size_t>(k8));
   for (int64_t i = 0; i < a.m; ++i) {
     rows_to_f32<D>(static_cast<const T*>(a.x) + i * a.x_row_stride, a.x_row_stride, 1, a.cols, xs.data(), k8);
-    for (int64_t r = 0; r < a.rank; ++r) {
-      const auto* row = static_cast<const typename A::T*>(a.a) + r * a.cols;
+    for (int64_t r = a.rank_begin; r < a.row_end(); ++r) {
+      const AT* row = static_cast<const AT*>(a.a) + r * a.cols;
       __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
       int64_t k = 0;
       for (; k + 32 <= a.cols; k += 32) {
+        for (int64_t b = 0; b < kStepBytes; b += 64) prefetch_ahead(row + k, kPrefetchBytes + b);
         for (int c = 0; c < 4; ++c) {
           acc[c] = _mm256_fmadd_ps(A::load8(row + k + 8 * c), _mm256_loadu_ps(xs.data() + k + 8 * c), acc[c]);
         }

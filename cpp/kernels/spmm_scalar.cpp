@@ -68,7 +68,7 @@ int64_t gemm_transposed_groups_scalar(const GemmTransposedArgs& a, int64_t group
 // t[i, r] = x[i, :] · A[r, :] in fp32.
 void adapter_project_scalar(const AdapterProjectArgs& a) {
   for (int64_t i = 0; i < a.m; ++i) {
-    for (int64_t r = 0; r < a.rank; ++r) {
+    for (int64_t r = a.rank_begin; r < a.row_end(); ++r) {
       float acc = 0.0f;
       for (int64_t k = 0; k < a.cols; ++k) {
         const float a_rk = a.a_int8 ? static_cast<float>(static_cast<const int8_t*>(a.a)[r * a.cols + k])
