@@ -4,6 +4,7 @@ skip for the packaged assets."""
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,7 +52,6 @@ def edit_saved_files(directory, json_name: str, json_edit=None, tensors_name: st
     """Rewrite a saved directory's JSON file and safetensors file through edit functions that change
     the parsed dict / the tensor dict in place (to build bad inputs for the loaders)."""
     import json
-    from pathlib import Path
 
     from safetensors.torch import load_file, save_file
 
@@ -104,3 +104,11 @@ def gemm_operands(rows: int, cols: int, dtype: torch.dtype, gen: torch.Generator
     draw = [("x", (2, 3, cols)), ("a", (rank, cols)), ("b", (rows, rank)), ("bias", (rows,)), ("grad", (5, rows))]
     return {name: torch.randn(*shape, generator=gen).to(dtype) for name, shape in draw}
 
+
+def load_bench_script(name: str):
+    """bench/<name>.py as a module (bench/ is scripts, not a package), for the tests of its machinery."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -5,16 +5,14 @@ of a tiny random model mean nothing; the structure does."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 import salr
 from salr.methods.salr.layer import SALRLinear
-from salr_helpers import tiny_model, write_tiny_cli_assets
+from salr_helpers import load_bench_script, tiny_model, write_tiny_cli_assets
 
 pytest.importorskip("transformers", reason="transformers is not installed")
 pytest.importorskip("tokenizers", reason="tokenizers is not installed")
@@ -26,11 +24,7 @@ RECIPES = ["dense+lora", "wanda+svd+distill+owl+types", "sparsegpt+svd+salor", "
 
 @pytest.fixture(scope="module")
 def recovery():
-    path = Path(__file__).resolve().parents[1] / "bench" / "recovery.py"
-    spec = importlib.util.spec_from_file_location("bench_recovery", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("recovery")
 
 
 def test_recipe_names(recovery):

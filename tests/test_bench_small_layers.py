@@ -4,21 +4,15 @@ and the rotation over copies do."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 import salr
+from salr_helpers import load_bench_script
 
 
 @pytest.fixture(scope="module")
 def small_layers():
-    path = Path(__file__).resolve().parents[1] / "bench" / "cpu_small_layers.py"
-    spec = importlib.util.spec_from_file_location("bench_small_layers", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("cpu_small_layers")
 
 
 def table_rows(out: str) -> list[list[str]]:
