@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace salr::kernels {
 namespace {
@@ -113,6 +114,15 @@ struct I8 {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
 };
+
+// The calling thread's fp32 scratch (x rows, t rows, decoded groups, accumulators), reused across
+// calls so that a kernel call allocates nothing once warm. One per translation unit and thread;
+// valid until the next call into the same file's kernels on this thread.
+inline float* float_scratch(size_t count) {
+  thread_local std::vector<float> storage;
+  if (storage.size() < count) storage.resize(count);
+  return storage.data();
+}
 
 // Prefetch `bytes` past p, in integer arithmetic: the address may lie past the array (no fault).
 inline void prefetch_ahead(const void* p, int64_t bytes) {

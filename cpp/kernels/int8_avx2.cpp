@@ -152,13 +152,6 @@ int64_t gemm_one_row(const Int8GemmArgs& a, const float* x, BandExtras<D>& ex, c
   return -1;
 }
 
-// Why: the thread's fp32 scratch (x rows, decoded group, accumulators), reused across calls.
-inline float* float_scratch(size_t count) {
-  thread_local std::vector<float> storage;
-  if (storage.size() < count) storage.resize(count);
-  return storage.data();
-}
-
 // Why: M > 1 keeps 8 row accumulators per x row in memory (L1), 8 floats each.
 inline void add_to(float* acc, __m256 v) { _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), v)); }
 

@@ -163,8 +163,9 @@ __attribute__((noinline)) int64_t direct_full_groups(const SparseWeightView& w, 
 // Small m: one x row at a time, tiles expanded straight into FMAs, 8 row accumulators in
 // registers. Values prefetch runs one cache line at a time kPrefetchBytes ahead of the walk (one
 // sequential stream per thread: bands are contiguous), the bitmap a few groups ahead.
+// xs: x staged by stage_direct_x (DirectX<D> rows of `width`).
 template <class D>
-int64_t gemm_direct(const GemmArgs& a, const GroupGeometry& geo, const float* xs, const float* ts,
+int64_t gemm_direct(const GemmArgs& a, const GroupGeometry& geo, const void* xs, const float* ts,
                     int64_t band_begin, int64_t band_end) {
   using T = typename D::T;
   const SparseWeightView& w = a.weight;
@@ -172,26 +173,13 @@ int64_t gemm_direct(const GemmArgs& a, const GroupGeometry& geo, const float* xs
   BandExtras<D> ex(a.rank, a.t, a.adapter_b, a.bias, a.adapter_b_scales);
   alignas(32) T buf[kGroupBuffer];
   const char* values = static_cast<const char*>(w.values);
-  std::vector<uint16_t> x16;  // bf16: x's bits, rows zero padded to whole tiles
-  if constexpr (std::is_same_v<D, Bf16>) {
-    x16.assign(static_cast<size_t>(a.m * width), 0);
-    for (int64_t i = 0; i < a.m; ++i) {
-      std::memcpy(x16.data() + i * width, static_cast<const T*>(a.x) + i * a.x_row_stride,
-                  static_cast<size_t>(w.cols) * sizeof(T));
-    }
-  }
   for (int64_t band = band_begin; band < band_end; ++band) {
     const int64_t nrows = std::min<int64_t>(8, w.rows - 8 * band);
     ex.load(band, nrows);
     const uint64_t* words = w.bitmap + band * geo.tiles;
     const int64_t full_end = band + 1 < geo.bands ? geo.groups - 1 : 0;  // groups with 8 unpadded tiles
     for (int64_t i = 0; i < a.m; ++i) {
-      const DirectX<D>* x;
-      if constexpr (std::is_same_v<D, Bf16>) {
-        x = x16.data() + i * width;
-      } else {
-        x = xs + i * width;
-      }
+      const DirectX<D>* x = static_cast<const DirectX<D>*>(xs) + i * width;
       __m256 acc[8];
       for (auto& v : acc) v = _mm256_setzero_ps();
       const char* pf = values + int64_t{w.offsets[band * geo.groups]} * static_cast<int64_t>(sizeof(T));
@@ -255,6 +243,23 @@ int64_t gemm_blocked(const GemmArgs& a, const GroupGeometry& geo, const float* x
   return -1;
 }
 
+// x rows [i0, i0 + mc) as the direct path reads them, rows of `width` zero padded past the
+// weight's columns: bf16 keeps its own bits (the row-pair FMAs split them), the others widen to fp32.
+template <class D>
+void stage_direct_x(const GemmArgs& a, int64_t i0, int64_t mc, int64_t width, float* xs) {
+  using T = typename D::T;
+  const T* x = static_cast<const T*>(a.x) + i0 * a.x_row_stride;
+  if constexpr (std::is_same_v<D, Bf16>) {
+    auto* bits = reinterpret_cast<uint16_t*>(xs);
+    for (int64_t i = 0; i < mc; ++i) {
+      std::memcpy(bits + i * width, x + i * a.x_row_stride, static_cast<size_t>(a.weight.cols) * sizeof(T));
+      std::memset(bits + i * width + a.weight.cols, 0, static_cast<size_t>(width - a.weight.cols) * sizeof(T));
+    }
+  } else {
+    rows_to_f32<D>(x, a.x_row_stride, mc, a.weight.cols, xs, width);
+  }
+}
+
 template <class D>
 int64_t gemm_bands(const GemmArgs& a, int64_t band_begin, int64_t band_end) {
   using T = typename D::T;
@@ -263,16 +268,20 @@ int64_t gemm_bands(const GemmArgs& a, int64_t band_begin, int64_t band_end) {
   const int64_t width = geo.tiles * 8;
   const bool adapter = a.rank > 0 && a.t != nullptr && a.adapter_b != nullptr;
   const int64_t rank8 = adapter ? (a.rank + 7) / 8 * 8 : 0;
-  const int64_t chunk = a.m <= kDirectMaxM ? a.m : std::min(a.m, kChunk);
-  std::vector<float> xs(static_cast<size_t>(chunk * width)), ts(static_cast<size_t>(chunk * rank8));
+  const bool direct = a.m <= kDirectMaxM;
+  const int64_t chunk = direct ? a.m : std::min(a.m, kChunk);
+  float* xs = float_scratch(static_cast<size_t>(chunk * (width + rank8)));  // x rows, then t rows
+  float* ts = xs + chunk * width;
   for (int64_t i0 = 0; i0 < a.m; i0 += chunk) {
     const int64_t mc = std::min(chunk, a.m - i0);
-    rows_to_f32<D>(static_cast<const T*>(a.x) + i0 * a.x_row_stride, a.x_row_stride, mc, a.weight.cols,
-                   xs.data(), width);
-    if (adapter) rows_to_f32<F32>(a.t + i0 * a.rank, a.rank, mc, a.rank, ts.data(), rank8);
-    const int64_t bad = a.m <= kDirectMaxM
-                            ? gemm_direct<D>(a, geo, xs.data(), ts.data(), band_begin, band_end)
-                            : gemm_blocked<D>(a, geo, xs.data(), ts.data(), mc, i0, band_begin, band_end);
+    if (direct) {
+      stage_direct_x<D>(a, i0, mc, width, xs);
+    } else {
+      rows_to_f32<D>(static_cast<const T*>(a.x) + i0 * a.x_row_stride, a.x_row_stride, mc, a.weight.cols, xs, width);
+    }
+    if (adapter) rows_to_f32<F32>(a.t + i0 * a.rank, a.rank, mc, a.rank, ts, rank8);
+    const int64_t bad = direct ? gemm_direct<D>(a, geo, xs, ts, band_begin, band_end)
+                               : gemm_blocked<D>(a, geo, xs, ts, mc, i0, band_begin, band_end);
     if (bad >= 0) return bad;
   }
   return -1;
