@@ -163,7 +163,7 @@ __attribute__((noinline)) int64_t direct_full_groups(const SparseWeightView& w, 
 // Small m: one x row at a time, tiles expanded straight into FMAs, 8 row accumulators in
 // registers. Values prefetch runs one cache line at a time kPrefetchBytes ahead of the walk (one
 // sequential stream per thread: bands are contiguous), the bitmap a few groups ahead.
-// xs: x staged by stage_direct_x (DirectX<D> rows of `width`).
+// xs: x staged by gemm_bands as DirectX<D> rows of `width` (bf16: stage_bf16_bits).
 template <class D>
 int64_t gemm_direct(const GemmArgs& a, const GroupGeometry& geo, const void* xs, const float* ts,
                     int64_t band_begin, int64_t band_end) {
@@ -243,20 +243,14 @@ int64_t gemm_blocked(const GemmArgs& a, const GroupGeometry& geo, const float* x
   return -1;
 }
 
-// x rows [i0, i0 + mc) as the direct path reads them, rows of `width` zero padded past the
-// weight's columns: bf16 keeps its own bits (the row-pair FMAs split them), the others widen to fp32.
-template <class D>
-void stage_direct_x(const GemmArgs& a, int64_t i0, int64_t mc, int64_t width, float* xs) {
-  using T = typename D::T;
-  const T* x = static_cast<const T*>(a.x) + i0 * a.x_row_stride;
-  if constexpr (std::is_same_v<D, Bf16>) {
-    auto* bits = reinterpret_cast<uint16_t*>(xs);
-    for (int64_t i = 0; i < mc; ++i) {
-      std::memcpy(bits + i * width, x + i * a.x_row_stride, static_cast<size_t>(a.weight.cols) * sizeof(T));
-      std::memset(bits + i * width + a.weight.cols, 0, static_cast<size_t>(width - a.weight.cols) * sizeof(T));
-    }
-  } else {
-    rows_to_f32<D>(x, a.x_row_stride, mc, a.weight.cols, xs, width);
+// bf16 x rows [i0, i0 + mc) as the direct path reads them: their own bits (the row-pair FMAs split
+// them), rows of `width` zero padded past the weight's columns.
+inline void stage_bf16_bits(const GemmArgs& a, int64_t i0, int64_t mc, int64_t width, float* xs) {
+  const uint16_t* x = static_cast<const uint16_t*>(a.x) + i0 * a.x_row_stride;
+  auto* bits = reinterpret_cast<uint16_t*>(xs);
+  for (int64_t i = 0; i < mc; ++i) {
+    std::memcpy(bits + i * width, x + i * a.x_row_stride, static_cast<size_t>(a.weight.cols) * sizeof(uint16_t));
+    std::memset(bits + i * width + a.weight.cols, 0, static_cast<size_t>(width - a.weight.cols) * sizeof(uint16_t));
   }
 }
 
@@ -274,8 +268,8 @@ int64_t gemm_bands(const GemmArgs& a, int64_t band_begin, int64_t band_end) {
   float* ts = xs + chunk * width;
   for (int64_t i0 = 0; i0 < a.m; i0 += chunk) {
     const int64_t mc = std::min(chunk, a.m - i0);
-    if (direct) {
-      stage_direct_x<D>(a, i0, mc, width, xs);
+    if (direct && std::is_same_v<D, Bf16>) {
+      stage_bf16_bits(a, i0, mc, width, xs);
     } else {
       rows_to_f32<D>(static_cast<const T*>(a.x) + i0 * a.x_row_stride, a.x_row_stride, mc, a.weight.cols, xs, width);
     }
